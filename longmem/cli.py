@@ -1,0 +1,182 @@
+"""The ``longmem`` command: turns arguments into configs and calls library functions.
+
+Dotted overrides (``--train.lr 3e-4``, ``--memory.mem_len=512``) reach any
+config field; an unknown key is an error that lists the valid ones.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from longmem.config import config_help, valid_keys
+
+
+@dataclass
+class Command:
+    name: str
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, dict[str, str]], int]
+    takes_overrides: bool = False
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """``["--train.lr", "3e-4", "--memory.mem_len=64"]`` -> ``{"train.lr": "3e-4", "memory.mem_len": "64"}``."""
+    out, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ValueError(f"unrecognized argument {arg!r}; config overrides look like --train.lr 3e-4 "
+                             f"(valid keys: {', '.join(valid_keys())})")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ValueError(f"--{key} needs a value")
+            value, i = args[i + 1], i + 1
+        out[key] = value
+        i += 1
+    return out
+
+
+def _overrides_epilog() -> str:
+    lines = ["config keys (override any with --KEY VALUE):"]
+    for key, text, default in config_help():
+        lines.append(f"  --{key:<22} {text} [default: {default!r}]")
+    return "\n".join(lines)
+
+
+# -- train ---------------------------------------------------------------------
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (sections model, memory, data, train); defaults if omitted")
+    p.add_argument("--out", required=True, help="run directory to write")
+
+
+def _train(args, overrides) -> int:
+    from longmem.config import RunConfig
+    from longmem.training.trainer import train
+    cfg = RunConfig.load(args.config) if args.config else RunConfig()
+    cfg = cfg.override(overrides)
+    res = train(cfg, args.out)
+    print(f"trained {res.steps} steps in {res.seconds:.1f}s: loss {res.first_loss:.3f} -> {res.last_loss:.3f}, "
+          f"val loss {res.val['loss']:.4f} (ppl {res.val['ppl']:.2f}); wrote {res.out_dir}", file=sys.stderr)
+    return 0
+
+
+# -- eval ----------------------------------------------------------------------
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory")
+    p.add_argument("--task", default="ppl", choices=["ppl"], help="what to measure (ppl: perplexity)")
+    p.add_argument("--split", default="val", choices=["val", "train"], help="which documents to evaluate")
+    p.add_argument("--max-segments", type=int, default=0, help="stop after N batches (0: the whole split)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _eval(args, overrides) -> int:
+    from longmem.evaluation.suite import eval_ppl
+    from longmem.runs import load_run
+    run = load_run(args.run, overrides=overrides)
+    res = eval_ppl(run, split=args.split, max_segments=args.max_segments)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{args.split}: loss {res['loss']:.4f}  ppl {res['ppl']:.3f}  bpc {res['bpc']:.4f}  "
+              f"tokens {res['tokens']}  mem_len {res['mem_len']}")
+    return 0
+
+
+# -- generate ------------------------------------------------------------------
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory")
+    p.add_argument("--prompt", default="\n", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same text")
+
+
+def _generate(args, overrides) -> int:
+    from longmem.generation.generate import generate_text
+    from longmem.runs import load_run
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    run = load_run(args.run, overrides=overrides)
+    for piece in generate_text(run.model, run.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_k=args.top_k, seed=args.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+# -- demo ----------------------------------------------------------------------
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="where the two runs and report.md go")
+    p.add_argument("--config", default=None, help="demo config (default: the packaged demo preset)")
+
+
+def _demo(args, overrides) -> int:
+    from longmem.demo import run_demo
+    run_demo(args.out, config_path=args.config, overrides=overrides)
+    return 0
+
+
+# -- bench ---------------------------------------------------------------------
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="small sizes: finishes within minutes on 2 CPU cores")
+    p.add_argument("--out", default="BENCHMARKS.md", help="markdown file to write")
+
+
+def _bench(args, overrides) -> int:
+    from longmem.bench import run_benchmarks
+    run_benchmarks(out=args.out, quick=args.quick, argv=sys.argv[1:])
+    return 0
+
+
+COMMANDS = [
+    Command("train", "train a model and write a run directory", _train_args, _train, takes_overrides=True),
+    Command("eval", "evaluate a run (perplexity; --memory.mem_len N changes the memory)", _eval_args, _eval,
+            takes_overrides=True),
+    Command("generate", "stream text from a run", _generate_args, _generate, takes_overrides=True),
+    Command("demo", "train no-memory and XL models and compare perplexity against memory length",
+            _demo_args, _demo, takes_overrides=True),
+    Command("bench", "run the benchmark suite and write BENCHMARKS.md", _bench_args, _bench),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longmem", description="Language models that remember beyond their "
+                                     "attention window: train, evaluate, generate.")
+    from longmem import __version__
+    parser.add_argument("--version", action="version", version=f"longmem {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help,
+                           epilog=_overrides_epilog() if cmd.takes_overrides else None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        cmd.add_args(p)
+        p.set_defaults(_cmd=cmd)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    cmd: Command = args._cmd
+    try:
+        if rest and not cmd.takes_overrides:
+            raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
+        overrides = parse_overrides(rest)
+        return cmd.run(args, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"longmem {cmd.name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"longmem {cmd.name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

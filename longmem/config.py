@@ -1,0 +1,240 @@
+"""Typed configs, YAML load/save, dotted overrides and validation.
+
+One dataclass per concern. Field ``metadata["help"]`` is the CLI help text.
+The resolved run config is saved beside every checkpoint (``config.yaml``) and
+is enough to rebuild the model. On disk the memory config is a top-level
+``memory:`` section; in Python it lives at ``ModelConfig.memory``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+MemoryKind = Literal["none", "xl", "knn", "tokens"]
+IMPLEMENTED_KINDS = ("none", "xl")
+
+
+def _help(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class MemoryConfig:
+    kind: MemoryKind = _help("memory kind: none | xl | knn | tokens", default="none")
+    mem_len: int = _help("Transformer-XL memory: past states kept per layer and lane "
+                         "(Dai et al. 2019 §3.2); 0 disables recurrence", default=0)
+
+    def __post_init__(self):
+        if self.kind not in typing.get_args(MemoryKind):
+            raise ValueError(f"memory.kind={self.kind!r}; accepted: {', '.join(typing.get_args(MemoryKind))}")
+        if self.kind not in IMPLEMENTED_KINDS:
+            raise ValueError(f"memory.kind={self.kind!r} is not implemented yet; available: "
+                             f"{', '.join(IMPLEMENTED_KINDS)}")
+        if self.mem_len < 0:
+            raise ValueError(f"memory.mem_len must be >= 0, got {self.mem_len}")
+        if self.kind == "none" and self.mem_len:
+            raise ValueError("memory.mem_len > 0 needs memory.kind='xl' (kind 'none' keeps no memory)")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = _help("vocabulary size (set from the tokenizer when training)", default=256)
+    d_model: int = _help("width of the residual stream", default=128)
+    n_layers: int = _help("number of Transformer blocks", default=4)
+    n_heads: int = _help("attention heads per block", default=4)
+    d_ff: int = _help("hidden width of the MLP; 0 means 4 * d_model", default=0)
+    segment_len: int = _help("tokens processed per segment; longer calls are split", default=128)
+    dropout: float = _help("dropout on embeddings, attention weights and residual branches", default=0.0)
+    rope_base: float = _help("rotary embedding base (Su et al. 2021)", default=10000.0)
+    memory: MemoryConfig = field(default_factory=MemoryConfig, metadata={"help": "memory settings"})
+
+    def __post_init__(self):
+        if isinstance(self.memory, dict):
+            self.memory = MemoryConfig(**self.memory)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "segment_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"head size d_model/n_heads={self.d_model // self.n_heads} must be even for rotary positions")
+        if self.d_ff == 0:
+            self.d_ff = 4 * self.d_model
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class DataConfig:
+    path: str = _help("a .txt file or a folder of .txt files (one document per file); "
+                      "empty means the embedded corpus (Python's pydoc topics)", default="")
+    tokenizer: Literal["byte", "char"] = _help("byte (any UTF-8, vocab 256) | char (characters of the corpus)",
+                                                default="byte")
+    val_fraction: float = _help("fraction of documents held out for validation", default=0.1)
+    batch_size: int = _help("lanes per batch: row i of each batch continues row i of the previous one", default=16)
+    seed: int = _help("seed of the document split and lane order", default=0)
+
+    def __post_init__(self):
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.batch_size <= 0:
+            raise ValueError(f"data.batch_size must be positive, got {self.batch_size}")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _help("optimizer steps", default=1000)
+    lr: float = _help("peak learning rate (AdamW)", default=1e-3)
+    min_lr: float = _help("learning rate at the end of the cosine decay", default=1e-4)
+    warmup_steps: int = _help("linear warm-up steps", default=50)
+    weight_decay: float = _help("AdamW weight decay (matrices only)", default=0.1)
+    beta1: float = _help("AdamW beta1", default=0.9)
+    beta2: float = _help("AdamW beta2", default=0.95)
+    grad_clip: float = _help("clip the gradient norm to this; 0 disables", default=1.0)
+    eval_every: int = _help("validate every N steps; 0 validates only at the end", default=200)
+    eval_segments: int = _help("segments per lane in a periodic validation; 0 means the whole split", default=0)
+    log_every: int = _help("write a metrics.jsonl line every N steps", default=10)
+    seed: int = _help("seed of weights and dropout", default=0)
+    threads: int = _help("torch CPU threads; 0 leaves torch's default", default=0)
+    progress: bool = _help("show a progress bar on stderr", default=True)
+
+    def __post_init__(self):
+        if self.max_steps <= 0:
+            raise ValueError(f"train.max_steps must be positive, got {self.max_steps}")
+        if self.lr <= 0 or self.min_lr < 0:
+            raise ValueError("train.lr must be positive and train.min_lr non-negative")
+        for name in ("warmup_steps", "eval_every", "eval_segments", "log_every", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; what ``config.yaml`` holds."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def memory(self) -> MemoryConfig:
+        return self.model.memory
+
+    # -- (de)serialization ---------------------------------------------------
+    def to_dict(self) -> dict:
+        model = dataclasses.asdict(self.model)
+        memory = model.pop("memory")
+        return {"model": model, "memory": memory,
+                "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a run config must be a mapping with sections {', '.join(SECTIONS)}")
+        unknown = set(d) - set(SECTIONS)
+        if unknown:
+            raise ValueError(f"unknown config section(s) {sorted(unknown)}; valid sections: {', '.join(SECTIONS)}")
+        parts = {}
+        for section, klass in SECTIONS.items():
+            values = d.get(section) or {}
+            if not isinstance(values, dict):
+                raise ValueError(f"config section {section!r} must be a mapping, got {values!r}")
+            _check_keys(klass, values, section)
+            parts[section] = klass(**{k: _coerce(klass, k, v, f"{section}.{k}") for k, v in values.items()})
+        memory = parts.pop("memory")
+        parts["model"].memory = memory
+        return cls(**parts)
+
+    def save(self, path: str | Path) -> None:
+        from longmem.training.checkpoint import atomic_write_text
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            d = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML: {e}") from None
+        return cls.from_dict(d or {})
+
+    def override(self, overrides: dict[str, str]) -> "RunConfig":
+        """A new config with dotted overrides applied (``{"train.lr": "3e-4"}``); values are YAML scalars."""
+        d = self.to_dict()
+        for key, raw in overrides.items():
+            section, _, name = key.partition(".")
+            if section not in SECTIONS or not name or "." in name:
+                raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+            _check_keys(SECTIONS[section], {name: None}, section)
+            d[section][name] = yaml.safe_load(raw) if isinstance(raw, str) else raw
+        return RunConfig.from_dict(d)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "memory": MemoryConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _fields(klass: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(klass) if not (klass is ModelConfig and f.name == "memory")}
+
+
+def valid_keys() -> list[str]:
+    return [f"{s}.{n}" for s, k in SECTIONS.items() for n in _fields(k)]
+
+
+def config_help() -> list[tuple[str, str, Any]]:
+    """(dotted key, help, default) for every config field; the CLI shows these."""
+    out = []
+    for section, klass in SECTIONS.items():
+        for name, f in _fields(klass).items():
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append((f"{section}.{name}", f.metadata.get("help", ""), default))
+    return out
+
+
+def _check_keys(klass: type, values: dict, section: str) -> None:
+    allowed = _fields(klass)
+    for k in values:
+        if k not in allowed:
+            raise ValueError(f"unknown config key '{section}.{k}'; valid keys in '{section}': "
+                             f"{', '.join(f'{section}.{n}' for n in allowed)}")
+
+
+def _coerce(klass: type, name: str, value: Any, key: str) -> Any:
+    hint = typing.get_type_hints(klass)[name]
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ValueError(f"{key}={value!r}; accepted: {', '.join(map(str, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if value is None:
+            return ""
+        return str(value)
+    return value

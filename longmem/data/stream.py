@@ -1,0 +1,135 @@
+"""Ordered lanes for recurrent training and evaluation.
+
+Row i of every batch continues row i of the previous batch, so the memory of
+lane i holds the true preceding text. A document never shares a segment with
+another: its last segment is padded (targets ignored) and the next document
+starts a new segment with ``reset`` true for that lane, which clears the lane's
+memory.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from longmem.models.transformer import IGNORE_INDEX
+
+PAD_ID = 0
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor    # (B, T) long
+    targets: torch.Tensor   # (B, T) long, IGNORE_INDEX on padding
+    reset: torch.Tensor     # (B,) bool: a new document starts in this lane
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.targets != IGNORE_INDEX).sum())
+
+
+def encode_documents(texts: list[str], tokenizer) -> list[np.ndarray]:
+    """Token arrays of the documents that have at least one target (2+ tokens)."""
+    docs = [np.asarray(tokenizer.encode(t), dtype=np.int64) for t in texts]
+    return [d for d in docs if len(d) >= 2]
+
+
+class _Lane:
+    """One lane: walks through a sequence of documents segment by segment."""
+
+    def __init__(self, next_doc):
+        self.next_doc = next_doc          # () -> np.ndarray | None
+        self.doc: np.ndarray | None = None
+        self.offset = 0
+
+    def take(self, seg_len: int) -> tuple[np.ndarray, np.ndarray, bool, bool]:
+        """(inputs, targets, reset, live) for the next segment of this lane."""
+        reset = False
+        if self.doc is None or self.offset >= len(self.doc) - 1:
+            self.doc, self.offset, reset = self.next_doc(), 0, True
+        inputs = np.full(seg_len, PAD_ID, dtype=np.int64)
+        targets = np.full(seg_len, IGNORE_INDEX, dtype=np.int64)
+        if self.doc is None:                                  # lane exhausted (finite streams)
+            return inputs, targets, True, False
+        chunk = self.doc[self.offset:self.offset + seg_len + 1]
+        n = len(chunk) - 1
+        inputs[:n] = chunk[:-1]
+        targets[:n] = chunk[1:]
+        self.offset += n
+        return inputs, targets, reset, True
+
+
+class TrainStream:
+    """Endless batches: each lane goes through all training documents, in its own
+    seeded order, epoch after epoch."""
+
+    def __init__(self, docs: list[np.ndarray], *, batch_size: int, seg_len: int, seed: int):
+        if not docs:
+            raise ValueError("no training documents with at least 2 tokens")
+        self.docs, self.seg_len, self.seed = docs, seg_len, seed
+        self.lanes = [_Lane(self._doc_iter(i)) for i in range(batch_size)]
+
+    def _doc_iter(self, lane: int):
+        epoch = 0
+        order: list[int] = []
+
+        def next_doc():
+            nonlocal epoch, order
+            if not order:
+                order = list(range(len(self.docs)))
+                random.Random(f"{self.seed}/{lane}/{epoch}").shuffle(order)
+                epoch += 1
+            return self.docs[order.pop()]
+        return next_doc
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        return _stack([lane.take(self.seg_len) for lane in self.lanes])
+
+
+def _balanced_lanes(docs: list[np.ndarray], *, batch_size: int, seg_len: int):
+    """Documents dealt to lanes, longest first, each to the lane with the fewest segments."""
+    buckets: list[list[np.ndarray]] = [[] for _ in range(batch_size)]
+    totals = [0] * batch_size
+    for d in sorted(docs, key=len, reverse=True):
+        i = totals.index(min(totals))
+        buckets[i].append(d)
+        totals[i] += -(-(len(d) - 1) // seg_len)
+    return buckets, totals
+
+
+def n_eval_batches(docs: list[np.ndarray], *, batch_size: int, seg_len: int) -> int:
+    """How many batches :func:`eval_batches` yields (without a ``max_segments`` cap)."""
+    return max(_balanced_lanes(docs, batch_size=batch_size, seg_len=seg_len)[1], default=0)
+
+
+def eval_batches(docs: list[np.ndarray], *, batch_size: int, seg_len: int, max_segments: int = 0):
+    """Finite batches over every document once, documents balanced over lanes by length.
+
+    Yields until all lanes are exhausted (or ``max_segments`` batches)."""
+    buckets, _ = _balanced_lanes(docs, batch_size=batch_size, seg_len=seg_len)
+    lanes = [_Lane(_pop_front(b)) for b in buckets]
+    n = 0
+    while True:
+        rows = [lane.take(seg_len) for lane in lanes]
+        if not any(live for *_, live in rows):
+            return
+        yield _stack(rows)
+        n += 1
+        if max_segments and n >= max_segments:
+            return
+
+
+def _pop_front(items: list):
+    items = list(items)
+    return lambda: items.pop(0) if items else None
+
+
+def _stack(rows) -> Batch:
+    inputs, targets, reset, _ = zip(*rows)
+    return Batch(inputs=torch.from_numpy(np.stack(inputs)), targets=torch.from_numpy(np.stack(targets)),
+                 reset=torch.tensor(reset, dtype=torch.bool))

@@ -1,0 +1,98 @@
+"""Tokenizers saved as ``tokenizer.json``: byte-level (any UTF-8, no unknown
+token) and character-level (the characters of the training corpus).
+"""
+from __future__ import annotations
+
+import codecs
+import json
+from pathlib import Path
+from typing import Iterable
+
+FORMAT = "longmem-tokenizer"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocabulary 256, every text encodes and decodes losslessly."""
+    kind = "byte"
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def stream_decoder(self):
+        """A function ids -> text that holds back incomplete UTF-8 sequences between calls."""
+        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return lambda ids: dec.decode(bytes(ids))
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": 1, "type": "byte"}
+
+
+class CharTokenizer:
+    """One token per character seen in the corpus; id 0 is ``unk`` for unseen characters."""
+    kind = "char"
+    UNK = "\ufffd"
+
+    def __init__(self, chars: Iterable[str]):
+        chars = [c for c in dict.fromkeys(chars) if c != self.UNK]
+        self.itos = [self.UNK] + chars
+        self.stoi = {c: i for i, c in enumerate(self.itos)}
+
+    @classmethod
+    def fit(cls, texts: Iterable[str]) -> "CharTokenizer":
+        seen = set()
+        for t in texts:
+            seen.update(t)
+        return cls(sorted(seen))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.stoi.get(c, 0) for c in text]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.itos[i] if 0 <= i < len(self.itos) else self.UNK for i in ids)
+
+    def stream_decoder(self):
+        return self.decode
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": 1, "type": "char", "chars": self.itos[1:]}
+
+
+Tokenizer = ByteTokenizer | CharTokenizer
+
+
+def build_tokenizer(kind: str, texts: Iterable[str]) -> Tokenizer:
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "char":
+        return CharTokenizer.fit(texts)
+    raise ValueError(f"unknown tokenizer {kind!r}; accepted: byte, char")
+
+
+def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
+    from longmem.training.checkpoint import atomic_write_text
+    atomic_write_text(path, json.dumps(tok.to_dict(), ensure_ascii=False))
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a longmem tokenizer (not valid JSON: {e})") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a longmem tokenizer (missing format: {FORMAT!r})")
+    if d.get("type") == "byte":
+        return ByteTokenizer()
+    if d.get("type") == "char" and isinstance(d.get("chars"), list):
+        return CharTokenizer(d["chars"])
+    raise ValueError(f"{path}: unknown tokenizer type {d.get('type')!r}; accepted: byte, char")

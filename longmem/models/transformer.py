@@ -1,0 +1,111 @@
+"""MemoryLM: a decoder-only Transformer with a pluggable memory.
+
+Legend: B lanes (batch), N tokens in a call, T segment length, M memory
+slots, D model width, V vocabulary.
+
+A call is split into segments of ``segment_len`` tokens; the memory state is
+carried from segment to segment and returned, so one call over a sequence and
+many calls over its pieces give the same logits.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from longmem.config import ModelConfig
+from longmem.models.attention import Block, RMSNorm, Rotary
+from longmem.models.memory import State, XLMemory
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor           # (B, N, V)
+    loss: torch.Tensor | None      # mean cross-entropy over targets != IGNORE_INDEX
+    state: State                   # memory after this call
+
+
+class MemoryLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(
+            Block(d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout) for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.d_model)
+        self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.head.weight = self.embed.weight                       # tied embeddings (Press & Wolf 2017)
+        self.rope = Rotary(c.d_model // c.n_heads, base=c.rope_base)
+        self.xl = XLMemory(mem_len=c.memory.mem_len, n_layers=c.n_layers) if c.memory.kind == "xl" else None
+        self.apply(self._init_weights)
+        for block in self.blocks:                                  # GPT-2 scaled init of residual outputs
+            for proj in (block.attn.out, block.mlp.down):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * c.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def set_mem_len(self, mem_len: int) -> None:
+        """Change the XL memory length (evaluation may use a longer one than training)."""
+        if self.xl is None:
+            raise ValueError("set_mem_len needs memory.kind='xl'")
+        if mem_len < 0:
+            raise ValueError(f"mem_len must be >= 0, got {mem_len}")
+        self.xl.mem_len = mem_len
+        self.config.memory.mem_len = mem_len
+
+    def init_state(self, batch_size: int, *, device: torch.device | str | None = None) -> State:
+        device = device if device is not None else self.embed.weight.device
+        xl = self.xl.init(batch_size, device=device, dtype=self.embed.weight.dtype) if self.xl else None
+        return State(batch_size=batch_size, xl=xl)
+
+    def forward(self, tokens: torch.Tensor, state: State | None = None, targets: torch.Tensor | None = None,
+                reset: torch.Tensor | None = None) -> LMOutput:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
+        B, N = tokens.shape
+        if state is None:
+            state = self.init_state(B, device=tokens.device)
+        elif state.batch_size != B:
+            raise ValueError(f"state has {state.batch_size} lanes but tokens have {B}")
+        if reset is not None:
+            state = state.reset(reset.to(tokens.device))
+        T = self.config.segment_len
+        logits = []
+        for start in range(0, N, T):                                # segment by segment, memory carried
+            seg_logits, state = self._segment(tokens[:, start:start + T], state)
+            logits.append(seg_logits)
+        logits = torch.cat(logits, dim=1) if len(logits) > 1 else logits[0]   # (B, N, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+        return LMOutput(logits=logits, loss=loss, state=state)
+
+    def _segment(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        B, T = tokens.shape
+        x = self.drop(self.embed(tokens))                           # (B, T, D)
+        xl = self.xl.trim(state.xl) if self.xl is not None else None
+        M = xl.length if xl is not None else 0
+        mask = XLMemory.key_mask(xl, T) if xl is not None else None  # (B, 1, T, M+T) or None
+        rope = self.rope.cos_sin(M + T, device=x.device, dtype=x.dtype)
+        layer_inputs = []
+        for i, block in enumerate(self.blocks):
+            layer_inputs.append(x)
+            x = block(x, memory=xl.mems[i] if M else None, rope=rope, mask=mask)
+        logits = self.head(self.norm(x))                            # (B, T, V)
+        if xl is not None:
+            state = State(batch_size=state.batch_size, xl=self.xl.write(xl, layer_inputs))
+        return logits, state

@@ -1,0 +1,49 @@
+"""``longmem bench``: run the modules of ``benchmarks/`` and write BENCHMARKS.md."""
+from __future__ import annotations
+
+import importlib.util
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from longmem.training.checkpoint import atomic_write_text
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+SUITE = ("xl_speed",)
+
+
+def _load(name: str, folder: Path):
+    path = folder / f"{name}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"benchmark {path} not found; `longmem bench` runs from a checkout of longmem "
+                                f"(the benchmarks/ folder is not installed)")
+    spec = importlib.util.spec_from_file_location(f"longmem_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_benchmarks(*, out: str | Path, quick: bool, argv: list[str] | None = None,
+                   folder: Path = BENCH_DIR, suite=SUITE) -> str:
+    command = "longmem " + " ".join(argv) if argv else f"longmem bench{' --quick' if quick else ''} --out {out}"
+    sections = []
+    t0 = time.perf_counter()
+    for name in suite:
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        sections.append(_load(name, folder).run(quick))
+    seconds = time.perf_counter() - t0
+    header = [
+        "# longmem benchmarks", "",
+        f"Made by `{command}` on {datetime.now(timezone.utc):%Y-%m-%d} in {seconds:.0f}s: "
+        f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}, "
+        f"{torch.get_num_threads()} CPU threads{', GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ', no GPU'}.",
+        "Ratios are measured side by side in one run; absolute CPU times are indicative only.", "",
+    ]
+    text = "\n".join(header + sections)
+    atomic_write_text(out, text)
+    print(f"bench: wrote {out} ({seconds:.0f}s)", file=sys.stderr)
+    return text

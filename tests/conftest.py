@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny models on CPU in fp32, seeded."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from longmem.config import MemoryConfig, ModelConfig
+from longmem.models import MemoryLM
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def spread_weights(model: MemoryLM, *, seed: int = 0, std: float = 0.3) -> MemoryLM:
+    """Re-draw the weights with a large spread.
+
+    The default init (std 0.02) makes attention almost uniform and logits almost
+    flat, so a model that mixes up memory slots, positions or lanes would still
+    match a reference to 1e-4. With std 0.3 attention is peaked and a wrong key
+    changes the logits by O(1).
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            else:                                   # RMSNorm gains
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def tiny_config(*, kind: str = "xl", mem_len: int = 16, segment_len: int = 8, vocab_size: int = 37,
+                d_model: int = 16, n_layers: int = 2, n_heads: int = 2) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                       segment_len=segment_len, memory=MemoryConfig(kind=kind, mem_len=mem_len))
+
+
+@pytest.fixture
+def make_model():
+    """Factory of tiny eval-mode models; the same ``seed`` gives the same weights
+    whatever the memory settings (memory adds no parameters)."""
+    def make(*, seed: int = 0, **kw) -> MemoryLM:
+        model = MemoryLM(tiny_config(**kw))
+        return spread_weights(model, seed=seed).eval()
+    return make

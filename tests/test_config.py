@@ -1,0 +1,159 @@
+"""Typed configs: validation, YAML round trip, dotted overrides."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from longmem.config import (DataConfig, MemoryConfig, ModelConfig, RunConfig, TrainConfig, config_help,
+                            valid_keys)
+
+from conftest import REPO_ROOT
+
+
+def test_defaults_and_derived_fields():
+    cfg = RunConfig()
+    assert cfg.model.d_ff == 4 * cfg.model.d_model
+    assert cfg.memory is cfg.model.memory
+    assert ModelConfig(d_model=32, n_heads=2, d_ff=48).d_ff == 48
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(d_model=30, n_heads=4), "divisible"),
+    (dict(d_model=12, n_heads=4), "even"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(n_layers=0), "n_layers"),
+    (dict(segment_len=0), "segment_len"),
+])
+def test_model_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**kwargs)
+
+
+def test_memory_config_validation():
+    with pytest.raises(ValueError, match="accepted"):
+        MemoryConfig(kind="lstm")
+    with pytest.raises(ValueError, match="not implemented"):
+        MemoryConfig(kind="knn")
+    with pytest.raises(ValueError, match="mem_len"):
+        MemoryConfig(kind="xl", mem_len=-1)
+    with pytest.raises(ValueError, match="xl"):
+        MemoryConfig(kind="none", mem_len=8)
+    assert MemoryConfig(kind="xl", mem_len=0).mem_len == 0
+
+
+def test_data_and_train_config_validation():
+    with pytest.raises(ValueError, match="val_fraction"):
+        DataConfig(val_fraction=1.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        DataConfig(batch_size=0)
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(max_steps=0)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TrainConfig(warmup_steps=-1)
+
+
+def test_unknown_override_key_lists_valid_keys():
+    with pytest.raises(ValueError, match="train.foo") as e:
+        RunConfig().override({"train.foo": "1"})
+    assert "train.max_steps" in str(e.value)
+    for key in ("foo", "optim.lr", "train.lr.peak", "model.memory"):
+        with pytest.raises(ValueError) as e:
+            RunConfig().override({key: "1"})
+        assert "valid keys" in str(e.value)
+
+
+def test_unknown_yaml_key_lists_valid_keys(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("train:\n  max_steps: 5\n  foo: 1\n")
+    with pytest.raises(ValueError, match="train.foo") as e:
+        RunConfig.load(path)
+    assert "train.max_steps" in str(e.value)
+    path.write_text("training:\n  max_steps: 5\n")
+    with pytest.raises(ValueError, match="valid sections"):
+        RunConfig.load(path)
+    path.write_text("model:\n  memory:\n    kind: xl\n")       # memory is its own top-level section
+    with pytest.raises(ValueError, match="model.memory"):
+        RunConfig.load(path)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("train.max_steps", "abc"),
+    ("train.max_steps", "2.5"),
+    ("train.max_steps", "true"),
+    ("train.lr", "fast"),
+    ("train.progress", "maybe"),
+    ("data.tokenizer", "bpe"),
+    ("model.d_model", "[16]"),
+])
+def test_bad_override_types_raise(key, value):
+    with pytest.raises(ValueError, match=key.split(".")[1]):
+        RunConfig().override({key: value})
+
+
+def test_bad_yaml_types_raise(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("train:\n  max_steps: abc\n")
+    with pytest.raises(ValueError, match="train.max_steps"):
+        RunConfig.load(path)
+
+
+def test_knn_memory_is_not_implemented_yet(tmp_path):
+    with pytest.raises(ValueError, match="not implemented"):
+        RunConfig().override({"memory.kind": "knn"})
+    path = tmp_path / "cfg.yaml"
+    path.write_text("memory:\n  kind: knn\n")
+    with pytest.raises(ValueError, match="not implemented"):
+        RunConfig.load(path)
+
+
+def test_dotted_override_reaches_memory_and_leaves_original_alone():
+    base = RunConfig()
+    cfg = base.override({"memory.kind": "xl", "memory.mem_len": "64", "train.lr": "3e-4",
+                         "train.progress": "false", "model.dropout": "0"})
+    assert cfg.model.memory.mem_len == 64 and cfg.memory.kind == "xl"
+    assert cfg.train.lr == pytest.approx(3e-4) and cfg.train.progress is False
+    assert isinstance(cfg.model.dropout, float)
+    assert base.memory.kind == "none" and base.memory.mem_len == 0
+    assert cfg.override({"memory.mem_len": 128}).memory.mem_len == 128    # non-string values too
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = RunConfig().override({"memory.kind": "xl", "memory.mem_len": "48", "model.d_model": "32",
+                                "data.path": "corpus/", "train.lr": "2e-3", "train.progress": "false"})
+    cfg.save(tmp_path / "config.yaml")
+    loaded = RunConfig.load(tmp_path / "config.yaml")
+    assert loaded.to_dict() == cfg.to_dict()
+    assert loaded == cfg
+    on_disk = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert set(on_disk) == {"model", "memory", "data", "train"}
+    assert on_disk["memory"] == {"kind": "xl", "mem_len": 48}
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        RunConfig.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ValueError, match="YAML"):
+        RunConfig.load(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="mapping"):
+        RunConfig.load(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert RunConfig.load(empty) == RunConfig()
+
+
+def test_repo_tiny_preset_loads():
+    cfg = RunConfig.load(REPO_ROOT / "configs" / "tiny.yaml")
+    assert cfg.memory.kind == "xl" and cfg.memory.mem_len == 32
+    assert cfg.model.d_model == 32 and cfg.model.d_ff == 128
+
+
+def test_every_key_has_help_and_a_valid_default():
+    rows = config_help()
+    assert [k for k, _, _ in rows] == valid_keys()
+    assert "memory.mem_len" in valid_keys() and "model.memory" not in valid_keys()
+    assert all(text for _, text, _ in rows)
+    # every default survives the override path (keys and types agree)
+    RunConfig().override({k: d for k, _, d in rows})

@@ -173,7 +173,7 @@ class RunConfig:
             if section not in SECTIONS or not name or "." in name:
                 raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
             _check_keys(SECTIONS[section], {name: None}, section)
-            d[section][name] = yaml.safe_load(raw) if isinstance(raw, str) else raw
+            d[section][name] = _parse_scalar(SECTIONS[section], name, raw, key)
         return RunConfig.from_dict(d)
 
 
@@ -204,6 +204,16 @@ def _check_keys(klass: type, values: dict, section: str) -> None:
         if k not in allowed:
             raise ValueError(f"unknown config key '{section}.{k}'; valid keys in '{section}': "
                              f"{', '.join(f'{section}.{n}' for n in allowed)}")
+
+
+def _parse_scalar(klass: type, name: str, raw: Any, key: str) -> Any:
+    """A command-line value: text fields keep the raw text, others are read as YAML scalars."""
+    if not isinstance(raw, str) or typing.get_type_hints(klass)[name] is str:
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ValueError(f"{key}: cannot read value {raw!r}") from None
 
 
 def _coerce(klass: type, name: str, value: Any, key: str) -> Any:

@@ -10,6 +10,8 @@ from longmem.models import MemoryLM
 from longmem.training.checkpoint import load_weights
 
 CONFIG, WEIGHTS, TOKENIZER, METRICS = "config.yaml", "model.safetensors", "tokenizer.json", "metrics.jsonl"
+# model settings that evaluation may change; everything else is fixed by the weights
+EVAL_MODEL_KEYS = ("memory.mem_len",)
 
 
 @dataclass
@@ -34,14 +36,16 @@ def load_run(path: str | Path, *, overrides: dict[str, str] | None = None) -> Ru
     if tokenizer.vocab_size != config.model.vocab_size:
         raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model expects "
                          f"{config.model.vocab_size}")
+    if overrides:
+        trained = config.to_dict()
+        config = config.override(overrides)
+        now = config.to_dict()
+        changed = [f"{s}.{k}" for s in ("model", "memory") for k in now[s]
+                   if now[s][k] != trained[s][k] and f"{s}.{k}" not in EVAL_MODEL_KEYS]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} cannot change after training (only "
+                             f"{', '.join(EVAL_MODEL_KEYS)} and data.* can); train a new run instead")
     model = MemoryLM(config.model)
     load_weights(model, path / WEIGHTS)
-    if overrides:
-        config = config.override(overrides)
-        mem_len = config.model.memory.mem_len
-        if config.model.memory.kind != model.config.memory.kind:
-            raise ValueError("memory.kind cannot change after training; train a new run instead")
-        if model.xl is not None:
-            model.set_mem_len(mem_len)
     model.eval()
     return Run(config=config, model=model, tokenizer=tokenizer, path=path)

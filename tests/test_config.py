@@ -117,6 +117,13 @@ def test_dotted_override_reaches_memory_and_leaves_original_alone():
     assert cfg.override({"memory.mem_len": 128}).memory.mem_len == 128    # non-string values too
 
 
+@pytest.mark.parametrize("path", ["yes", "off", "my: corpus.txt", "[draft].txt", "1.50"])
+def test_string_overrides_are_kept_verbatim(path):
+    """``--data.path`` is a path: YAML must not turn it into a bool, a dict, a float
+    or a parse error (which would escape the CLI's error handling as a traceback)."""
+    assert RunConfig().override({"data.path": path}).data.path == path
+
+
 def test_yaml_round_trip(tmp_path):
     cfg = RunConfig().override({"memory.kind": "xl", "memory.mem_len": "48", "model.d_model": "32",
                                 "data.path": "corpus/", "train.lr": "2e-3", "train.progress": "false"})

@@ -183,11 +183,10 @@ def test_train_stream_lanes_continue_their_documents(docs):
     all_ids = sorted(int(d[0]) for d in docs)
     orders = []
     for lane in range(batch_size):
-        parts = split_lane(batches, lane, docs)
-        *finished, (x, y) = parts
+        *finished, (open_x, open_y) = split_lane(batches, lane, docs)
         assert len(finished) >= 2 * len(docs)                        # at least two epochs
         seen = [check_document(x, y, docs) for x, y in finished]
-        check_document(x, y, docs, whole=False)                      # the open document: a prefix
+        check_document(open_x, open_y, docs, whole=False)            # the open document: a prefix
         # each epoch of a lane is a permutation of all documents
         assert sorted(seen[:len(docs)]) == all_ids
         assert sorted(seen[len(docs):2 * len(docs)]) == all_ids

@@ -11,7 +11,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from longmem import LMOutput, State
-from longmem.models import IGNORE_INDEX
+from longmem.models import IGNORE_INDEX, MemoryLM
+
+from conftest import tiny_config
 
 B, V = 2, 37
 
@@ -82,6 +84,29 @@ def test_bad_inputs_raise_value_error(make_model):
         model.set_mem_len(-1)
     with pytest.raises(ValueError, match="xl"):
         make_model(kind="none", mem_len=0).set_mem_len(8)
+
+
+def test_empty_call_is_handled(make_model):
+    """A call with no tokens either returns empty logits with the state unchanged or
+    is refused with a ValueError, never an internal IndexError."""
+    model = make_model()
+    state = model(tokens(B, 5)).state
+    try:
+        out = model(torch.zeros(B, 0, dtype=torch.long), state=state)
+    except ValueError:
+        return
+    assert out.logits.shape == (B, 0, V)
+    assert out.state.xl.length == state.xl.length
+
+
+def test_set_mem_len_changes_only_this_model(make_model):
+    """Two models built from one config: changing the memory of one must not make the
+    other's config (which evaluate_ppl reports as mem_len) disagree with its memory."""
+    cfg = tiny_config(kind="xl", mem_len=8)
+    a, b = MemoryLM(cfg), MemoryLM(cfg)
+    a.set_mem_len(32)
+    assert a.xl.mem_len == a.config.memory.mem_len == 32
+    assert b.xl.mem_len == b.config.memory.mem_len == 8
 
 
 def test_memory_is_detached(make_model):

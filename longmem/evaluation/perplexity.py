@@ -17,8 +17,9 @@ def evaluate_ppl(model: MemoryLM, docs: list[np.ndarray], *, batch_size: int, n_
     """Mean cross-entropy over every target of ``docs``, read in ordered lanes.
 
     Returns ``loss`` (nats/token), ``ppl``, ``bits_per_token``, ``bpc`` (bits per
-    character, from ``n_chars`` characters behind the tokens; equals bits per
-    token when ``n_chars`` is not given), ``tokens`` and ``mem_len``."""
+    character: ``n_chars`` is the number of predicted characters, i.e. each
+    document's length less its first character, see :func:`predicted_chars`;
+    equals bits per token when ``n_chars`` is not given), ``tokens`` and ``mem_len``."""
     was_training = model.training
     model.eval()
     total, count, state = 0.0, 0, None
@@ -43,3 +44,8 @@ def evaluate_ppl(model: MemoryLM, docs: list[np.ndarray], *, batch_size: int, n_
             "bpc": loss / math.log(2) / chars_per_token, "tokens": count,
             "mem_len": model.config.memory.mem_len}
 
+
+
+def predicted_chars(texts: list[str]) -> int:
+    """Characters a language model predicts in these documents (all but each one's first)."""
+    return sum(max(0, len(t) - 1) for t in texts)

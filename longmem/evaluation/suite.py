@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from longmem.data.corpus import load_documents, split_documents
 from longmem.data.stream import encode_documents, n_eval_batches
-from longmem.evaluation.perplexity import evaluate_ppl
+from longmem.evaluation.perplexity import evaluate_ppl, predicted_chars
 from longmem.runs import Run
 from longmem.utils import progress
 
@@ -16,7 +16,7 @@ def eval_ppl(run: Run, *, split: str = "val", max_segments: int = 0, show_progre
     docs = encode_documents(texts, run.tokenizer)
     n = n_eval_batches(docs, batch_size=d.batch_size, seg_len=run.model.config.segment_len)
     bar = progress(total=min(n, max_segments) if max_segments else n, desc=f"eval {split}", enabled=show_progress)
-    res = evaluate_ppl(run.model, docs, batch_size=d.batch_size, n_chars=sum(len(t) for t in texts),
+    res = evaluate_ppl(run.model, docs, batch_size=d.batch_size, n_chars=predicted_chars(texts),
                        max_segments=max_segments, progress_bar=bar)
     bar.close()
     return {"task": "ppl", "split": split, **res}

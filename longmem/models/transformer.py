@@ -9,6 +9,7 @@ many calls over its pieces give the same logits.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -33,8 +34,8 @@ class LMOutput:
 class MemoryLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.config = config
-        c = config
+        self.config = copy.deepcopy(config)          # set_mem_len changes it: never share
+        c = self.config
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
@@ -76,6 +77,8 @@ class MemoryLM(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
         B, N = tokens.shape
+        if N == 0:
+            raise ValueError("tokens must hold at least one position, got shape (batch, 0)")
         if state is None:
             state = self.init_state(B, device=tokens.device)
         elif state.batch_size != B:

@@ -14,7 +14,7 @@ from longmem.config import RunConfig
 from longmem.data.corpus import load_documents, split_documents
 from longmem.data.stream import TrainStream, encode_documents
 from longmem.data.tokenizer import build_tokenizer, save_tokenizer
-from longmem.evaluation.perplexity import evaluate_ppl
+from longmem.evaluation.perplexity import evaluate_ppl, predicted_chars
 from longmem.models import MemoryLM
 from longmem.runs import CONFIG, METRICS, TOKENIZER, WEIGHTS
 from longmem.training.checkpoint import save_weights
@@ -61,7 +61,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, desc: str = "train") -> TrainR
     cfg.model.vocab_size = tokenizer.vocab_size
     train_docs = encode_documents(train_texts, tokenizer)
     val_docs = encode_documents(val_texts, tokenizer)
-    val_chars = sum(len(x) for x in val_texts)
+    val_chars = predicted_chars(val_texts)
 
     model = MemoryLM(cfg.model)
     cfg.save(out_dir / CONFIG)

@@ -1,0 +1,136 @@
+"""The ``longmem`` command: one tiny end-to-end run through the real entry point,
+then the files it wrote are read back by the library; argument errors in-process."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from longmem.cli import main, parse_overrides
+from longmem.config import RunConfig
+from longmem.data.tokenizer import ByteTokenizer, load_tokenizer
+from longmem.models import MemoryLM
+from longmem.runs import load_run
+from longmem.training.checkpoint import load_weights
+
+from conftest import REPO_ROOT
+
+TINY = REPO_ROOT / "configs" / "tiny.yaml"
+
+
+def longmem(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "longmem", *args], cwd=cwd, capture_output=True,
+                          encoding="utf-8", timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("cli")
+    res = longmem("train", "--config", str(TINY), "--out", "RUN", "--train.progress", "false", cwd=cwd)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == ""                                          # messages go to stderr
+    return cwd / "RUN"
+
+
+def eval_json(run_dir, *extra: str) -> dict:
+    res = longmem("eval", "RUN", "--json", *extra, cwd=run_dir.parent)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1, res.stdout
+    out = json.loads(lines[0])
+    assert isinstance(out, dict)
+    assert {"loss", "ppl", "bpc", "tokens", "mem_len"} <= set(out)
+    assert math.isfinite(out["loss"]) and out["ppl"] == pytest.approx(math.exp(out["loss"]))
+    return out
+
+
+def test_train_writes_a_run_whose_loss_fell(run_dir):
+    assert {"config.yaml", "model.safetensors", "tokenizer.json", "metrics.jsonl"} <= {
+        p.name for p in run_dir.iterdir()}
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [line["loss"] for line in lines if "loss" in line]
+    assert len(losses) == 8                                          # 40 steps, a line every 5
+    assert losses[0] > losses[-1]
+    assert all(math.isfinite(x) for x in losses)
+
+
+def test_eval_json_and_longer_memory(run_dir):
+    default = eval_json(run_dir)
+    assert default["mem_len"] == 32
+    assert default["tokens"] > 0
+    # the files round-trip: eval of the saved run equals the validation the trainer logged
+    val = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert val["val_loss"] == pytest.approx(default["loss"], rel=1e-6)
+    assert val["val_tokens"] == default["tokens"]
+    longer = eval_json(run_dir, "--memory.mem_len", "64")
+    assert longer["mem_len"] == 64
+    assert longer["tokens"] == default["tokens"]
+    assert longer["loss"] != default["loss"]
+
+
+def test_generate_is_reproducible(run_dir):
+    args = ("generate", "RUN", "--prompt", "The ", "--max-new-tokens", "20", "--seed", "3")
+    a = longmem(*args, cwd=run_dir.parent)
+    b = longmem(*args, cwd=run_dir.parent)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout == b.stdout
+    assert len(a.stdout) > 1 and a.stdout.endswith("\n")
+
+
+def test_run_files_round_trip(run_dir):
+    cfg = RunConfig.load(run_dir / "config.yaml")
+    assert cfg.memory.kind == "xl" and cfg.memory.mem_len == 32 and cfg.train.progress is False
+    tok = load_tokenizer(run_dir / "tokenizer.json")
+    assert isinstance(tok, ByteTokenizer) and tok.vocab_size == cfg.model.vocab_size
+    model = MemoryLM(cfg.model).eval()
+    load_weights(model, run_dir / "model.safetensors")
+    run = load_run(run_dir)
+    x = torch.tensor([tok.encode("The with statement is used to wrap")] * 2)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, run.model(x).logits)
+    assert run.config.to_dict() == cfg.to_dict()
+
+
+def test_unknown_override_key_exits_2_naming_valid_keys(tmp_path, capsys):
+    code = main(["train", "--config", str(TINY), "--out", str(tmp_path / "RUN"), "--train.foo", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "train.foo" in err and "train.max_steps" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "RUN").exists()                          # nothing ran
+
+
+def test_user_errors_exit_2(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "missing")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "r")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r"), "--memory.kind", "knn"]) == 2
+    assert "not implemented" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r"), "stray"]) == 2
+    assert "stray" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_path_override_that_is_not_yaml_exits_2(tmp_path, monkeypatch, capsys):
+    """A data path starting with '[' is still a path: the missing file is reported
+    (exit 2), not a YAML traceback."""
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--out", "RUN", "--data.path", "[draft].txt", "--train.max_steps", "1"])
+    assert code == 2
+    assert "[draft].txt" in capsys.readouterr().err
+
+
+def test_parse_overrides():
+    assert parse_overrides(["--train.lr", "3e-4", "--memory.mem_len=64"]) == {
+        "train.lr": "3e-4", "memory.mem_len": "64"}
+    assert parse_overrides([]) == {}
+    with pytest.raises(ValueError, match="needs a value"):
+        parse_overrides(["--train.lr"])
+    with pytest.raises(ValueError, match="valid keys"):
+        parse_overrides(["--verbose"])

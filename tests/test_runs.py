@@ -1,0 +1,85 @@
+"""Run directories: writing the three files by hand and loading them back."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from longmem.config import RunConfig
+from longmem.data.tokenizer import ByteTokenizer, CharTokenizer, save_tokenizer
+from longmem.models import MemoryLM
+from longmem.runs import CONFIG, TOKENIZER, WEIGHTS, load_run
+from longmem.training.checkpoint import save_weights
+
+from conftest import spread_weights
+
+
+def write_run(path: Path, *, tokenizer=None) -> MemoryLM:
+    cfg = RunConfig().override({"model.vocab_size": "256", "model.d_model": "16", "model.n_layers": "2",
+                                "model.n_heads": "2", "model.segment_len": "8", "memory.kind": "xl",
+                                "memory.mem_len": "8"})
+    model = spread_weights(MemoryLM(cfg.model)).eval()
+    path.mkdir()
+    cfg.save(path / CONFIG)
+    save_weights(model, path / WEIGHTS)
+    save_tokenizer(tokenizer or ByteTokenizer(), path / TOKENIZER)
+    return model
+
+
+def test_load_run_rebuilds_the_model(tmp_path):
+    model = write_run(tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    x = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(run.model(x).logits, model(x).logits)
+    assert not run.model.training
+    assert isinstance(run.tokenizer, ByteTokenizer)
+    assert run.config.to_dict() == RunConfig.load(tmp_path / "run" / CONFIG).to_dict()
+
+
+def test_load_run_with_longer_memory(tmp_path):
+    write_run(tmp_path / "run")
+    run = load_run(tmp_path / "run", overrides={"memory.mem_len": "32"})
+    assert run.model.xl.mem_len == 32
+    assert run.config.memory.mem_len == 32 == run.model.config.memory.mem_len
+    state = None
+    for _ in range(5):
+        state = run.model(torch.randint(0, 256, (1, 8)), state=state).state
+    assert state.xl.length == 32
+    with pytest.raises(ValueError):
+        load_run(tmp_path / "run", overrides={"memory.kind": "none", "memory.mem_len": "0"})
+    with pytest.raises(ValueError, match="train.max_steps"):
+        load_run(tmp_path / "run", overrides={"train.foo": "1"})
+
+
+def test_load_run_refuses_to_silently_ignore_architecture_overrides(tmp_path):
+    """An override of the architecture cannot apply to trained weights: it must be
+    refused, not dropped while ``run.config`` claims it took effect."""
+    write_run(tmp_path / "run")
+    with pytest.raises(ValueError, match="d_model"):
+        load_run(tmp_path / "run", overrides={"model.d_model": "32"})
+
+
+def test_load_run_config_describes_the_loaded_model(tmp_path):
+    """``run.config`` must describe ``run.model`` (eval reads both): a segment_len
+    override is either applied to the model or refused."""
+    write_run(tmp_path / "run")
+    try:
+        run = load_run(tmp_path / "run", overrides={"model.segment_len": "16"})
+    except ValueError as e:
+        assert "segment_len" in str(e)
+        return
+    assert run.model.config.segment_len == run.config.model.segment_len == 16
+
+
+def test_load_run_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run directory"):
+        load_run(tmp_path / "nope")
+    write_run(tmp_path / "run")
+    (tmp_path / "run" / WEIGHTS).unlink()
+    with pytest.raises(FileNotFoundError, match=WEIGHTS):
+        load_run(tmp_path / "run")
+    write_run(tmp_path / "run2", tokenizer=CharTokenizer.fit(["abc"]))
+    with pytest.raises(ValueError, match="tokenizer has 4 tokens"):
+        load_run(tmp_path / "run2")

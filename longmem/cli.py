@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from longmem.config import config_help, valid_keys
@@ -51,17 +52,38 @@ def _overrides_epilog() -> str:
 # -- train ---------------------------------------------------------------------
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (sections model, memory, data, train); defaults if omitted")
-    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--out", help="run directory to write")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint "
+                   "(train.* overrides allowed, e.g. a larger --train.max_steps)")
 
 
 def _train(args, overrides) -> int:
     from longmem.config import RunConfig
-    from longmem.training.trainer import train
-    cfg = RunConfig.load(args.config) if args.config else RunConfig()
-    cfg = cfg.override(overrides)
-    res = train(cfg, args.out)
-    print(f"trained {res.steps} steps in {res.seconds:.1f}s: loss {res.first_loss:.3f} -> {res.last_loss:.3f}, "
-          f"val loss {res.val['loss']:.4f} (ppl {res.val['ppl']:.2f}); wrote {res.out_dir}", file=sys.stderr)
+    from longmem.runs import CONFIG
+    from longmem.training.trainer import TrainingStopped, train
+    if args.resume:
+        if args.config or (args.out and args.out != args.resume):
+            raise ValueError("--resume DIR continues DIR with its own config.yaml; drop --config/--out")
+        bad = [k for k in overrides if not k.startswith("train.")]
+        if bad:
+            raise ValueError(f"only train.* settings can change on resume, not {', '.join(bad)}")
+        cfg = RunConfig.load(Path(args.resume) / CONFIG).override(overrides)
+        out = args.resume
+    else:
+        if not args.out:
+            raise ValueError("--out DIR is required (or --resume DIR)")
+        cfg = RunConfig.load(args.config) if args.config else RunConfig()
+        cfg = cfg.override(overrides)
+        out = args.out
+    try:
+        res = train(cfg, out, resume=bool(args.resume))
+    except TrainingStopped as e:
+        print(f"longmem train: {e}", file=sys.stderr)
+        return 130 if "interrupted" in str(e) else 1
+    if res.val:
+        print(f"trained to step {res.steps} in {res.seconds:.1f}s: loss {res.first_loss:.3f} -> "
+              f"{res.last_loss:.3f}, val loss {res.val['loss']:.4f} (ppl {res.val['ppl']:.2f})"
+              f"{' (stopped early)' if res.stopped_early else ''}; wrote {res.out_dir}", file=sys.stderr)
     return 0
 
 

@@ -93,12 +93,22 @@ class TrainConfig:
     lr: float = _help("peak learning rate (AdamW)", default=1e-3)
     min_lr: float = _help("learning rate at the end of the cosine decay", default=1e-4)
     warmup_steps: int = _help("linear warm-up steps", default=50)
-    weight_decay: float = _help("AdamW weight decay (matrices only)", default=0.1)
+    weight_decay: float = _help("AdamW weight decay (matrices only: not norms, biases or the tied embedding)",
+                                default=0.1)
     beta1: float = _help("AdamW beta1", default=0.9)
     beta2: float = _help("AdamW beta2", default=0.95)
     grad_clip: float = _help("clip the gradient norm to this; 0 disables", default=1.0)
+    grad_accum: int = _help("micro-batches per optimizer step (each continues the lanes)", default=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _help(
+        "auto (bf16 on a GPU that supports it, else fp32) | fp32 | bf16 | fp16 (with a gradient scaler)",
+        default="auto")
+    device: Literal["auto", "cpu", "cuda"] = _help("auto uses CUDA when available", default="auto")
     eval_every: int = _help("validate every N steps; 0 validates only at the end", default=200)
     eval_segments: int = _help("segments per lane in a periodic validation; 0 means the whole split", default=0)
+    checkpoint_every: int = _help("save a checkpoint every N steps (also at each validation and at the end); "
+                                  "0 saves only at validations and at the end", default=0)
+    keep_last: int = _help("step checkpoints to keep (the best by validation loss is kept too)", default=2)
+    patience: int = _help("early stopping: stop after N validations without improvement; 0 disables", default=0)
     log_every: int = _help("write a metrics.jsonl line every N steps", default=10)
     seed: int = _help("seed of weights and dropout", default=0)
     threads: int = _help("torch CPU threads; 0 leaves torch's default", default=0)
@@ -109,9 +119,13 @@ class TrainConfig:
             raise ValueError(f"train.max_steps must be positive, got {self.max_steps}")
         if self.lr <= 0 or self.min_lr < 0:
             raise ValueError("train.lr must be positive and train.min_lr non-negative")
-        for name in ("warmup_steps", "eval_every", "eval_segments", "log_every", "threads"):
+        for name in ("warmup_steps", "eval_every", "eval_segments", "checkpoint_every", "patience", "log_every",
+                     "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("grad_accum", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass

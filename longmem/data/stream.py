@@ -63,26 +63,47 @@ class _Lane:
 
 class TrainStream:
     """Endless batches: each lane goes through all training documents, in its own
-    seeded order, epoch after epoch."""
+    seeded order, epoch after epoch.
 
-    def __init__(self, docs: list[np.ndarray], *, batch_size: int, seg_len: int, seed: int):
+    ``lanes`` selects which of the ``batch_size`` global lanes this process reads
+    (all by default; one slice per rank under DDP), so lane i reads the same text
+    whatever the number of processes. ``state_dict()`` is the data position of
+    every lane (JSON), for exact resume."""
+
+    def __init__(self, docs: list[np.ndarray], *, batch_size: int, seg_len: int, seed: int,
+                 lanes: range | None = None):
         if not docs:
             raise ValueError("no training documents with at least 2 tokens")
         self.docs, self.seg_len, self.seed = docs, seg_len, seed
-        self.lanes = [_Lane(self._doc_iter(i)) for i in range(batch_size)]
+        self.lane_ids = list(lanes if lanes is not None else range(batch_size))
+        self.pos = [{"epoch": 0, "remaining": [], "doc": -1} for _ in self.lane_ids]
+        self.lanes = [_Lane(self._doc_iter(j)) for j in range(len(self.lane_ids))]
 
-    def _doc_iter(self, lane: int):
-        epoch = 0
-        order: list[int] = []
-
+    def _doc_iter(self, j: int):
         def next_doc():
-            nonlocal epoch, order
-            if not order:
+            pos = self.pos[j]
+            if not pos["remaining"]:
                 order = list(range(len(self.docs)))
-                random.Random(f"{self.seed}/{lane}/{epoch}").shuffle(order)
-                epoch += 1
-            return self.docs[order.pop()]
+                random.Random(f"{self.seed}/{self.lane_ids[j]}/{pos['epoch']}").shuffle(order)
+                pos["remaining"], pos["epoch"] = order, pos["epoch"] + 1
+            pos["doc"] = pos["remaining"].pop()
+            return self.docs[pos["doc"]]
         return next_doc
+
+    def state_dict(self) -> dict:
+        return {"lanes": self.lane_ids, "n_docs": len(self.docs),
+                "positions": [{**p, "remaining": list(p["remaining"]), "offset": lane.offset}
+                              for p, lane in zip(self.pos, self.lanes)]}
+
+    def load_state_dict(self, d: dict) -> None:
+        if d.get("n_docs") != len(self.docs) or d.get("lanes") != self.lane_ids:
+            raise ValueError(f"the saved data position is for {d.get('n_docs')} documents and lanes "
+                             f"{d.get('lanes')}, this run has {len(self.docs)} documents and lanes "
+                             f"{self.lane_ids}: the corpus or the batch size changed")
+        for p, lane, saved in zip(self.pos, self.lanes, d["positions"]):
+            p.update(epoch=saved["epoch"], remaining=list(saved["remaining"]), doc=saved["doc"])
+            lane.doc = self.docs[saved["doc"]] if saved["doc"] >= 0 else None
+            lane.offset = saved["offset"]
 
     def __iter__(self):
         return self

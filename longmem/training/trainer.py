@@ -1,24 +1,42 @@
-"""The training loop: AdamW, warm-up + cosine decay, clipping, ordered lanes with
-memory carried across steps, periodic validation, metrics and atomic files."""
+"""The training loop.
+
+AdamW (decay on matrices only), warm-up + cosine decay, gradient clipping and
+accumulation, mixed precision (autocast in the loop only), ordered lanes with
+the memory carried across steps, periodic validation with the memory carried
+across validation segments, early stopping, checkpoints for exact resume,
+SIGINT/SIGTERM handling, and DistributedDataParallel under ``torchrun``.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from longmem.config import RunConfig
 from longmem.data.corpus import load_documents, split_documents
 from longmem.data.stream import TrainStream, encode_documents
-from longmem.data.tokenizer import build_tokenizer, save_tokenizer
+from longmem.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 from longmem.evaluation.perplexity import evaluate_ppl, predicted_chars
-from longmem.models import MemoryLM
-from longmem.runs import CONFIG, METRICS, TOKENIZER, WEIGHTS
-from longmem.training.checkpoint import save_weights
+from longmem.models import IGNORE_INDEX, MemoryLM
+from longmem.models.memory import State
+from longmem.runs import CONFIG, METRICS, TOKENIZER
+from longmem.training import distributed as D
+from longmem.training import state as S
+from longmem.training.checkpoint import load_weights
+from longmem.training.precision import autocast, resolve_device, resolve_precision
 from longmem.utils import progress
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped before max_steps (a signal or a diverged loss); a checkpoint tells where."""
 
 
 @dataclass
@@ -29,14 +47,15 @@ class TrainResult:
     last_loss: float
     val: dict
     seconds: float
+    stopped_early: bool = False
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:
     """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at ``total``."""
     if warmup and step < warmup:
         return lr * (step + 1) / warmup
-    progress_ = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress_))
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * frac))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -48,79 +67,220 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train(cfg: RunConfig, out_dir: str | Path, *, desc: str = "train") -> TrainResult:
+class _StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and stops at the end of the step."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:                      # a second signal: give up at once
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: str = "train") -> TrainResult:
+    """Train ``cfg`` into ``out_dir``; with ``resume`` continue from its newest checkpoint."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     t, d = cfg.train, cfg.data
+    device = resolve_device(t.device)
+    dist = D.init_distributed(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    amp_dtype = resolve_precision(t.precision, device)
     if t.threads:
         torch.set_num_threads(t.threads)
-    torch.manual_seed(t.seed)
+    ckpt = S.latest_checkpoint(out_dir) if resume else None
+    if resume and ckpt is None:
+        raise FileNotFoundError(f"{out_dir} has no checkpoint to resume from (no {S.CKPT_DIR}/step-*)")
 
+    # data: the split is by document and seeded; on resume the saved tokenizer is reused
     train_texts, val_texts = split_documents(load_documents(d.path), val_fraction=d.val_fraction, seed=d.seed)
-    tokenizer = build_tokenizer(d.tokenizer, train_texts)
+    tokenizer = load_tokenizer(out_dir / TOKENIZER) if resume else build_tokenizer(d.tokenizer, train_texts)
     cfg.model.vocab_size = tokenizer.vocab_size
     train_docs = encode_documents(train_texts, tokenizer)
     val_docs = encode_documents(val_texts, tokenizer)
-    val_chars = predicted_chars(val_texts)
+    lanes = D.lane_slice(d.batch_size, dist)
 
-    model = MemoryLM(cfg.model)
-    cfg.save(out_dir / CONFIG)
-    save_tokenizer(tokenizer, out_dir / TOKENIZER)
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
-    stream = TrainStream(train_docs, batch_size=d.batch_size, seg_len=cfg.model.segment_len, seed=d.seed)
-    metrics = (out_dir / METRICS).open("a", encoding="utf-8")
+    torch.manual_seed(t.seed)
+    model = MemoryLM(cfg.model).to(device)
+    if dist.main and not resume:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(out_dir / CONFIG)
+        save_tokenizer(tokenizer, out_dir / TOKENIZER)
+    torch.manual_seed(t.seed + 1 + dist.rank)            # dropout masks differ per rank
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                            fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    stream = TrainStream(train_docs, batch_size=d.batch_size, seg_len=cfg.model.segment_len, seed=d.seed,
+                         lanes=lanes)
+    state: State | None = None
+    info = {"tokens_seen": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0}
+    start_step = 0
+    if ckpt is not None:
+        start_step, state, info = _resume(ckpt, model=model, opt=opt, scaler=scaler, stream=stream, lanes=lanes,
+                                          dist=dist, device=device)
+        if dist.main:
+            S.truncate_metrics(out_dir / METRICS, start_step)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
+
+    metrics = (out_dir / METRICS).open("a", encoding="utf-8") if dist.main else None
 
     def log(event: dict) -> None:
-        metrics.write(json.dumps(event) + "\n")
-        metrics.flush()
+        if metrics is not None:
+            metrics.write(json.dumps(event) + "\n")
+            metrics.flush()
 
     def validate(step: int, *, full: bool) -> dict:
-        res = evaluate_ppl(model, val_docs, batch_size=d.batch_size, n_chars=val_chars,
-                           max_segments=0 if full else t.eval_segments)
+        res = {}
+        if dist.main:
+            res = evaluate_ppl(model, val_docs, batch_size=d.batch_size, n_chars=predicted_chars(val_texts),
+                               max_segments=0 if full else t.eval_segments)
+            log({"step": step, "val_loss": res["loss"], "val_ppl": res["ppl"], "val_bpc": res["bpc"],
+                 "val_tokens": res["tokens"]})
         model.train()
-        log({"step": step, "val_loss": res["loss"], "val_ppl": res["ppl"], "val_bpc": res["bpc"],
-             "val_tokens": res["tokens"]})
-        return res
+        return D.broadcast_object(res, dist)
+
+    def checkpoint(step: int, *, best: bool) -> Path:
+        mem = state.state_dict() if state is not None else {}
+        gathered = D.all_gather_objects({"data": stream.state_dict()["positions"], "rng": S.capture_rng(),
+                                         "memory": {k: v.cpu() for k, v in mem.items()}}, dist)
+        path = S.latest_checkpoint(out_dir)
+        if dist.main:
+            path = S.save_checkpoint(
+                out_dir, step=step, model=model, optimizer=opt,
+                scaler_state=scaler.state_dict() if scaler is not None else None, info=info,
+                data=[p for g in gathered for p in g["data"]],
+                memory=S.concat_lane_states([g["memory"] for g in gathered]) if mem else {},
+                rng=[g["rng"] for g in gathered], keep_last=t.keep_last, best=best)
+        D.barrier(dist)
+        return out_dir / S.CKPT_DIR / f"step-{step:08d}"
 
     model.train()
-    state, first_loss, loss_sum, n_loss, tokens_seen = None, None, 0.0, 0, 0
-    start = time.perf_counter()
-    t_log = start
-    tokens_since = 0
+    first_loss = last_loss = None
+    loss_sum = n_loss = tokens_since = 0
     val: dict = {}
-    bar = progress(total=t.max_steps, desc=desc, enabled=t.progress)
-    for step in range(t.max_steps):
-        batch = next(stream)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup_steps, total=t.max_steps)
-        out = model(batch.inputs, state=state, targets=batch.targets, reset=batch.reset)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip else None
-        opt.step()
-        state = out.state.detach()
-        loss = out.loss.item()
-        if not math.isfinite(loss):
-            raise RuntimeError(f"loss became {loss} at step {step + 1}; lower train.lr or check the data")
-        first_loss = loss if first_loss is None else first_loss
-        loss_sum, n_loss = loss_sum + loss, n_loss + 1
-        n_tok = batch.n_targets
-        tokens_seen += n_tok
-        tokens_since += n_tok
-        bar.update(1)
-        if (step + 1) % max(1, t.log_every) == 0 or step + 1 == t.max_steps:
-            now = time.perf_counter()
-            tps = tokens_since / max(now - t_log, 1e-9)
-            avg = loss_sum / n_loss
-            log({"step": step + 1, "loss": avg, "lr": opt.param_groups[0]["lr"], "tokens": tokens_seen,
-                 "tokens_per_s": tps, **({"grad_norm": float(grad_norm)} if grad_norm is not None else {})})
-            bar.set_postfix(loss=f"{avg:.3f}", tok_s=f"{tps:,.0f}")
-            loss_sum, n_loss, t_log, tokens_since = 0.0, 0, now, 0
-        last = step + 1 == t.max_steps
-        if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
-            val = validate(step + 1, full=last)
-            save_weights(model, out_dir / WEIGHTS)
+    stopped_early = False
+    done = start_step
+    start = t_log = time.perf_counter()
+    bar = progress(total=t.max_steps, desc=desc, enabled=t.progress and dist.main)
+    bar.update(start_step)
+    with _StopSignal() as stop:
+        for step in range(start_step, t.max_steps):
+            lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup_steps, total=t.max_steps)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            micro = [next(stream) for _ in range(t.grad_accum)]
+            n_local = sum(b.n_targets for b in micro)
+            n_global = D.all_sum(n_local, dist, device)         # normalize by the global target count
+            step_loss = 0.0
+            for i, batch in enumerate(micro):
+                sync = i == len(micro) - 1
+                ctx = ddp.no_sync() if dist.enabled and not sync else contextlib.nullcontext()
+                with ctx:
+                    with autocast(device, amp_dtype):
+                        out = ddp(batch.inputs.to(device), state=state, reset=batch.reset.to(device))
+                    loss_sum_micro = F.cross_entropy(out.logits.float().flatten(0, 1),
+                                                     batch.targets.to(device).flatten(),
+                                                     ignore_index=IGNORE_INDEX, reduction="sum")
+                    loss = loss_sum_micro * dist.world / max(n_global, 1.0)
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                state = out.state.detach()
+                step_loss += loss_sum_micro.item()
+            if scaler is not None:
+                scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip else None
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss_value = D.all_sum(step_loss, dist, device) / max(n_global, 1.0)
+            if not math.isfinite(loss_value):
+                last_good = S.latest_checkpoint(out_dir)
+                raise TrainingStopped(
+                    f"the loss became {loss_value} at step {step + 1}; the last good checkpoint is "
+                    f"{last_good or 'none (no checkpoint was saved yet)'}. Lower train.lr, raise "
+                    f"train.warmup_steps or use train.precision fp32, then resume or restart.")
+            first_loss = loss_value if first_loss is None else first_loss
+            last_loss = loss_value
+            loss_sum, n_loss = loss_sum + loss_value, n_loss + 1
+            info["tokens_seen"] += int(n_global)
+            tokens_since += n_global
+            bar.update(1)
+            done = step + 1
+            if done % max(1, t.log_every) == 0 or done == t.max_steps:
+                now = time.perf_counter()
+                tps = tokens_since / max(now - t_log, 1e-9)
+                avg = loss_sum / n_loss
+                log({"step": done, "loss": avg, "lr": lr, "tokens": info["tokens_seen"], "tokens_per_s": tps,
+                     **({"grad_norm": float(grad_norm)} if grad_norm is not None else {})})
+                bar.set_postfix(loss=f"{avg:.3f}", tok_s=f"{tps:,.0f}")
+                loss_sum, n_loss, t_log, tokens_since = 0.0, 0, now, 0
+            last = done == t.max_steps
+            is_best = False
+            if (t.eval_every and done % t.eval_every == 0) or last:
+                val = validate(done, full=last)
+                best = info["best_val_loss"]
+                if best is None or val["loss"] < best:
+                    info.update(best_val_loss=val["loss"], best_step=done, bad_evals=0)
+                    is_best = True
+                else:
+                    info["bad_evals"] += 1
+                stopped_early = bool(t.patience) and info["bad_evals"] >= t.patience
+            interrupted = D.all_sum(float(stop.signum is not None), dist, device) > 0
+            if (is_best or last or stopped_early or interrupted
+                    or (t.checkpoint_every and done % t.checkpoint_every == 0)
+                    or (t.eval_every and done % t.eval_every == 0)):
+                path = checkpoint(done, best=is_best)
+            if interrupted:
+                bar.close()
+                raise TrainingStopped(f"interrupted at step {done}; saved {path}. "
+                                      f"Continue with: longmem train --resume {out_dir}")
+            if stopped_early:
+                log({"step": done, "event": "early_stop", "best_step": info["best_step"],
+                     "best_val_loss": info["best_val_loss"]})
+                break
     bar.close()
-    metrics.close()
-    return TrainResult(out_dir=out_dir, steps=t.max_steps, first_loss=first_loss, last_loss=loss, val=val,
-                       seconds=time.perf_counter() - start)
+    if metrics is not None:
+        metrics.close()
+    if dist.main:
+        from longmem.training.report import write_run_report
+        write_run_report(out_dir, cfg)
+    result = TrainResult(out_dir=out_dir, steps=done,
+                         first_loss=first_loss if first_loss is not None else float("nan"),
+                         last_loss=last_loss if last_loss is not None else float("nan"), val=val,
+                         seconds=time.perf_counter() - start, stopped_early=stopped_early)
+    return result
+
+
+def _resume(ckpt: Path, *, model, opt, scaler, stream: TrainStream, lanes: range, dist: D.Dist, device):
+    meta, tensors = S.load_checkpoint(ckpt)
+    if meta["world_size"] != dist.world:
+        raise ValueError(f"{ckpt} was saved by {meta['world_size']} process(es) but this run has {dist.world}; "
+                         f"resume with the same number of processes")
+    load_weights(model, ckpt / S.WEIGHTS)
+    opt.load_state_dict(S.optimizer_state(meta, tensors))
+    if scaler is not None and (sc := S.scaler_state(meta, tensors)):
+        scaler.load_state_dict(sc)
+    stream.load_state_dict({"lanes": list(lanes), "n_docs": len(stream.docs),
+                            "positions": meta["data"][lanes.start:lanes.stop]})
+    mem = S.memory_state(tensors)
+    state = None
+    if mem:
+        state = State.from_state_dict({k: v.to(device) for k, v in S.slice_lane_state(mem, lanes).items()})
+    S.restore_rng(S.rng_states(meta, tensors)[dist.rank])
+    info = {k: meta[k] for k in ("tokens_seen", "best_val_loss", "best_step", "bad_evals")}
+    return meta["step"], state, info

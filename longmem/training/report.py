@@ -1,0 +1,76 @@
+"""``report.md`` of a run: loss curves, tokens/s, the resolved config and the final metrics."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from longmem.config import RunConfig
+from longmem.runs import METRICS
+from longmem.training.checkpoint import atomic_write_text
+
+
+def read_metrics(path: Path) -> list[dict]:
+    out = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def write_run_report(out_dir: Path, cfg: RunConfig) -> Path:
+    rows = read_metrics(out_dir / METRICS)
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    plot = _plot(out_dir / "loss.png", train, val)
+    lines = ["# Run report", ""]
+    if train:
+        tps = [r["tokens_per_s"] for r in train[1:]] or [train[0]["tokens_per_s"]]
+        lines += [f"- steps: {train[-1]['step']}, training tokens: {train[-1]['tokens']:,}",
+                  f"- train loss: {train[0]['loss']:.4f} (first log) -> {train[-1]['loss']:.4f} (last log)",
+                  f"- tokens/s: median {sorted(tps)[len(tps) // 2]:,.0f}"]
+    if val:
+        best = min(val, key=lambda r: r["val_loss"])
+        lines += [f"- final validation: loss {val[-1]['val_loss']:.4f}, ppl {val[-1]['val_ppl']:.3f}, "
+                  f"bpc {val[-1]['val_bpc']:.4f} at step {val[-1]['step']}",
+                  f"- best validation loss: {best['val_loss']:.4f} at step {best['step']}"]
+    stops = [r for r in rows if r.get("event") == "early_stop"]
+    if stops:
+        lines.append(f"- stopped early at step {stops[-1]['step']} (patience {cfg.train.patience})")
+    lines.append("")
+    if plot is not None:
+        lines += [f"![loss curves]({plot.name})", ""]
+    lines += ["## Resolved config", "", "```yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "```",
+              ""]
+    path = out_dir / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def _plot(path: Path, train: list[dict], val: list[dict]) -> Path | None:
+    if not train:
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    if val:
+        ax1.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss (nats/token)")
+    ax1.legend()
+    ax2.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train])
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("tokens/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -72,10 +72,20 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = _help("a .txt file or a folder of .txt files (one document per file); "
-                      "empty means the embedded corpus (Python's pydoc topics)", default="")
-    tokenizer: Literal["byte", "char"] = _help("byte (any UTF-8, vocab 256) | char (characters of the corpus)",
-                                                default="byte")
+    path: str = _help("a .txt file, a folder of .txt files (one document per file) or a .jsonl file "
+                      "(one document per line); empty means the embedded corpus (Python's pydoc topics)",
+                      default="")
+    text_field: str = _help("field holding the text in .jsonl lines and Hugging Face datasets", default="text")
+    hf_dataset: str = _help("a Hugging Face dataset name (needs the `datasets` package and its files in "
+                            "the local cache or network access); replaces data.path", default="")
+    hf_config: str = _help("the Hugging Face dataset configuration", default="")
+    hf_split: str = _help("the Hugging Face split read as the corpus", default="train")
+    tokenizer: Literal["byte", "char", "bpe"] = _help(
+        "byte (any UTF-8, vocab 256) | char (characters of the corpus) | bpe (byte-level BPE trained on the "
+        "corpus with Hugging Face tokenizers)", default="byte")
+    vocab_size: int = _help("vocabulary size of the bpe tokenizer", default=4096)
+    cache: bool = _help("tokenize a file corpus once into a memory-mapped token file cached beside the data",
+                        default=True)
     val_fraction: float = _help("fraction of documents held out for validation", default=0.1)
     batch_size: int = _help("lanes per batch: row i of each batch continues row i of the previous one", default=16)
     seed: int = _help("seed of the document split and lane order", default=0)
@@ -85,6 +95,8 @@ class DataConfig:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.batch_size <= 0:
             raise ValueError(f"data.batch_size must be positive, got {self.batch_size}")
+        if self.path and self.hf_dataset:
+            raise ValueError("give data.path or data.hf_dataset, not both")
 
 
 @dataclass

@@ -82,7 +82,7 @@ def test_unknown_yaml_key_lists_valid_keys(tmp_path):
     ("train.max_steps", "true"),
     ("train.lr", "fast"),
     ("train.progress", "maybe"),
-    ("data.tokenizer", "bpe"),
+    ("data.tokenizer", "wordpiece"),
     ("model.d_model", "[16]"),
 ])
 def test_bad_override_types_raise(key, value):

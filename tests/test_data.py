@@ -67,8 +67,8 @@ def test_load_tokenizer_refuses_other_files(tmp_path):
             load_tokenizer(path)
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "missing.json")
-    with pytest.raises(ValueError, match="byte, char"):
-        build_tokenizer("bpe", ["text"])
+    with pytest.raises(ValueError, match="byte, char, bpe"):
+        build_tokenizer("wordpiece", ["text"])
     assert isinstance(build_tokenizer("char", ["ab"]), CharTokenizer)
 
 
@@ -111,9 +111,68 @@ def test_load_documents_errors(tmp_path):
     (tmp_path / "data.csv").write_text("a,b")
     with pytest.raises(ValueError, match=".txt"):
         load_documents(tmp_path / "data.csv")
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(ValueError, match="UTF-8"):
-        load_documents(tmp_path / "latin1.txt")
+    (tmp_path / "blank.txt").write_text("  \n\n")
+    with pytest.raises(ValueError, match="empty"):
+        load_documents(tmp_path / "blank.txt")
+
+
+def test_non_utf8_file_is_decoded_with_replacement_and_a_warning(tmp_path, capsys):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    assert load_documents(tmp_path / "latin1.txt") == ["caf\ufffd au lait"]
+    err = capsys.readouterr().err
+    assert "latin1.txt" in err and "not valid UTF-8" in err
+
+
+def test_jsonl_corpus(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "one doc"}\n\n{"text": "two", "id": 2}\n')
+    assert load_documents(path) == ["one doc", "two"]
+    path.write_text('{"body": "x"}\n')
+    with pytest.raises(ValueError, match="text_field|'text'"):
+        load_documents(path)
+    assert load_documents(path, text_field="body") == ["x"]
+    path.write_text('{"text": \n')
+    with pytest.raises(ValueError, match="docs.jsonl:1 is not valid JSON"):
+        load_documents(path)
+
+
+def test_bpe_tokenizer_trains_round_trips_and_saves(tmp_path):
+    from longmem.data.tokenizer import BPETokenizer, build_tokenizer, load_tokenizer, save_tokenizer
+    texts = embedded_corpus()[:10]
+    tok = build_tokenizer("bpe", texts, vocab_size=400)
+    assert isinstance(tok, BPETokenizer) and tok.vocab_size == 400
+    sample = "Ünïcode 🙂 and     spaces\n" + texts[0][:200]
+    ids = tok.encode(sample)
+    assert tok.decode(ids) == sample
+    assert len(ids) < len(sample.encode())                          # merges compress
+    save_tokenizer(tok, tmp_path / "tokenizer.json")
+    again = load_tokenizer(tmp_path / "tokenizer.json")
+    assert again.encode(sample) == ids
+    step = again.stream_decoder()
+    assert "".join(step([i]) for i in ids) == sample
+    with pytest.raises(ValueError, match="vocab_size"):
+        build_tokenizer("bpe", texts, vocab_size=100)
+
+
+def test_token_cache_is_memory_mapped_and_reused(tmp_path):
+    from longmem.data.cache import cache_dir_for, encode_texts
+    from longmem.data.tokenizer import ByteTokenizer, CharTokenizer
+    (tmp_path / "a.txt").write_text("hello")
+    cache = cache_dir_for(tmp_path)
+    assert cache == tmp_path / ".longmem-cache"
+    texts = ["hello world", "héllo", "x"]
+    first = encode_texts(texts, ByteTokenizer(), cache_dir=cache)
+    assert [list(map(int, a)) for a in first] == [list(t.encode()) for t in texts]
+    assert isinstance(first[0].base, np.memmap) or isinstance(first[0], np.memmap)
+    files = sorted(p.name for p in cache.iterdir())
+    assert len(files) == 2
+    again = encode_texts(texts, ByteTokenizer(), cache_dir=cache)
+    assert sorted(p.name for p in cache.iterdir()) == files         # reused, not rewritten
+    assert [list(a) for a in again] == [list(a) for a in first]
+    encode_texts(texts, CharTokenizer.fit(texts), cache_dir=cache)   # another tokenizer: another key
+    assert len(list(cache.iterdir())) == 4
+    encode_texts(texts + ["more"], ByteTokenizer(), cache_dir=cache)  # other text: another key
+    assert len(list(cache.iterdir())) == 6
 
 
 def test_embedded_corpus_is_the_default():

@@ -4,7 +4,9 @@ every CPython, so no download is needed).
 """
 from __future__ import annotations
 
+import json
 import random
+import sys
 from pathlib import Path
 
 
@@ -14,9 +16,10 @@ def embedded_corpus() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
-def load_documents(path: str | Path | None = None) -> list[str]:
+def load_documents(path: str | Path | None = None, *, text_field: str = "text") -> list[str]:
     """Documents from ``path``: a .txt file (one document), a folder of .txt files
-    (one document each, sorted by path), or the embedded corpus when ``path`` is empty."""
+    (one document each, sorted by path), a .jsonl file (the ``text_field`` of each
+    line), or the embedded corpus when ``path`` is empty."""
     if not path:
         return embedded_corpus()
     path = Path(path)
@@ -26,22 +29,74 @@ def load_documents(path: str | Path | None = None) -> list[str]:
             raise FileNotFoundError(f"no .txt files in folder {path}")
         docs = [_read(p) for p in files]
     elif path.is_file():
-        if path.suffix != ".txt":
-            raise ValueError(f"data.path must be a .txt file or a folder of them, got {path}")
-        docs = [_read(path)]
+        if path.suffix == ".jsonl":
+            docs = _read_jsonl(path, text_field)
+        elif path.suffix == ".txt":
+            docs = [_read(path)]
+        else:
+            raise ValueError(f"data.path must be a .txt or .jsonl file or a folder of .txt files, got {path}")
     else:
         raise FileNotFoundError(f"data.path not found: {path}")
-    docs = [d for d in docs if d]
+    docs = [d for d in docs if d.strip()]
     if not docs:
-        raise ValueError(f"{path} holds no text")
+        raise ValueError(f"the corpus {path} is empty: it holds no text")
     return docs
 
 
-def _read(p: Path) -> str:
+def load_hf_documents(name: str, *, config: str = "", split: str = "train", text_field: str = "text") -> list[str]:
+    """The ``text_field`` of every row of a Hugging Face dataset (the ``datasets`` package is optional)."""
     try:
-        return p.read_text(encoding="utf-8")
+        import datasets
+    except ImportError:
+        raise ValueError("data.hf_dataset needs the `datasets` package: pip install 'longmem[hf]'") from None
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split)
+    except Exception as e:                      # offline, unknown name, missing config: all arrive as Exception
+        raise ValueError(f"cannot load the Hugging Face dataset {name!r} (config {config or 'default'!r}, split "
+                         f"{split!r}): {e}. Without network access only datasets already in the local cache "
+                         f"load; set HF_DATASETS_OFFLINE=1 to use the cache, or pass data.path instead.") from None
+    if text_field not in ds.column_names:
+        raise ValueError(f"dataset {name!r} has no field {text_field!r}; its fields: {', '.join(ds.column_names)}")
+    docs = [t for t in ds[text_field] if isinstance(t, str) and t.strip()]
+    if not docs:
+        raise ValueError(f"dataset {name!r} split {split!r} holds no text in field {text_field!r}")
+    return docs
+
+
+def load_corpus(data) -> list[str]:
+    """The documents a ``DataConfig`` names (a path, a Hugging Face dataset or the embedded corpus)."""
+    if data.hf_dataset:
+        return load_hf_documents(data.hf_dataset, config=data.hf_config, split=data.hf_split,
+                                 text_field=data.text_field)
+    return load_documents(data.path, text_field=data.text_field)
+
+
+def _read(p: Path) -> str:
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{p} is not UTF-8 text: {e}") from None
+        print(f"warning: {p} is not valid UTF-8 ({e.reason} at byte {e.start}); decoded with replacement "
+              f"characters", file=sys.stderr)
+        return raw.decode("utf-8", errors="replace")
+    if "\x00" in text[:8192]:
+        print(f"warning: {p} looks like a binary file (it holds NUL bytes); read as text anyway", file=sys.stderr)
+    return text
+
+
+def _read_jsonl(p: Path, field: str) -> list[str]:
+    docs = []
+    for n, line in enumerate(_read(p).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{n} is not valid JSON: {e.msg}") from None
+        if not isinstance(row, dict) or not isinstance(row.get(field), str):
+            raise ValueError(f"{p}:{n} has no text field {field!r} (set data.text_field)")
+        docs.append(row[field])
+    return docs
 
 
 def split_documents(docs: list[str], *, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:

@@ -30,10 +30,11 @@ class Batch:
         return int((self.targets != IGNORE_INDEX).sum())
 
 
-def encode_documents(texts: list[str], tokenizer) -> list[np.ndarray]:
-    """Token arrays of the documents that have at least one target (2+ tokens)."""
-    docs = [np.asarray(tokenizer.encode(t), dtype=np.int64) for t in texts]
-    return [d for d in docs if len(d) >= 2]
+def encode_documents(texts: list[str], tokenizer, *, cache_dir=None) -> list[np.ndarray]:
+    """Token arrays of the documents that have at least one target (2+ tokens);
+    memory-mapped from a token cache when ``cache_dir`` is given (see data/cache.py)."""
+    from longmem.data.cache import encode_texts
+    return [d for d in encode_texts(texts, tokenizer, cache_dir=cache_dir) if len(d) >= 2]
 
 
 class _Lane:

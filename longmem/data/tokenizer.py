@@ -1,5 +1,6 @@
 """Tokenizers saved as ``tokenizer.json``: byte-level (any UTF-8, no unknown
-token) and character-level (the characters of the training corpus).
+token), character-level (the characters of the training corpus) and byte-level
+BPE (Hugging Face ``tokenizers``, trained on the corpus).
 """
 from __future__ import annotations
 
@@ -65,15 +66,69 @@ class CharTokenizer:
         return {"format": FORMAT, "version": 1, "type": "char", "chars": self.itos[1:]}
 
 
-Tokenizer = ByteTokenizer | CharTokenizer
+class BPETokenizer:
+    """Byte-level BPE trained with Hugging Face ``tokenizers`` (no unknown tokens: the
+    256 byte symbols are always in the vocabulary)."""
+    kind = "bpe"
+
+    def __init__(self, hf):
+        self.hf = hf
+
+    @classmethod
+    def fit(cls, texts: Iterable[str], *, vocab_size: int) -> "BPETokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode(list(ids))
+
+    def stream_decoder(self):
+        """Decodes the running sequence and returns the new text, holding back a
+        trailing incomplete UTF-8 character."""
+        ids: list[int] = []
+        emitted = 0
+
+        def step(new: Iterable[int]) -> str:
+            nonlocal emitted
+            ids.extend(new)
+            text = self.hf.decode(ids)
+            if text.endswith("\ufffd"):
+                return ""
+            piece, emitted = text[emitted:], len(text)
+            return piece
+        return step
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": 1, "type": "bpe", "hf": json.loads(self.hf.to_str())}
 
 
-def build_tokenizer(kind: str, texts: Iterable[str]) -> Tokenizer:
+Tokenizer = ByteTokenizer | CharTokenizer | BPETokenizer
+
+
+def build_tokenizer(kind: str, texts: Iterable[str], *, vocab_size: int = 4096) -> Tokenizer:
     if kind == "byte":
         return ByteTokenizer()
     if kind == "char":
         return CharTokenizer.fit(texts)
-    raise ValueError(f"unknown tokenizer {kind!r}; accepted: byte, char")
+    if kind == "bpe":
+        if vocab_size < 257:
+            raise ValueError(f"data.vocab_size must be > 256 for a byte-level BPE, got {vocab_size}")
+        return BPETokenizer.fit(texts, vocab_size=vocab_size)
+    raise ValueError(f"unknown tokenizer {kind!r}; accepted: byte, char, bpe")
 
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
@@ -95,4 +150,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return ByteTokenizer()
     if d.get("type") == "char" and isinstance(d.get("chars"), list):
         return CharTokenizer(d["chars"])
-    raise ValueError(f"{path}: unknown tokenizer type {d.get('type')!r}; accepted: byte, char")
+    if d.get("type") == "bpe" and isinstance(d.get("hf"), dict):
+        from tokenizers import Tokenizer as HFTokenizer
+        try:
+            return BPETokenizer(HFTokenizer.from_str(json.dumps(d["hf"])))
+        except Exception as e:                            # tokenizers raises its own Exception type
+            raise ValueError(f"{path}: the BPE tokenizer inside cannot be read: {e}") from None
+    raise ValueError(f"{path}: unknown tokenizer type {d.get('type')!r}; accepted: byte, char, bpe")

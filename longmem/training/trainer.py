@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from longmem.config import RunConfig
-from longmem.data.corpus import load_documents, split_documents
+from longmem.data.cache import cache_dir_for
+from longmem.data.corpus import load_corpus, split_documents
 from longmem.data.stream import TrainStream, encode_documents
 from longmem.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 from longmem.evaluation.perplexity import evaluate_ppl, predicted_chars
@@ -106,11 +107,13 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
         raise FileNotFoundError(f"{out_dir} has no checkpoint to resume from (no {S.CKPT_DIR}/step-*)")
 
     # data: the split is by document and seeded; on resume the saved tokenizer is reused
-    train_texts, val_texts = split_documents(load_documents(d.path), val_fraction=d.val_fraction, seed=d.seed)
-    tokenizer = load_tokenizer(out_dir / TOKENIZER) if resume else build_tokenizer(d.tokenizer, train_texts)
+    train_texts, val_texts = split_documents(load_corpus(d), val_fraction=d.val_fraction, seed=d.seed)
+    tokenizer = (load_tokenizer(out_dir / TOKENIZER) if resume
+                 else build_tokenizer(d.tokenizer, train_texts, vocab_size=d.vocab_size))
     cfg.model.vocab_size = tokenizer.vocab_size
-    train_docs = encode_documents(train_texts, tokenizer)
-    val_docs = encode_documents(val_texts, tokenizer)
+    cache = cache_dir_for(d.path) if d.cache and d.path else None
+    train_docs = encode_documents(train_texts, tokenizer, cache_dir=cache)
+    val_docs = encode_documents(val_texts, tokenizer, cache_dir=cache)
     lanes = D.lane_slice(d.batch_size, dist)
 
     torch.manual_seed(t.seed)

@@ -117,6 +117,22 @@ def test_user_errors_exit_2(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_bad_input_gets_one_paragraph_and_exit_2(tmp_path, capsys):
+    """Empty corpus, wrong type, missing path, a memory that cannot fit: exit 2, no traceback."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("   \n")
+    cases = [(["--data.path", str(tmp_path / "empty")], "empty"),
+             (["--train.max_steps", "abc"], "train.max_steps must be an integer"),
+             (["--data.path", str(tmp_path / "nowhere.txt")], "not found"),
+             (["--memory.mem_len", "3000000000"], "does not fit")]
+    for extra, message in cases:
+        code = main(["train", "--config", str(TINY), "--out", str(tmp_path / "r"), "--train.progress", "false",
+                     *extra])
+        err = capsys.readouterr().err
+        assert code == 2, extra
+        assert message in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
 def test_path_override_that_is_not_yaml_exits_2(tmp_path, monkeypatch, capsys):
     """A data path starting with '[' is still a path: the missing file is reported
     (exit 2), not a YAML traceback."""

@@ -41,7 +41,7 @@ class _Lane:
     """One lane: walks through a sequence of documents segment by segment."""
 
     def __init__(self, next_doc):
-        self.next_doc = next_doc          # () -> np.ndarray | None
+        self.next_doc = next_doc          # () -> (np.ndarray, start offset) | (None, 0)
         self.doc: np.ndarray | None = None
         self.offset = 0
 
@@ -49,7 +49,7 @@ class _Lane:
         """(inputs, targets, reset, live) for the next segment of this lane."""
         reset = False
         if self.doc is None or self.offset >= len(self.doc) - 1:
-            self.doc, self.offset, reset = self.next_doc(), 0, True
+            (self.doc, self.offset), reset = self.next_doc(), True
         inputs = np.full(seg_len, PAD_ID, dtype=np.int64)
         targets = np.full(seg_len, IGNORE_INDEX, dtype=np.int64)
         if self.doc is None:                                  # lane exhausted (finite streams)
@@ -88,7 +88,13 @@ class TrainStream:
                 random.Random(f"{self.seed}/{self.lane_ids[j]}/{pos['epoch']}").shuffle(order)
                 pos["remaining"], pos["epoch"] = order, pos["epoch"] + 1
             pos["doc"] = pos["remaining"].pop()
-            return self.docs[pos["doc"]]
+            doc = self.docs[pos["doc"]]
+            start = 0
+            if pos["epoch"] == 1 and len(pos["remaining"]) == len(self.docs) - 1:
+                # a lane's very first document starts at a lane-specific point (golden-ratio spread),
+                # so lanes never read the same text in lockstep, even on a one-document corpus
+                start = int((len(doc) - 1) * ((self.lane_ids[j] * 0.6180339887) % 1.0))
+            return doc, start
         return next_doc
 
     def state_dict(self) -> dict:
@@ -148,7 +154,7 @@ def eval_batches(docs: list[np.ndarray], *, batch_size: int, seg_len: int, max_s
 
 def _pop_front(items: list):
     items = list(items)
-    return lambda: items.pop(0) if items else None
+    return lambda: (items.pop(0), 0) if items else (None, 0)
 
 
 def _stack(rows) -> Batch:

@@ -6,12 +6,14 @@ from longmem.data.corpus import load_corpus, split_documents
 from longmem.data.stream import encode_documents, n_eval_batches
 from longmem.evaluation.perplexity import evaluate_ppl, predicted_chars
 from longmem.runs import Run
-from longmem.utils import progress
+from longmem.utils import check_memory_fits, progress
 
 
 def eval_ppl(run: Run, *, split: str = "val", max_segments: int = 0, show_progress: bool = True) -> dict:
     """Perplexity of a run on its own train/val split (the split is rebuilt from the run's data config)."""
     d = run.config.data
+    check_memory_fits(run.model.config, batch_size=d.batch_size, device=run.model.embed.weight.device,
+                      training=False)
     train_texts, val_texts = split_documents(load_corpus(d), val_fraction=d.val_fraction, seed=d.seed)
     texts = val_texts if split == "val" else train_texts
     docs = encode_documents(texts, run.tokenizer, cache_dir=cache_dir_for(d.path) if d.cache and d.path else None)

@@ -33,7 +33,7 @@ from longmem.training import distributed as D
 from longmem.training import state as S
 from longmem.training.checkpoint import load_weights
 from longmem.training.precision import autocast, resolve_device, resolve_precision
-from longmem.utils import progress
+from longmem.utils import check_memory_fits, progress
 
 
 class TrainingStopped(RuntimeError):
@@ -116,6 +116,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
     val_docs = encode_documents(val_texts, tokenizer, cache_dir=cache)
     lanes = D.lane_slice(d.batch_size, dist)
 
+    check_memory_fits(cfg.model, batch_size=len(lanes), device=device, training=True)
     torch.manual_seed(t.seed)
     model = MemoryLM(cfg.model).to(device)
     if dist.main and not resume:

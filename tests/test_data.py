@@ -269,18 +269,31 @@ def test_eval_batches_cover_every_target_once(docs, batch_size, seg):
     batches = list(eval_batches(docs, batch_size=batch_size, seg_len=seg))
     assert len(batches) == n_eval_batches(docs, batch_size=batch_size, seg_len=seg)
     assert sum(b.n_targets for b in batches) == sum(len(d) - 1 for d in docs)
-    found = [check_document(x, y, docs) for lane in range(batch_size) for x, y in split_lane(batches, lane, docs)]
-    assert sorted(found) == sorted(int(d[0]) for d in docs)          # each document exactly once, whole
+    pairs = sorted((int(x), int(y)) for b in batches for x, y in zip(b.inputs.flatten(), b.targets.flatten())
+                   if y != IGNORE_INDEX)
+    assert pairs == sorted((int(a), int(b)) for d in docs for a, b in zip(d[:-1], d[1:]))  # each target once
+    for lane in range(batch_size):                  # between resets a lane reads one contiguous slice
+        for x, y in split_lane(batches, lane):
+            doc = next(d for d in docs if x[0] in d)
+            start = int(np.where(doc == x[0])[0][0])
+            assert x == doc[start:start + len(x)].tolist() and y == doc[start + 1:start + 1 + len(x)].tolist()
     capped = list(eval_batches(docs, batch_size=batch_size, seg_len=seg, max_segments=2))
     assert len(capped) == min(2, len(batches))
 
 
+def test_eval_batches_spread_one_long_document_over_the_lanes():
+    docs = make_docs([401])
+    batches = list(eval_batches(docs, batch_size=4, seg_len=10))
+    assert len(batches) == 10                                        # 400 targets / 4 lanes / 10 per segment
+    assert all(b.n_targets == 40 for b in batches)
+
+
 def test_eval_batches_pad_exhausted_lanes():
-    docs = make_docs([30, 3])
-    batches = list(eval_batches(docs, batch_size=2, seg_len=4))
-    assert len(batches) == 8                                         # ceil(29 / 4)
-    for b in batches[1:]:
-        assert bool(b.reset[1]) and (b.targets[1] == IGNORE_INDEX).all() and (b.inputs[1] == PAD_ID).all()
+    docs = make_docs([3, 3, 3])
+    batches = list(eval_batches(docs, batch_size=4, seg_len=1))
+    assert len(batches) == 2
+    assert all(bool(b.reset[3]) and (b.targets[3] == IGNORE_INDEX).all() and (b.inputs[3] == PAD_ID).all()
+               for b in batches)
 
 
 def test_encode_documents_drops_documents_without_targets():
@@ -292,6 +305,6 @@ def test_encode_documents_drops_documents_without_targets():
 def test_tokenized_text_survives_the_lanes():
     tok = ByteTokenizer()
     texts = ["Ünïcödé 🙂 text number one.", "two", "and a third, longer document " * 3]
-    batches = list(eval_batches(encode_documents(texts, tok), batch_size=2, seg_len=8))
-    rebuilt = [tok.decode(x + y[-1:]) for lane in range(2) for x, y in split_lane(batches, lane)]
+    batches = list(eval_batches(encode_documents(texts, tok), batch_size=1, seg_len=8))   # one lane: no cuts
+    rebuilt = [tok.decode(x + y[-1:]) for lane in range(1) for x, y in split_lane(batches, lane)]
     assert sorted(rebuilt) == sorted(texts)

@@ -120,7 +120,19 @@ class TrainStream:
 
 
 def _balanced_lanes(docs: list[np.ndarray], *, batch_size: int, seg_len: int):
-    """Documents dealt to lanes, longest first, each to the lane with the fewest segments."""
+    """Documents dealt to lanes, longest first, each to the lane with the fewest segments.
+
+    A document longer than a lane's fair share is cut into pieces that overlap by one
+    token (every target is still read exactly once), so one long document, e.g. the
+    validation tail of a one-file corpus, does not leave all lanes but one idle."""
+    share = max(seg_len, -(-sum(len(d) - 1 for d in docs) // batch_size))
+    pieces = []
+    for d in docs:
+        n_targets = len(d) - 1
+        n_pieces = -(-n_targets // share)
+        step = -(-n_targets // n_pieces)
+        pieces += [d[a:min(a + step, n_targets) + 1] for a in range(0, n_targets, step)]
+    docs = pieces
     buckets: list[list[np.ndarray]] = [[] for _ in range(batch_size)]
     totals = [0] * batch_size
     for d in sorted(docs, key=len, reverse=True):

@@ -122,14 +122,15 @@ class TrainStream:
 def _balanced_lanes(docs: list[np.ndarray], *, batch_size: int, seg_len: int):
     """Documents dealt to lanes, longest first, each to the lane with the fewest segments.
 
-    A document longer than a lane's fair share is cut into pieces that overlap by one
-    token (every target is still read exactly once), so one long document, e.g. the
+    A document longer than twice a lane's fair share is cut into pieces of about one
+    share that overlap by one token (every target is still read exactly once, only the
+    first tokens of a piece lose their context), so one long document, e.g. the
     validation tail of a one-file corpus, does not leave all lanes but one idle."""
     share = max(seg_len, -(-sum(len(d) - 1 for d in docs) // batch_size))
     pieces = []
     for d in docs:
         n_targets = len(d) - 1
-        n_pieces = -(-n_targets // share)
+        n_pieces = -(-n_targets // share) if n_targets > 2 * share else 1
         step = -(-n_targets // n_pieces)
         pieces += [d[a:min(a + step, n_targets) + 1] for a in range(0, n_targets, step)]
     docs = pieces

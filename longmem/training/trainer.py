@@ -15,7 +15,7 @@ from longmem.data.corpus import load_documents, split_documents
 from longmem.data.stream import TrainStream, encode_documents
 from longmem.data.tokenizer import build_tokenizer, save_tokenizer
 from longmem.evaluation.perplexity import evaluate_ppl, predicted_chars
-from longmem.models import MemoryLM
+from longmem.models import build_model
 from longmem.runs import CONFIG, METRICS, TOKENIZER, WEIGHTS
 from longmem.training.checkpoint import save_weights
 from longmem.utils import progress
@@ -49,6 +49,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, desc: str = "train") -> TrainResult:
+    if cfg.model.arch in ("seq2seq", "memn2n"):           # not language models over a stream
+        from longmem.training.tasks import train_task
+        return train_task(cfg, out_dir, desc=desc)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t, d = cfg.train, cfg.data
@@ -63,7 +66,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, desc: str = "train") -> TrainR
     val_docs = encode_documents(val_texts, tokenizer)
     val_chars = predicted_chars(val_texts)
 
-    model = MemoryLM(cfg.model)
+    model = build_model(cfg.model)
     cfg.save(out_dir / CONFIG)
     save_tokenizer(tokenizer, out_dir / TOKENIZER)
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))

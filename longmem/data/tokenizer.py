@@ -65,7 +65,42 @@ class CharTokenizer:
         return {"format": FORMAT, "version": 1, "type": "char", "chars": self.itos[1:]}
 
 
-Tokenizer = ByteTokenizer | CharTokenizer
+class WordTokenizer:
+    """One token per lower-case word (bAbI, MemN2N): id 0 pads, id 1 is ``<unk>`` for unseen words."""
+    kind = "word"
+    PAD, UNK = "<pad>", "<unk>"
+
+    def __init__(self, vocab: Iterable[str]):
+        self.itos = [self.PAD, self.UNK] + [w for w in dict.fromkeys(vocab) if w not in (self.PAD, self.UNK)]
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+
+    @classmethod
+    def fit(cls, texts: Iterable[str]) -> "WordTokenizer":
+        from longmem.data.tasks.babi import words
+        seen = set()
+        for t in texts:
+            seen.update(words(t))
+        return cls(sorted(seen))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        from longmem.data.tasks.babi import words
+        return [self.stoi.get(w, 1) for w in words(text)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return " ".join(self.itos[i] for i in ids if 0 < i < len(self.itos))
+
+    def stream_decoder(self):
+        return lambda ids: " ".join(self.itos[i] for i in ids if 0 < i < len(self.itos)) + " "
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": 1, "type": "word", "words": self.itos[2:]}
+
+
+Tokenizer = ByteTokenizer | CharTokenizer | WordTokenizer
 
 
 def build_tokenizer(kind: str, texts: Iterable[str]) -> Tokenizer:
@@ -95,4 +130,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return ByteTokenizer()
     if d.get("type") == "char" and isinstance(d.get("chars"), list):
         return CharTokenizer(d["chars"])
-    raise ValueError(f"{path}: unknown tokenizer type {d.get('type')!r}; accepted: byte, char")
+    if d.get("type") == "word" and isinstance(d.get("words"), list):
+        return WordTokenizer(d["words"])
+    raise ValueError(f"{path}: unknown tokenizer type {d.get('type')!r}; accepted: byte, char, word")

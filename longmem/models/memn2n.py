@@ -52,24 +52,38 @@ class MemN2N(nn.Module):
         self.config = copy.deepcopy(config)
         c = self.config
         K, D = c.hops, c.d_model
-        # C^0 .. C^K: C^0 is A^1 = B (question), C^k is the output of hop k and the input of hop k + 1
-        self.embeds = nn.ModuleList(nn.Embedding(c.vocab_size, D, padding_idx=0) for _ in range(K + 1))
-        self.temporal = nn.ModuleList(nn.Embedding(c.memory_size, D) for _ in range(K + 1))
+        # C^0 .. C^K side by side in one table: row w holds word w in all K + 1 embeddings, so every
+        # hop's sentence embeddings come from one matrix product. C^0 is A^1 = B (question), C^k is the
+        # output of hop k and the input of hop k + 1. The temporal tables T^0 .. T^K likewise.
+        self.embed = nn.Embedding(c.vocab_size, (K + 1) * D)
+        self.temporal = nn.Embedding(c.memory_size, (K + 1) * D)
         self.drop = nn.Dropout(c.dropout)
-        for emb in list(self.embeds) + list(self.temporal):
-            nn.init.normal_(emb.weight, std=0.1)                    # N(0, 0.1) as in §4.2
-        with torch.no_grad():
-            for emb in self.embeds:
-                emb.weight[0].zero_()
+        nn.init.normal_(self.embed.weight, std=0.1)                 # N(0, 0.1) as in §4.2
+        nn.init.normal_(self.temporal.weight, std=0.1)
+        beta = torch.arange(1, D + 1, dtype=torch.float32) / D
+        self.register_buffer("beta", beta.repeat(K + 1), persistent=False)   # ((K+1) D,)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _encode(self, k: int, words: torch.Tensor) -> torch.Tensor:
-        """words (..., J) -> (..., D): position-weighted bag of words with embedding C^k."""
-        lengths = (words != 0).sum(-1)                               # (...,)
-        pe = position_encoding(lengths, words.shape[-1], self.config.d_model)   # (..., J, D)
-        return (self.embeds[k](words) * pe).sum(-2)                  # (..., D)
+    def encode(self, words: torch.Tensor) -> torch.Tensor:
+        """words (..., J), 0-padded -> (..., K+1, D): sum_j l_j * C^k x_j for every table k.
+
+        Position encoding splits as l_kj = a_j + beta_k g_j with a_j = 1 - j/J, g_j = 2j/J - 1 and
+        beta_k = k/d, so the encoding is two weighted bags of words (``embedding_bag``) and never
+        builds an (N, J, (K+1) D) tensor."""
+        K1, D = self.config.hops + 1, self.config.d_model
+        lead, J = words.shape[:-1], words.shape[-1]
+        w = words.reshape(-1, J)                                      # (N, J)
+        present = (w != 0).to(self.embed.weight.dtype)                 # (N, J)
+        length = present.sum(-1, keepdim=True).clamp(min=1)           # (N, 1) each sentence's own J
+        j = torch.arange(1, J + 1, device=w.device, dtype=present.dtype)
+        a = (1 - j / length) * present                                # (N, J)
+        g = (2 * j / length - 1) * present                            # (N, J)
+        E = self.embed.weight                                          # (V, (K+1) D)
+        bag_a = F.embedding_bag(w, E, per_sample_weights=a, mode="sum")   # (N, (K+1) D)
+        bag_g = F.embedding_bag(w, E, per_sample_weights=g, mode="sum")   # (N, (K+1) D)
+        return (bag_a + bag_g * self.beta).view(*lead, K1, D)
 
     def forward(self, story: torch.Tensor, n_memories: torch.Tensor, question: torch.Tensor,
                 answer: torch.Tensor | None = None, *, linear: bool = False) -> QAOutput:
@@ -80,25 +94,25 @@ class MemN2N(nn.Module):
             raise ValueError(f"story must be (batch, slots, words) and question (batch, words); got "
                              f"{tuple(story.shape)} and {tuple(question.shape)}")
         B, M, J = story.shape
+        K, D = self.config.hops, self.config.d_model
         if M > self.config.memory_size:
             raise ValueError(f"story has {M} slots but model.memory_size is {self.config.memory_size}")
         slot = torch.arange(M, device=story.device)
         valid = slot[None, :] < n_memories[:, None]                  # (B, M)
         # temporal index: the most recent sentence is 0 (Sukhbaatar et al. 2015 §4.1)
         age = (n_memories[:, None] - 1 - slot[None, :]).clamp(min=0)  # (B, M)
-        u = self._encode(0, question)                                # (B, D)
+        mem = self.encode(story) + self.temporal(age).view(B, M, K + 1, D)   # (B, M, K+1, D): C^k + T^k
+        u = self.encode(question)[:, 0]                               # (B, D), B = C^0
         attention = []
-        mem_in = self._encode(0, story) + self.temporal[0](age)     # (B, M, D), A^1 = C^0
-        for k in range(1, self.config.hops + 1):
-            mem_out = self._encode(k, story) + self.temporal[k](age)  # (B, M, D), C^k
-            scores = torch.einsum("bmd,bd->bm", mem_in, u)             # (B, M)
+        for k in range(1, K + 1):
+            scores = torch.einsum("bmd,bd->bm", mem[:, :, k - 1], u)  # (B, M), A^k = C^{k-1}
             if linear:
                 p = scores.masked_fill(~valid, 0.0)
             else:
                 p = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
             attention.append(p)
-            u = u + torch.einsum("bm,bmd->bd", p, mem_out)             # (B, D)
-            mem_in = mem_out                                           # adjacent tying: A^{k+1} = C^k
-        logits = self.drop(u) @ self.embeds[-1].weight.T               # (B, V), W^T = C^K
+            u = u + torch.einsum("bm,bmd->bd", p, mem[:, :, k])        # (B, D), output C^k
+        W = self.embed.weight[:, K * D:]                               # (V, D), W^T = C^K
+        logits = self.drop(u) @ W.T                                    # (B, V)
         loss = F.cross_entropy(logits.float(), answer) if answer is not None else None
         return QAOutput(logits=logits, loss=loss, attention=torch.stack(attention, dim=1))

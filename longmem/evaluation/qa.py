@@ -71,3 +71,36 @@ def evaluate_pairs(model, tokenizer, pairs: list[Pair], *, batch_size: int = 64,
             "token_f1": sum(map(token_f1, pt, rt)) / len(refs),
             "bleu": bleu(pt, rt), "rouge_l": sum(map(rouge_l, pt, rt)) / len(refs),
             "n": len(refs), "examples": [{"prediction": p, "target": r} for p, r in zip(preds[:3], refs[:3])]}
+
+
+def eval_babi(run, *, split: str = "test") -> dict:
+    """``longmem eval DIR --task babi``: accuracy per task and mean error of a memn2n run on its bAbI
+    data (the test files of ``data.path``, or generated test stories)."""
+    from longmem.data.tasks.babi import encode_babi
+    from longmem.data.tasks.sources import babi_examples
+    if run.config.model.arch != "memn2n":
+        raise ValueError(f"--task babi needs a memn2n run; {run.path} is model.arch={run.config.model.arch}")
+    data = encode_babi(babi_examples(run.config, split), run.tokenizer)
+    return {"task": "babi", "split": split, **evaluate_babi(run.model, data)}
+
+
+def eval_text(run, *, split: str = "test") -> dict:
+    """``longmem eval DIR --task text``: exact match, token F1, BLEU and ROUGE-L of greedy decodes
+    of a seq2seq run on its pairs (generated test pairs, or the held-out part of a .jsonl)."""
+    from longmem.data.tasks.sources import pair_examples, task_name
+    if run.config.model.arch != "seq2seq":
+        raise ValueError(f"--task text needs a seq2seq run; {run.path} is model.arch={run.config.model.arch}")
+    chars = task_name(run.config) != "pairs"
+    res = evaluate_pairs(run.model, run.tokenizer, pair_examples(run.config, split), chars=chars)
+    return {"task": "text", "split": split, "units": "chars" if chars else "words", **res}
+
+
+def format_task_result(res: dict) -> str:
+    """A few human-readable lines of an eval_babi / eval_text result."""
+    if res["task"] == "babi":
+        lines = [f"task {k:>2}: accuracy {v['accuracy']:.3f}  error {v['error']:5.1f}%  (n={v['n']})"
+                 for k, v in res["per_task"].items()]
+        return "\n".join(lines + [f"{res['split']}: mean error {res['mean_error']:.2f}% over {len(lines)} task(s), "
+                                  f"{res['failed_tasks']} failed (> 5%), accuracy {res['accuracy']:.4f}"])
+    return (f"{res['split']}: exact match {res['exact_match']:.3f}  token F1 {res['token_f1']:.3f}  "
+            f"BLEU {res['bleu']:.3f}  ROUGE-L {res['rouge_l']:.3f}  loss {res['loss']:.4f}  n {res['n']}")

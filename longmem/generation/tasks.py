@@ -71,3 +71,15 @@ def answer_story(model, tokenizer, text: str) -> tuple[str, torch.Tensor]:
     batch.pop("answer")
     out = model(**batch)
     return tokenizer.itos[int(out.logits[0].argmax())], out.attention[0]
+
+
+def task_generate(model, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int,
+                  seed: int) -> str:
+    """``longmem generate`` for the task models: the decoded target of the prompt as a source
+    (seq2seq), or the answer to the story and question in the prompt (memn2n)."""
+    if model.config.arch == "seq2seq":
+        return decode_seq2seq(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_k=top_k, seed=seed)[0]
+    if model.config.arch == "memn2n":
+        return answer_story(model, tokenizer, prompt)[0]
+    raise ValueError(f"model.arch={model.config.arch!r} is a language model: use generate_text")

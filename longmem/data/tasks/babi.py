@@ -129,7 +129,7 @@ def _story(task: int, rng: random.Random, n_questions: int) -> list[str]:
     where = {a: None for a in ACTORS}                      # actor -> place
     holder = {o: None for o in OBJECTS}                    # object -> actor or None
     obj_at = {o: None for o in OBJECTS}                    # object -> place (None until placed)
-    obj_trail = {o: [] for o in OBJECTS}                   # (place, line) history of each object
+    obj_trail = {o: [] for o in OBJECTS}                   # (place, line that puts it there) per object
     lines: list[tuple[str, str | None, list[int]]] = []    # (text, answer, supporting line numbers)
     last_line = {}                                         # key -> line number of the fact that set it
 
@@ -164,9 +164,9 @@ def _story(task: int, rng: random.Random, n_questions: int) -> list[str]:
             holder[o] = actor
             n = say(f"{actor} {rng.choice(TAKES)} the {o}.")
             last_line[o] = n
-            if obj_at[o] != where[actor]:
+            if obj_at[o] != where[actor]:                  # the place is known from the actor's last move
                 obj_at[o] = where[actor]
-                obj_trail[o].append((where[actor], n))
+                obj_trail[o].append((where[actor], last_line[actor]))
         else:
             move(actor)
 
@@ -189,7 +189,7 @@ def _story(task: int, rng: random.Random, n_questions: int) -> list[str]:
                 ans = where[a]
             else:                                           # dropped: where it was dropped
                 ans = obj_at[o]
-                sup = [last_line[o], obj_trail[o][-1][1]]
+                sup = [last_line[o], obj_trail[o][-1][1]]   # the drop and the move that brought it there
             lines.append((f"Where is the {o}?", ans, sorted(set(sup))))
             return True
         # task 3: where was the object before its current place (the place before the last move)

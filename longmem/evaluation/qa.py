@@ -70,7 +70,8 @@ def evaluate_pairs(model, tokenizer, pairs: list[Pair], *, batch_size: int = 64,
             "exact_match": sum(map(exact_match, preds, refs)) / len(refs),
             "token_f1": sum(map(token_f1, pt, rt)) / len(refs),
             "bleu": bleu(pt, rt), "rouge_l": sum(map(rouge_l, pt, rt)) / len(refs),
-            "n": len(refs), "examples": [{"prediction": p, "target": r} for p, r in zip(preds[:3], refs[:3])]}
+            "n": len(refs), "examples": [{"source": s.source, "prediction": p, "target": r}
+                         for s, p, r in zip(pairs[:3], preds[:3], refs[:3])]}
 
 
 def eval_babi(run, *, split: str = "test") -> dict:

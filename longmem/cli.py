@@ -90,8 +90,11 @@ def _train(args, overrides) -> int:
 # -- eval ----------------------------------------------------------------------
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
-    p.add_argument("--task", default="ppl", choices=["ppl"], help="what to measure (ppl: perplexity)")
-    p.add_argument("--split", default="val", choices=["val", "train"], help="which documents to evaluate")
+    p.add_argument("--task", default="ppl", choices=["ppl", "babi", "text"],
+                   help="what to measure (ppl: perplexity; babi: accuracy per task of a memn2n run; "
+                        "text: exact match, F1, BLEU, ROUGE-L of a seq2seq run)")
+    p.add_argument("--split", default=None, choices=["val", "train", "test"],
+                   help="which documents to evaluate (default: val for ppl, test for babi and text)")
     p.add_argument("--max-segments", type=int, default=0, help="stop after N batches (0: the whole split)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -100,6 +103,17 @@ def _eval(args, overrides) -> int:
     from longmem.evaluation.suite import eval_ppl
     from longmem.runs import load_run
     run = load_run(args.run, overrides=overrides)
+    if args.task in ("babi", "text"):
+        from longmem.evaluation.qa import eval_babi, eval_text, format_task_result
+        res = (eval_babi if args.task == "babi" else eval_text)(run, split=args.split or "test")
+        print(json.dumps(res) if args.json else format_task_result(res))
+        return 0
+    if run.config.model.arch in ("seq2seq", "memn2n"):
+        raise ValueError(f"--task ppl is for language models; this is a {run.config.model.arch} run: use "
+                         f"--task {'babi' if run.config.model.arch == 'memn2n' else 'text'}")
+    args.split = args.split or "val"
+    if args.split == "test":
+        raise ValueError("--split test is for --task babi and text; ppl evaluates val or train")
     res = eval_ppl(run, split=args.split, max_segments=args.max_segments)
     if args.json:
         print(json.dumps(res))
@@ -125,6 +139,11 @@ def _generate(args, overrides) -> int:
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     run = load_run(args.run, overrides=overrides)
+    if run.config.model.arch in ("seq2seq", "memn2n"):
+        from longmem.generation.tasks import task_generate
+        print(task_generate(run.model, run.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, seed=args.seed))
+        return 0
     for piece in generate_text(run.model, run.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_k=args.top_k, seed=args.seed):
         sys.stdout.write(piece)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 MemoryKind = Literal["none", "xl", "knn", "tokens"]
+Arch = Literal["transformer", "lstm", "seq2seq", "memn2n"]
 IMPLEMENTED_KINDS = ("none", "xl")
 
 
@@ -44,6 +45,9 @@ class MemoryConfig:
 
 @dataclass
 class ModelConfig:
+    arch: Arch = _help("transformer (MemoryLM) | lstm (LSTM LM, state carried across segments) | seq2seq "
+                       "(Transformer encoder-decoder, source -> target) | memn2n (end-to-end memory network, bAbI)",
+                       default="transformer")
     vocab_size: int = _help("vocabulary size (set from the tokenizer when training)", default=256)
     d_model: int = _help("width of the residual stream", default=128)
     n_layers: int = _help("number of Transformer blocks", default=4)
@@ -52,14 +56,26 @@ class ModelConfig:
     segment_len: int = _help("tokens processed per segment; longer calls are split", default=128)
     dropout: float = _help("dropout on embeddings, attention weights and residual branches", default=0.0)
     rope_base: float = _help("rotary embedding base (Su et al. 2021)", default=10000.0)
+    hops: int = _help("memn2n: memory hops K (Sukhbaatar et al. 2015 §2.2)", default=3)
+    memory_size: int = _help("memn2n: most recent sentences kept in memory", default=50)
     memory: MemoryConfig = field(default_factory=MemoryConfig, metadata={"help": "memory settings"})
 
     def __post_init__(self):
         if isinstance(self.memory, dict):
             self.memory = MemoryConfig(**self.memory)
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "segment_len"):
+        if self.arch not in typing.get_args(Arch):
+            raise ValueError(f"model.arch={self.arch!r}; accepted: {', '.join(typing.get_args(Arch))}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "segment_len", "hops", "memory_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.arch != "transformer" and self.memory.kind != "none":
+            raise ValueError(f"model.arch={self.arch!r} has its own memory; memory.kind must be 'none', "
+                             f"got {self.memory.kind!r}")
+        if self.arch in ("lstm", "memn2n"):                       # no attention heads to check
+            self.d_ff = self.d_ff or 4 * self.d_model
+            if not 0.0 <= self.dropout < 1.0:
+                raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+            return
         if self.d_model % self.n_heads:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
@@ -73,8 +89,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = _help("a .txt file, a folder of .txt files (one document per file) or a .jsonl file "
-                      "(one document per line); empty means the embedded corpus (Python's pydoc topics)",
-                      default="")
+                      "(one document per line); empty means the embedded corpus (Python's pydoc topics); "
+                      "seq2seq: a .jsonl of source/target pairs; memn2n: a bAbI folder or file (empty: generated "
+                      "tasks, see task.*)", default="")
     text_field: str = _help("field holding the text in .jsonl lines and Hugging Face datasets", default="text")
     hf_dataset: str = _help("a Hugging Face dataset name (needs the `datasets` package and its files in "
                             "the local cache or network access); replaces data.path", default="")
@@ -141,11 +158,47 @@ class TrainConfig:
 
 
 @dataclass
+class TaskConfig:
+    """Question answering and source -> target tasks (model.arch memn2n and seq2seq; see training/tasks.py)."""
+    name: Literal["auto", "babi", "copy", "passage"] = _help(
+        "auto (babi for memn2n, passage for seq2seq) | babi (data.path: bAbI folder/file, empty: generated "
+        "stories) | copy (target = source) | passage (answer a key from the far start of a long passage); "
+        "seq2seq reads source/target pairs instead when data.path is a .jsonl file", default="auto")
+    babi_tasks: str = _help("bAbI task ids, comma-separated (e.g. '1' per task, '1,2,3'); empty: all tasks "
+                            "found (1,2,3 when generated)", default="")
+    n_train: int = _help("generated tasks: training examples per task", default=1000)
+    n_test: int = _help("generated tasks: test examples per task", default=200)
+    source_len: int = _help("generated seq2seq tasks: characters of a source", default=64)
+    linear_start_steps: int = _help("memn2n: first steps without the softmax in memory "
+                                    "(linear start, Sukhbaatar et al. 2015 §4.2)", default=0)
+    time_noise: float = _help("memn2n: fraction of random empty memories inserted in training "
+                              "(random noise, Sukhbaatar et al. 2015 §4.1)", default=0.1)
+
+    def __post_init__(self):
+        for name in ("n_train", "n_test", "source_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"task.{name} must be positive, got {getattr(self, name)}")
+        if self.linear_start_steps < 0:
+            raise ValueError(f"task.linear_start_steps must be >= 0, got {self.linear_start_steps}")
+        if not 0.0 <= self.time_noise < 1.0:
+            raise ValueError(f"task.time_noise must be in [0, 1), got {self.time_noise}")
+        for part in filter(None, (p.strip() for p in self.babi_tasks.split(","))):
+            if not part.isdigit() or not 1 <= int(part) <= 20:
+                raise ValueError(f"task.babi_tasks={self.babi_tasks!r}: give task ids 1..20 separated by commas")
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; what ``config.yaml`` holds."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+    def __post_init__(self):
+        if self.model.arch != "transformer" and self.model.memory.kind != "none":
+            raise ValueError(f"model.arch={self.model.arch!r} has its own memory; memory.kind must be 'none', "
+                             f"got {self.model.memory.kind!r}")
 
     @property
     def memory(self) -> MemoryConfig:
@@ -156,7 +209,8 @@ class RunConfig:
         model = dataclasses.asdict(self.model)
         memory = model.pop("memory")
         return {"model": model, "memory": memory,
-                "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train)}
+                "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train),
+                "task": dataclasses.asdict(self.task)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -203,7 +257,8 @@ class RunConfig:
         return RunConfig.from_dict(d)
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "memory": MemoryConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "memory": MemoryConfig, "data": DataConfig, "train": TrainConfig,
+                             "task": TaskConfig}
 
 
 def _fields(klass: type) -> dict[str, dataclasses.Field]:

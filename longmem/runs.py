@@ -6,7 +6,7 @@ from pathlib import Path
 
 from longmem.config import RunConfig
 from longmem.data.tokenizer import Tokenizer, load_tokenizer
-from longmem.models import MemoryLM
+from longmem.models import MemoryLM, build_model
 from longmem.training.checkpoint import load_weights
 
 CONFIG, WEIGHTS, TOKENIZER, METRICS = "config.yaml", "model.safetensors", "tokenizer.json", "metrics.jsonl"
@@ -17,7 +17,7 @@ EVAL_MODEL_KEYS = ("memory.mem_len",)
 @dataclass
 class Run:
     config: RunConfig
-    model: MemoryLM
+    model: MemoryLM                 # or LSTMLM / Seq2Seq / MemN2N (model.arch)
     tokenizer: Tokenizer
     path: Path
 
@@ -45,7 +45,7 @@ def load_run(path: str | Path, *, overrides: dict[str, str] | None = None) -> Ru
         if changed:
             raise ValueError(f"{', '.join(changed)} cannot change after training (only "
                              f"{', '.join(EVAL_MODEL_KEYS)} and data.* can); train a new run instead")
-    model = MemoryLM(config.model)
+    model = build_model(config.model)
     load_weights(model, path / WEIGHTS)
     model.eval()
     return Run(config=config, model=model, tokenizer=tokenizer, path=path)

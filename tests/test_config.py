@@ -132,7 +132,7 @@ def test_yaml_round_trip(tmp_path):
     assert loaded.to_dict() == cfg.to_dict()
     assert loaded == cfg
     on_disk = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert set(on_disk) == {"model", "memory", "data", "train"}
+    assert set(on_disk) == {"model", "memory", "data", "train", "task"}
     assert on_disk["memory"] == {"kind": "xl", "mem_len": 48}
 
 

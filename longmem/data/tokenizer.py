@@ -116,7 +116,42 @@ class BPETokenizer:
         return {"format": FORMAT, "version": 1, "type": "bpe", "hf": json.loads(self.hf.to_str())}
 
 
-Tokenizer = ByteTokenizer | CharTokenizer | BPETokenizer
+class WordTokenizer:
+    """One token per lower-case word (bAbI, MemN2N): id 0 pads, id 1 is ``<unk>`` for unseen words."""
+    kind = "word"
+    PAD, UNK = "<pad>", "<unk>"
+
+    def __init__(self, vocab: Iterable[str]):
+        self.itos = [self.PAD, self.UNK] + [w for w in dict.fromkeys(vocab) if w not in (self.PAD, self.UNK)]
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+
+    @classmethod
+    def fit(cls, texts: Iterable[str]) -> "WordTokenizer":
+        from longmem.data.tasks.babi import words
+        seen = set()
+        for t in texts:
+            seen.update(words(t))
+        return cls(sorted(seen))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        from longmem.data.tasks.babi import words
+        return [self.stoi.get(w, 1) for w in words(text)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return " ".join(self.itos[i] for i in ids if 0 < i < len(self.itos))
+
+    def stream_decoder(self):
+        return lambda ids: " ".join(self.itos[i] for i in ids if 0 < i < len(self.itos)) + " "
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": 1, "type": "word", "words": self.itos[2:]}
+
+
+Tokenizer = ByteTokenizer | CharTokenizer | BPETokenizer | WordTokenizer
 
 
 def build_tokenizer(kind: str, texts: Iterable[str], *, vocab_size: int = 4096) -> Tokenizer:
@@ -150,10 +185,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return ByteTokenizer()
     if d.get("type") == "char" and isinstance(d.get("chars"), list):
         return CharTokenizer(d["chars"])
+    if d.get("type") == "word" and isinstance(d.get("words"), list):
+        return WordTokenizer(d["words"])
     if d.get("type") == "bpe" and isinstance(d.get("hf"), dict):
         from tokenizers import Tokenizer as HFTokenizer
         try:
             return BPETokenizer(HFTokenizer.from_str(json.dumps(d["hf"])))
         except Exception as e:                            # tokenizers raises its own Exception type
             raise ValueError(f"{path}: the BPE tokenizer inside cannot be read: {e}") from None
-    raise ValueError(f"{path}: unknown tokenizer type {d.get('type')!r}; accepted: byte, char, bpe")
+    raise ValueError(f"{path}: unknown tokenizer type {d.get('type')!r}; accepted: byte, char, bpe, word")

@@ -39,7 +39,7 @@ def generate_ids(model: MemoryLM, prompt_ids: list[int], *, max_new_tokens: int,
     device = model.embed.weight.device
     gen = torch.Generator(device=device).manual_seed(seed)
     window = model.config.segment_len
-    recurrent = model.xl is not None and model.xl.mem_len > 0
+    recurrent = getattr(model, "recurrent", False) or (model.xl is not None and model.xl.mem_len > 0)
     history = list(prompt_ids)
     if recurrent:
         out = model(torch.tensor([history], device=device))

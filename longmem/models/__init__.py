@@ -1,3 +1,20 @@
 from longmem.models.transformer import IGNORE_INDEX, LMOutput, MemoryLM
 
-__all__ = ["IGNORE_INDEX", "LMOutput", "MemoryLM"]
+
+def build_model(config):
+    """The model named by ``config.arch`` (a ModelConfig): every place that builds a model from a config uses this."""
+    if config.arch == "transformer":
+        return MemoryLM(config)
+    if config.arch == "lstm":
+        from longmem.models.lstm import LSTMLM
+        return LSTMLM(config)
+    if config.arch == "seq2seq":
+        from longmem.models.seq2seq import Seq2Seq
+        return Seq2Seq(config)
+    if config.arch == "memn2n":
+        from longmem.models.memn2n import MemN2N
+        return MemN2N(config)
+    raise ValueError(f"model.arch={config.arch!r}; accepted: transformer, lstm, seq2seq, memn2n")
+
+
+__all__ = ["IGNORE_INDEX", "LMOutput", "MemoryLM", "build_model"]

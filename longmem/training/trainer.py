@@ -26,7 +26,7 @@ from longmem.data.corpus import load_corpus, split_documents
 from longmem.data.stream import TrainStream, encode_documents
 from longmem.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 from longmem.evaluation.perplexity import evaluate_ppl, predicted_chars
-from longmem.models import IGNORE_INDEX, MemoryLM
+from longmem.models import IGNORE_INDEX, build_model
 from longmem.models.memory import State
 from longmem.runs import CONFIG, METRICS, TOKENIZER
 from longmem.training import distributed as D
@@ -93,6 +93,12 @@ class _StopSignal:
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: str = "train") -> TrainResult:
     """Train ``cfg`` into ``out_dir``; with ``resume`` continue from its newest checkpoint."""
+    if cfg.model.arch in ("seq2seq", "memn2n"):           # not language models over a stream
+        if resume:
+            raise ValueError(f"--resume is not supported yet for model.arch={cfg.model.arch} (task training); "
+                             f"train again instead")
+        from longmem.training.tasks import train_task
+        return train_task(cfg, out_dir, desc=desc)
     out_dir = Path(out_dir)
     t, d = cfg.train, cfg.data
     device = resolve_device(t.device)
@@ -118,7 +124,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
 
     check_memory_fits(cfg.model, batch_size=len(lanes), device=device, training=True)
     torch.manual_seed(t.seed)
-    model = MemoryLM(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)
     if dist.main and not resume:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / CONFIG)

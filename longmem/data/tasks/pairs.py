@@ -1,0 +1,94 @@
+"""Source -> target pairs for the encoder-decoder: a ``.jsonl`` file with ``source``
+and ``target`` fields, or seeded generated tasks.
+
+Generated tasks (characters, for byte/char tokenizers):
+- ``copy``: the target is the source (random lower-case letters).
+- ``passage``: a long passage whose *start* holds four ``key:value`` facts, then
+  filler, then a question ``key?`` at the very end; the target is that key's
+  value. The answer depends on the far part of the source, so a model that reads
+  only the end of its input is at chance (1 in 10,000).
+"""
+from __future__ import annotations
+
+import json
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from longmem.models import IGNORE_INDEX
+
+BOS, EOS = "\x02", "\x03"        # start / end of text (ASCII STX, ETX): a byte or char token each
+GENERATED_PAIRS = ("copy", "passage")
+
+
+@dataclass
+class Pair:
+    source: str
+    target: str
+
+
+def read_pairs(path: str | Path) -> list[Pair]:
+    """Pairs of a .jsonl file: one JSON object per line with text fields ``source`` and ``target``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs file not found: {path}")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON object ({e})") from None
+            if not (isinstance(obj, dict) and isinstance(obj.get("source"), str) and isinstance(obj.get("target"), str)):
+                raise ValueError(f"{path}:{n}: each line needs text fields 'source' and 'target'")
+            out.append(Pair(source=obj["source"], target=obj["target"]))
+    if not out:
+        raise ValueError(f"{path} holds no pairs")
+    return out
+
+
+def generate_pairs(name: str, *, n: int, seed: int, source_len: int) -> list[Pair]:
+    """``n`` seeded pairs of the generated task ``name`` (copy | passage) with sources of about ``source_len`` chars."""
+    if name not in GENERATED_PAIRS:
+        raise ValueError(f"generated seq2seq tasks are {', '.join(GENERATED_PAIRS)}; got {name!r}")
+    rng = random.Random(f"pairs/{name}/{seed}")
+    out = []
+    for _ in range(n):
+        if name == "copy":
+            k = rng.randint(max(1, source_len // 2), source_len)
+            text = "".join(rng.choices(string.ascii_lowercase, k=k))
+            out.append(Pair(source=text, target=text))
+            continue
+        keys = rng.sample(string.ascii_lowercase, 4)
+        values = ["".join(rng.choices(string.digits, k=4)) for _ in keys]
+        facts = " ".join(f"{k}:{v}" for k, v in zip(keys, values)) + " "
+        asked = rng.randrange(len(keys))
+        question = f" {keys[asked]}?"
+        n_fill = max(0, source_len - len(facts) - len(question))
+        filler = "".join(rng.choices(string.ascii_uppercase + " ", k=n_fill))   # no key letters, no digits
+        out.append(Pair(source=facts + filler + question, target=values[asked]))
+    return out
+
+
+def pairs_batch(pairs: list[Pair], tokenizer) -> dict[str, torch.Tensor]:
+    """source (B, S) ids, source_mask (B, S), target_in (B, T) = BOS + target, targets (B, T) = target + EOS
+    (IGNORE_INDEX on padding)."""
+    bos, eos = tokenizer.encode(BOS), tokenizer.encode(EOS)
+    src = [tokenizer.encode(p.source) or eos for p in pairs]
+    tgt = [tokenizer.encode(p.target) for p in pairs]
+    B, S, T = len(pairs), max(map(len, src)), max(map(len, tgt)) + 1
+    source = torch.zeros(B, S, dtype=torch.long)
+    mask = torch.zeros(B, S, dtype=torch.bool)
+    target_in = torch.zeros(B, T, dtype=torch.long)
+    targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    for b, (s, t) in enumerate(zip(src, tgt)):
+        source[b, :len(s)] = torch.tensor(s)
+        mask[b, :len(s)] = True
+        target_in[b, :len(t) + 1] = torch.tensor(bos + t)
+        targets[b, :len(t) + 1] = torch.tensor(t + eos)
+    return {"source": source, "source_mask": mask, "target_in": target_in, "targets": targets}

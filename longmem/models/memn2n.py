@@ -1,0 +1,118 @@
+"""End-to-end memory network (Sukhbaatar et al. 2015), the question-answering baseline.
+
+Legend: B examples, M memory slots (sentences), J words per sentence, K hops,
+D embedding width, V vocabulary (answers are words of the vocabulary).
+
+Facts are written into memory slots (one per sentence) and read by attention
+over K hops:
+
+    m_i = sum_j l_j * A^k x_ij + T_A^k(i)        (position encoding + temporal encoding, §4.1)
+    c_i = sum_j l_j * C^k x_ij + T_C^k(i)
+    p   = softmax(u^k . m_i)                      (over the valid slots; no softmax in linear start, §4.2)
+    u^{k+1} = u^k + sum_i p_i c_i
+    answer logits = W u^{K+1}
+
+Adjacent weight tying (§2.2): A^{k+1} = C^k, B = A^1, W^T = C^K, so there are
+K + 1 embedding matrices (and K + 1 temporal tables) in all.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from longmem.config import ModelConfig
+
+
+@dataclass
+class QAOutput:
+    logits: torch.Tensor           # (B, V) answer scores over the vocabulary
+    loss: torch.Tensor | None      # mean cross-entropy against the answers
+    attention: torch.Tensor        # (B, K, M) weights over memory slots per hop (0 on empty slots)
+
+
+def position_encoding(lengths: torch.Tensor, n_words: int, dim: int) -> torch.Tensor:
+    """l_kj = (1 - j/J) - (k/d)(1 - 2j/J) (§4.1), with J each sentence's own length.
+
+    lengths: (...,) words per sentence -> (..., n_words, dim). Using the true
+    length (not the padded one) makes a sentence's embedding independent of the
+    batch it sits in."""
+    J = lengths.clamp(min=1).to(torch.float32)[..., None, None]                    # (..., 1, 1)
+    j = torch.arange(1, n_words + 1, device=lengths.device, dtype=torch.float32)[:, None]  # (J, 1)
+    k = torch.arange(1, dim + 1, device=lengths.device, dtype=torch.float32) / dim          # (D,)
+    return (1 - j / J) - k * (1 - 2 * j / J)                                       # (..., J, D)
+
+
+class MemN2N(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = copy.deepcopy(config)
+        c = self.config
+        K, D = c.hops, c.d_model
+        # C^0 .. C^K side by side in one table: row w holds word w in all K + 1 embeddings, so every
+        # hop's sentence embeddings come from one matrix product. C^0 is A^1 = B (question), C^k is the
+        # output of hop k and the input of hop k + 1. The temporal tables T^0 .. T^K likewise.
+        self.embed = nn.Embedding(c.vocab_size, (K + 1) * D)
+        self.temporal = nn.Embedding(c.memory_size, (K + 1) * D)
+        self.drop = nn.Dropout(c.dropout)
+        nn.init.normal_(self.embed.weight, std=0.1)                 # N(0, 0.1) as in §4.2
+        nn.init.normal_(self.temporal.weight, std=0.1)
+        beta = torch.arange(1, D + 1, dtype=torch.float32) / D
+        self.register_buffer("beta", beta.repeat(K + 1), persistent=False)   # ((K+1) D,)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def encode(self, words: torch.Tensor) -> torch.Tensor:
+        """words (..., J), 0-padded -> (..., K+1, D): sum_j l_j * C^k x_j for every table k.
+
+        Position encoding splits as l_kj = a_j + beta_k g_j with a_j = 1 - j/J, g_j = 2j/J - 1 and
+        beta_k = k/d, so the encoding is two weighted bags of words (``embedding_bag``) and never
+        builds an (N, J, (K+1) D) tensor."""
+        K1, D = self.config.hops + 1, self.config.d_model
+        lead, J = words.shape[:-1], words.shape[-1]
+        w = words.reshape(-1, J)                                      # (N, J)
+        present = (w != 0).to(self.embed.weight.dtype)                 # (N, J)
+        length = present.sum(-1, keepdim=True).clamp(min=1)           # (N, 1) each sentence's own J
+        j = torch.arange(1, J + 1, device=w.device, dtype=present.dtype)
+        a = (1 - j / length) * present                                # (N, J)
+        g = (2 * j / length - 1) * present                            # (N, J)
+        E = self.embed.weight                                          # (V, (K+1) D)
+        bag_a = F.embedding_bag(w, E, per_sample_weights=a, mode="sum")   # (N, (K+1) D)
+        bag_g = F.embedding_bag(w, E, per_sample_weights=g, mode="sum")   # (N, (K+1) D)
+        return (bag_a + bag_g * self.beta).view(*lead, K1, D)
+
+    def forward(self, story: torch.Tensor, n_memories: torch.Tensor, question: torch.Tensor,
+                answer: torch.Tensor | None = None, *, linear: bool = False) -> QAOutput:
+        """story: (B, M, J) word ids, slot 0 the oldest, slots >= n_memories[b] empty;
+        n_memories: (B,) slots in use (empty "noise" sentences count as used);
+        question: (B, J') word ids; answer: (B,) ids; ``linear`` drops the softmax (linear start)."""
+        if story.dim() != 3 or question.dim() != 2:
+            raise ValueError(f"story must be (batch, slots, words) and question (batch, words); got "
+                             f"{tuple(story.shape)} and {tuple(question.shape)}")
+        B, M, J = story.shape
+        K, D = self.config.hops, self.config.d_model
+        if M > self.config.memory_size:
+            raise ValueError(f"story has {M} slots but model.memory_size is {self.config.memory_size}")
+        slot = torch.arange(M, device=story.device)
+        valid = slot[None, :] < n_memories[:, None]                  # (B, M)
+        # temporal index: the most recent sentence is 0 (Sukhbaatar et al. 2015 §4.1)
+        age = (n_memories[:, None] - 1 - slot[None, :]).clamp(min=0)  # (B, M)
+        mem = self.encode(story) + self.temporal(age).view(B, M, K + 1, D)   # (B, M, K+1, D): C^k + T^k
+        u = self.encode(question)[:, 0]                               # (B, D), B = C^0
+        attention = []
+        for k in range(1, K + 1):
+            scores = torch.einsum("bmd,bd->bm", mem[:, :, k - 1], u)  # (B, M), A^k = C^{k-1}
+            if linear:
+                p = scores.masked_fill(~valid, 0.0)
+            else:
+                p = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
+            attention.append(p)
+            u = u + torch.einsum("bm,bmd->bd", p, mem[:, :, k])        # (B, D), output C^k
+        W = self.embed.weight[:, K * D:]                               # (V, D), W^T = C^K
+        logits = self.drop(u) @ W.T                                    # (B, V)
+        loss = F.cross_entropy(logits.float(), answer) if answer is not None else None
+        return QAOutput(logits=logits, loss=loss, attention=torch.stack(attention, dim=1))

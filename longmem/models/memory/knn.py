@@ -48,10 +48,14 @@ def torch_search(queries: torch.Tensor, keys: torch.Tensor, count: torch.Tensor,
     best_s = queries.new_full((B, H, T, k), float("-inf"))
     best_i = torch.zeros(B, H, T, k, dtype=torch.long, device=queries.device)
     for c0 in range(0, min(used, C), chunk):
-        kc = keys[:, :, c0:c0 + chunk]                               # (B, H, n, Dh)
+        kc = keys[:, :, c0:min(c0 + chunk, used)]                    # (B, H, n, Dh)
         s = queries @ kc.transpose(-1, -2)                           # (B, H, T, n)
         slot = torch.arange(c0, c0 + kc.shape[2], device=queries.device)
         s = s.masked_fill((slot[None, :] >= count[:, None])[:, None, None, :], float("-inf"))
+        if c0 == 0 and s.shape[-1] >= k:                             # first chunk: nothing to merge yet
+            best_s, best_i = s.topk(k, dim=-1)                       # (B, H, T, k)
+            best_i = best_i + c0
+            continue
         cand_s = torch.cat([best_s, s], dim=-1)                      # (B, H, T, k + n)
         cand_i = torch.cat([best_i, slot.expand(B, H, T, -1)], dim=-1)
         best_s, j = cand_s.topk(k, dim=-1)                           # (B, H, T, k)
@@ -78,9 +82,10 @@ class FaissIndex:
             index = faiss.IndexHNSWFlat(d, hnsw_m, ip)
             index.hnsw.efSearch = ef_search
         elif kind == "ivf":
-            nlist = max(1, min(int(4 * math.sqrt(n)), n // 39 if n >= 39 else 1))   # faiss wants ~39 points per list
+            nlist = max(1, min(int(math.sqrt(n)), n // 39))              # faiss wants >= 39 points per list
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, ip)
-            index.train(vectors)
+            sample = np.random.default_rng(0).permutation(n)[:64 * nlist]   # k-means on a sample: bounded build
+            index.train(vectors[np.sort(sample)])
             index.nprobe = min(nprobe, nlist)
         else:
             raise ValueError(f"faiss index kind {kind!r}; accepted: flat, hnsw, ivf")

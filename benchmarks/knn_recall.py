@@ -19,13 +19,14 @@ from longmem import MemoryConfig, MemoryLM, ModelConfig
 from longmem.data.tasks.recall import RecallTask, recall_accuracy
 
 OUT_DIR = Path(__file__).resolve().parents[1]
-TASK = RecallTask(n_keys=64, n_values=64, n_filler=64)
+TASK = RecallTask(n_keys=16, n_values=16, n_filler=32, distinct_values=True)
 SEG = 128
-N_PAIRS = 32
-TRAIN_FILLERS = (0, 32, 64, 128, 256, 512)
+N_PAIRS = 16
+TRAIN_FILLERS = (0, 0, 32, 64, 128, 256)
 TEST_FILLERS = (0, 128, 512, 1024, 2048, 4096, 8192)
 BINS = [0, 128, 256, 512, 1024, 2048, 4096, 8192]
-STEPS = 300
+STEPS = 6000
+CURRICULUM = 0.5
 
 
 def make_model(kind: str, *, capacity: int = 1024) -> MemoryLM:
@@ -33,11 +34,15 @@ def make_model(kind: str, *, capacity: int = 1024) -> MemoryLM:
     mem = {"none": MemoryConfig(kind="none"),
            "xl": MemoryConfig(kind="xl", mem_len=SEG),
            "knn": MemoryConfig(kind="knn", mem_len=0, knn_layers=[1], knn_k=32, knn_capacity=capacity)}[kind]
-    return MemoryLM(ModelConfig(vocab_size=TASK.vocab_size, d_model=64, n_layers=2, n_heads=4, segment_len=SEG,
+    return MemoryLM(ModelConfig(vocab_size=TASK.vocab_size, d_model=D_MODEL, n_layers=2, n_heads=4, segment_len=SEG,
                                 memory=mem))
 
 
-def train(model: MemoryLM, *, steps: int, batch_size: int = 8, lr: float = 3e-3, seed: int = 0,
+LR = 1e-3
+D_MODEL = 128
+
+
+def train(model: MemoryLM, *, steps: int, batch_size: int = 16, lr: float = LR, seed: int = 0,
           verbose: bool = True) -> list[float]:
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -47,7 +52,10 @@ def train(model: MemoryLM, *, steps: int, batch_size: int = 8, lr: float = 3e-3,
         for group in opt.param_groups:
             warm = min(1.0, (step + 1) / 20)
             group["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        filler = TRAIN_FILLERS[int(torch.randint(len(TRAIN_FILLERS), (1,), generator=g))]
+        # curriculum: pairs inside the window first, so the block's local attention learns to bind
+        # keys to values (the stored kNN entries use the same projections), then all distances
+        pick = int(torch.randint(len(TRAIN_FILLERS), (1,), generator=g))
+        filler = 0 if step < CURRICULUM * steps else TRAIN_FILLERS[pick]
         batch = TASK.sample(batch_size=batch_size, n_pairs=N_PAIRS, filler=filler, generator=g)
         out = model(batch.tokens, targets=batch.targets)           # a fresh memory per sequence
         opt.zero_grad(set_to_none=True)
@@ -55,8 +63,10 @@ def train(model: MemoryLM, *, steps: int, batch_size: int = 8, lr: float = 3e-3,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(out.loss.item())
-        if verbose and (step + 1) % 25 == 0:
-            print(f"  step {step + 1}: loss {sum(losses[-25:]) / 25:.3f}", flush=True)
+        if verbose and (step + 1) % 50 == 0:
+            mask = batch.targets != -100
+            acc = (out.logits.argmax(-1) == batch.targets)[mask].float().mean()
+            print(f"  step {step + 1}: loss {sum(losses[-50:]) / 50:.3f} filler {filler} acc {acc:.2f}", flush=True)
     return losses
 
 
@@ -95,42 +105,39 @@ def plot(results: dict, path: Path) -> Path | None:
     return path
 
 
-def run(quick: bool) -> str:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)                 # small matmuls: one thread is faster on a shared CPU
-    steps = 150 if quick else STEPS
-    fillers = (0, 512, 4096) if quick else TEST_FILLERS
-    results = {}
-    t_start = time.perf_counter()
-    for kind in ("none", "xl", "knn"):
-        model = make_model(kind)
-        t0 = time.perf_counter()
-        losses = train(model, steps=steps, verbose=False)
-        t_train = time.perf_counter() - t0
-        if kind == "knn":                    # same weights, a ring large enough for the longest test
-            big = make_model("knn", capacity=16384)
-            big.load_state_dict(model.state_dict())
-            model = big
-        results[kind] = {"train_s": t_train, "final_loss": sum(losses[-20:]) / 20,
-                         "eval": evaluate(model, batch_size=8, fillers=fillers)}
-    torch.set_num_threads(threads)
+def train_and_eval(kind: str, *, steps: int, fillers=TEST_FILLERS, verbose: bool = False) -> dict:
+    model = make_model(kind)
+    t0 = time.perf_counter()
+    losses = train(model, steps=steps, verbose=verbose)
+    t_train = time.perf_counter() - t0
+    if kind == "knn":                        # same weights, a ring large enough for the longest test
+        big = make_model("knn", capacity=16384)
+        big.load_state_dict(model.state_dict())
+        model = big
+    return {"steps": steps, "train_s": t_train, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+            "eval": evaluate(model, batch_size=8, fillers=fillers)}
+
+
+def render(results: dict, *, steps: int, seconds: float) -> str:
+    fillers = list(next(iter(results.values()))["eval"])
     png = plot(results, OUT_DIR / "benchmarks" / "knn_recall.png")
     lines = [
         "## kNN memory: associative recall vs distance", "",
         f"Task (`longmem.data.tasks.recall`): {N_PAIRS} pairs `k v` stated, then filler, then every pair queried "
-        f"in a random order; {TASK.n_keys} keys, {TASK.n_values} values (chance {TASK.chance:.3f}), disjoint "
-        f"filler tokens. Models: 2 layers, d_model 64, 4 heads, segment {SEG}; none | xl (mem_len {SEG}) | "
-        f"knn (mem_len 0, kNN memory in block 1, k 32, capacity 1,024 in training and 16,384 at test, "
-        f"normalized keys). Each trained {steps} steps of batch 8 on fillers {list(TRAIN_FILLERS)} "
-        f"(fresh memory per sequence, loss on answers only), then tested on 8 new sequences per filler "
-        f"length ({8 * N_PAIRS} answers each). One CPU thread; {time.perf_counter() - t_start:.0f}s in all.", "",
+        f"in a random order; {TASK.n_keys} keys, {TASK.n_values} values (each used once per sequence; chance "
+        f"{TASK.chance:.3f}), disjoint filler tokens. Models: 2 layers, d_model {D_MODEL}, 4 heads, segment {SEG}; "
+        f"none | xl (mem_len {SEG}) | knn (mem_len 0, kNN memory in block 1, k 32, capacity 1,024 in training "
+        f"and 16,384 at test, normalized keys). Each trained {steps} steps of batch 16 (AdamW, lr {LR}), the first "
+        f"{CURRICULUM:.0%} on filler 0 (pairs inside the window), then fillers {list(TRAIN_FILLERS)}; a fresh "
+        f"memory per sequence, loss on answers only. Tested on 8 new sequences per filler length "
+        f"({8 * N_PAIRS} answers each). One CPU thread; {seconds:.0f}s in all.", "",
         "| filler | mean distance | " + " | ".join(results) + " |",
         "|---:|---:|" + "---:|" * len(results),
     ]
     for f in fillers:
-        dist = results["knn"]["eval"][f]["mean_distance"]
+        dist = next(iter(results.values()))["eval"][f]["mean_distance"]
         accs = " | ".join(f"{results[k]['eval'][f]['accuracy']:.3f}" for k in results)
-        lines.append(f"| {f:,} | {dist:,.0f} | {accs} |")
+        lines.append(f"| {int(f):,} | {dist:,.0f} | {accs} |")
     lines += ["", "Accuracy by distance bin (all test sequences pooled):", "",
               "| distance | " + " | ".join(results) + " | answers |", "|---|" + "---:|" * (len(results) + 1)]
     pooled = {}
@@ -141,29 +148,47 @@ def run(quick: bool) -> str:
                 acc[0] += b["accuracy"] * b["answers"]
                 acc[1] += b["answers"]
     for (lo, hi), per in sorted(pooled.items()):
-        n = per["knn"][1]
+        n = next(iter(per.values()))[1]
         hi_txt = "inf" if hi == float("inf") else f"{int(hi):,}"
         lines.append(f"| [{int(lo):,}, {hi_txt}) | " + " | ".join(
-            f"{per[k][0] / per[k][1]:.3f}" for k in results) + f" | {n} |")
-    lines += ["", "Training time and final training loss (answers only): " + "; ".join(
+            f"{per[k][0] / per[k][1]:.3f}" if k in per else "-" for k in results) + f" | {n} |")
+    lines += ["", "Training time and final training loss (answers only, mean of the last 50 steps): " + "; ".join(
         f"{k} {r['train_s']:.0f}s, {r['final_loss']:.3f}" for k, r in results.items()) + ".", ""]
     if png:
         lines += [f"![recall accuracy vs distance]({png.relative_to(OUT_DIR)})", ""]
     return "\n".join(lines)
 
 
+def run(quick: bool) -> str:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                 # small matmuls: one thread is faster on a shared CPU
+    steps = 300 if quick else STEPS
+    fillers = (0, 512, 4096) if quick else TEST_FILLERS
+    t0 = time.perf_counter()
+    results = {kind: train_and_eval(kind, steps=steps, fillers=fillers) for kind in ("none", "xl", "knn")}
+    torch.set_num_threads(threads)
+    return render(results, steps=steps, seconds=time.perf_counter() - t0)
+
+
 if __name__ == "__main__":
+    # python benchmarks/knn_recall.py KIND[,KIND...] STEPS OUT.json : train and test some kinds, keep the results
+    # python benchmarks/knn_recall.py render OUT.json [...] : write the markdown section from saved results
+    import json
     import sys
     torch.set_num_threads(1)
-    kind, steps = sys.argv[1], int(sys.argv[2])
-    m = make_model(kind)
-    t0 = time.time()
-    losses = train(m, steps=steps)
-    print(kind, f"{time.time() - t0:.0f}s", [round(sum(losses[i:i + 20]) / 20, 3) for i in range(0, steps, 20)])
-    if kind == "knn":
-        big = make_model("knn", capacity=16384)
-        big.load_state_dict(m.state_dict())
-        m = big
-    t0 = time.time()
-    r = evaluate(m, batch_size=8, fillers=(0, 512, 4096))
-    print({f: round(v["accuracy"], 3) for f, v in r.items()}, f"{time.time() - t0:.0f}s")
+    if sys.argv[1] == "render":
+        results, steps, seconds = {}, 0, 0.0
+        for path in sys.argv[2:]:
+            saved = json.loads(Path(path).read_text())
+            for kind, r in saved.items():
+                r["eval"] = {int(f): v for f, v in r["eval"].items()}
+                results[kind], steps, seconds = r, r["steps"], seconds + r["train_s"]
+        results = {k: results[k] for k in ("none", "xl", "knn") if k in results}
+        print(render(results, steps=steps, seconds=seconds))
+    else:
+        kinds, steps, out = sys.argv[1].split(","), int(sys.argv[2]), Path(sys.argv[3])
+        res = {}
+        for kind in kinds:
+            res[kind] = train_and_eval(kind, steps=steps, verbose=True)
+            out.write_text(json.dumps(res))
+            print(kind, {f: round(v["accuracy"], 3) for f, v in res[kind]["eval"].items()}, flush=True)

@@ -32,6 +32,7 @@ class RecallTask:
     n_keys: int = 64
     n_values: int = 64
     n_filler: int = 64
+    distinct_values: bool = False     # values drawn without replacement: which values occur says nothing
 
     def __post_init__(self):
         for name in ("n_keys", "n_values", "n_filler"):
@@ -54,7 +55,12 @@ class RecallTask:
             raise ValueError(f"filler must be >= 0, got {filler}")
         B, P, F = batch_size, n_pairs, filler
         keys = torch.rand(B, self.n_keys, generator=generator).argsort(-1)[:, :P]            # (B, P) distinct
-        values = self.n_keys + torch.randint(0, self.n_values, (B, P), generator=generator)  # (B, P)
+        if self.distinct_values:
+            if P > self.n_values:
+                raise ValueError(f"distinct values need n_pairs <= n_values={self.n_values}, got {n_pairs}")
+            values = self.n_keys + torch.rand(B, self.n_values, generator=generator).argsort(-1)[:, :P]
+        else:
+            values = self.n_keys + torch.randint(0, self.n_values, (B, P), generator=generator)  # (B, P)
         stated = torch.stack([keys, values], dim=-1).reshape(B, 2 * P)                       # k1 v1 k2 v2 ...
         fill = self.n_keys + self.n_values + torch.randint(0, self.n_filler, (B, F), generator=generator)
         order = torch.rand(B, P, generator=generator).argsort(-1)                            # (B, P) query order

@@ -68,7 +68,7 @@ class FaissIndex:
     """One faiss inner-product index over n vectors: ``flat`` (exact), ``hnsw`` or ``ivf``."""
 
     def __init__(self, vectors: np.ndarray, *, kind: str = "flat", hnsw_m: int = 32, ef_search: int = 64,
-                 nprobe: int = 16):
+                 nprobe: int = 32):
         try:
             import faiss
         except ImportError:

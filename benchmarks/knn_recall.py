@@ -43,7 +43,8 @@ D_MODEL = 128
 
 
 def train(model: MemoryLM, *, steps: int, batch_size: int = 16, lr: float = LR, seed: int = 0,
-          verbose: bool = True) -> list[float]:
+          verbose: bool = True, every=None) -> list[float]:
+    """``every``: optional (n, callback(step)) called every n steps (progress reports of long runs)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses = []
@@ -67,6 +68,9 @@ def train(model: MemoryLM, *, steps: int, batch_size: int = 16, lr: float = LR, 
             mask = batch.targets != -100
             acc = (out.logits.argmax(-1) == batch.targets)[mask].float().mean()
             print(f"  step {step + 1}: loss {sum(losses[-50:]) / 50:.3f} filler {filler} acc {acc:.2f}", flush=True)
+        if every and (step + 1) % every[0] == 0 and step + 1 < steps:
+            every[1](step + 1)
+            model.train()
     return losses
 
 
@@ -105,15 +109,24 @@ def plot(results: dict, path: Path) -> Path | None:
     return path
 
 
-def train_and_eval(kind: str, *, steps: int, fillers=TEST_FILLERS, verbose: bool = False) -> dict:
+def _test_model(model: MemoryLM, kind: str) -> MemoryLM:
+    if kind != "knn":
+        return model
+    big = make_model("knn", capacity=16384)  # same weights, a ring large enough for the longest test
+    big.load_state_dict(model.state_dict())
+    return big
+
+
+def train_and_eval(kind: str, *, steps: int, fillers=TEST_FILLERS, verbose: bool = False, report=None) -> dict:
     model = make_model(kind)
     t0 = time.perf_counter()
-    losses = train(model, steps=steps, verbose=verbose)
+    every = None
+    if report:                               # interim results of long runs: (step, accuracy per filler)
+        every = (report[0], lambda step: report[1](step, evaluate(_test_model(model, kind), batch_size=8,
+                                                                  fillers=(0, 512, 4096))))
+    losses = train(model, steps=steps, verbose=verbose, every=every)
     t_train = time.perf_counter() - t0
-    if kind == "knn":                        # same weights, a ring large enough for the longest test
-        big = make_model("knn", capacity=16384)
-        big.load_state_dict(model.state_dict())
-        model = big
+    model = _test_model(model, kind)
     return {"steps": steps, "train_s": t_train, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
             "eval": evaluate(model, batch_size=8, fillers=fillers)}
 
@@ -188,7 +201,9 @@ if __name__ == "__main__":
     else:
         kinds, steps, out = sys.argv[1].split(","), int(sys.argv[2]), Path(sys.argv[3])
         res = {}
+        def interim(step, ev):
+            print(f"  interim step {step}:", {f: round(v["accuracy"], 3) for f, v in ev.items()}, flush=True)
         for kind in kinds:
-            res[kind] = train_and_eval(kind, steps=steps, verbose=True)
+            res[kind] = train_and_eval(kind, steps=steps, verbose=True, report=(1000, interim))
             out.write_text(json.dumps(res))
             print(kind, {f: round(v["accuracy"], 3) for f, v in res[kind]["eval"].items()}, flush=True)

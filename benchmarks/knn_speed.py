@@ -36,7 +36,7 @@ def _full_memory(model: MemoryLM, batch: int):
                        knn=type(state.knn)(keys=keys, values=values, written=torch.full((batch,), keys[0].shape[2])))
 
 
-def train_throughput(*, quick: bool, capacities=(2048, 8192)) -> dict:
+def train_throughput(*, quick: bool, capacities=(1024, 2048, 8192)) -> dict:
     steps, repeats = (3, 3) if quick else (6, 5)
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, 256, (steps, BATCH, SEG + 1), generator=g)
@@ -126,6 +126,11 @@ def retrieval(*, quick: bool, dim: int = 32, n_queries: int = SEG) -> list[dict]
 def run(quick: bool) -> str:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                 # one thread: stable timings on a shared CPU
+    try:
+        import faiss
+        faiss.omp_set_num_threads(1)
+    except ImportError:
+        pass
     tp = train_throughput(quick=quick)
     bw = copy_bandwidth()
     rt = retrieval(quick=quick)
@@ -161,3 +166,8 @@ def run(quick: bool) -> str:
               "compute- and top-k-bound rather than bandwidth-bound; the bandwidth column says how close the "
               "scan of the keys comes to the machine's copy speed.", ""]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+    print(run(quick="--quick" in sys.argv))

@@ -44,24 +44,35 @@ def torch_search(queries: torch.Tensor, keys: torch.Tensor, count: torch.Tensor,
     """
     B, H, T, _ = queries.shape
     C = keys.shape[2]
-    used = int(count.max()) if count.numel() else 0                 # never scan slots no lane uses
+    used = min(int(count.max()) if count.numel() else 0, C)        # never scan slots no lane uses
+    full = min(int(count.min()) if count.numel() else 0, C)        # slots every lane uses: no mask needed
+    cand_s, cand_i = [], []                                          # per-chunk top-k, merged every 16 chunks
+    for c0 in range(0, used, chunk):
+        c1 = min(c0 + chunk, used)
+        s = queries @ keys[:, :, c0:c1].transpose(-1, -2)            # (B, H, T, n)
+        if c1 > full:
+            slot = torch.arange(c0, c1, device=queries.device)
+            s.masked_fill_((slot[None, :] >= count[:, None])[:, None, None, :], float("-inf"))
+        ts, ti = s.topk(min(k, c1 - c0), dim=-1)                     # (B, H, T, <=k)
+        cand_s.append(ts)
+        cand_i.append(ti + c0)
+        if len(cand_s) == 16:
+            cand_s, cand_i = _merge(cand_s, cand_i, k)
     best_s = queries.new_full((B, H, T, k), float("-inf"))
     best_i = torch.zeros(B, H, T, k, dtype=torch.long, device=queries.device)
-    for c0 in range(0, min(used, C), chunk):
-        kc = keys[:, :, c0:min(c0 + chunk, used)]                    # (B, H, n, Dh)
-        s = queries @ kc.transpose(-1, -2)                           # (B, H, T, n)
-        slot = torch.arange(c0, c0 + kc.shape[2], device=queries.device)
-        s = s.masked_fill((slot[None, :] >= count[:, None])[:, None, None, :], float("-inf"))
-        if c0 == 0 and s.shape[-1] >= k:                             # first chunk: nothing to merge yet
-            best_s, best_i = s.topk(k, dim=-1)                       # (B, H, T, k)
-            best_i = best_i + c0
-            continue
-        cand_s = torch.cat([best_s, s], dim=-1)                      # (B, H, T, k + n)
-        cand_i = torch.cat([best_i, slot.expand(B, H, T, -1)], dim=-1)
-        best_s, j = cand_s.topk(k, dim=-1)                           # (B, H, T, k)
-        best_i = cand_i.gather(-1, j)
+    if cand_s:
+        (ms,), (mi,) = _merge(cand_s, cand_i, k)
+        best_s[..., :ms.shape[-1]], best_i[..., :mi.shape[-1]] = ms, mi
     best_i = best_i.masked_fill(best_s == float("-inf"), 0)
     return best_s, best_i
+
+
+def _merge(cand_s: list[torch.Tensor], cand_i: list[torch.Tensor], k: int):
+    s, i = torch.cat(cand_s, dim=-1), torch.cat(cand_i, dim=-1)     # (B, H, T, m)
+    if len(cand_s) == 1 and s.shape[-1] <= k:
+        return [s], [i]
+    best_s, j = s.topk(min(k, s.shape[-1]), dim=-1)
+    return [best_s], [i.gather(-1, j)]
 
 
 class FaissIndex:

@@ -96,7 +96,8 @@ def plot(results: dict, path: Path) -> Path | None:
         xs = [r["mean_distance"] for r in res["eval"].values()]
         ys = [r["accuracy"] for r in res["eval"].values()]
         ax.plot(xs, ys, marker="o", label=kind)
-    ax.axhline(TASK.chance, color="gray", linestyle=":", label="chance")
+    ax.axhline(TASK.chance, color="gray", linestyle=":", label="blind guess")
+    ax.axhline(_elimination(), color="gray", linestyle="--", label="ruling out asked values")
     ax.set_xscale("log")
     ax.set_xlabel("tokens between statement and query (mean per test set)")
     ax.set_ylabel("recall accuracy")
@@ -131,16 +132,24 @@ def train_and_eval(kind: str, *, steps: int, fillers=TEST_FILLERS, verbose: bool
             "eval": evaluate(model, batch_size=8, fillers=fillers)}
 
 
+def _elimination() -> float:
+    """Expected accuracy of guessing among the values not yet asked (distinct values, all pairs queried)."""
+    return sum(1.0 / (N_PAIRS - j) for j in range(N_PAIRS)) / N_PAIRS if TASK.distinct_values else TASK.chance
+
+
 def render(results: dict, *, steps: int, seconds: float) -> str:
     fillers = list(next(iter(results.values()))["eval"])
     png = plot(results, OUT_DIR / "benchmarks" / "knn_recall.png")
+    trained = ", ".join(f"{k} {r['steps']}" for k, r in results.items())
     lines = [
         "## kNN memory: associative recall vs distance", "",
         f"Task (`longmem.data.tasks.recall`): {N_PAIRS} pairs `k v` stated, then filler, then every pair queried "
         f"in a random order; {TASK.n_keys} keys, {TASK.n_values} values (each used once per sequence; chance "
-        f"{TASK.chance:.3f}), disjoint filler tokens. Models: 2 layers, d_model {D_MODEL}, 4 heads, segment {SEG}; "
+        f"{TASK.chance:.3f} for a blind guess, {_elimination():.3f} for a model that only rules out the values "
+        f"already asked), disjoint filler tokens. Models: 2 layers, d_model {D_MODEL}, 4 heads, segment {SEG}; "
         f"none | xl (mem_len {SEG}) | knn (mem_len 0, kNN memory in block 1, k 32, capacity 1,024 in training "
-        f"and 16,384 at test, normalized keys). Each trained {steps} steps of batch 16 (AdamW, lr {LR}), the first "
+        f"and 16,384 at test, normalized keys). Trained for "
+        f"{trained} steps of batch 16 (AdamW, lr {LR}), the first "
         f"{CURRICULUM:.0%} on filler 0 (pairs inside the window), then fillers {list(TRAIN_FILLERS)}; a fresh "
         f"memory per sequence, loss on answers only. Tested on 8 new sequences per filler length "
         f"({8 * N_PAIRS} answers each). One CPU thread; {seconds:.0f}s in all.", "",

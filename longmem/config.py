@@ -18,7 +18,7 @@ import yaml
 
 MemoryKind = Literal["none", "xl", "knn", "tokens"]
 Arch = Literal["transformer", "lstm", "seq2seq", "memn2n"]
-IMPLEMENTED_KINDS = ("none", "xl")
+IMPLEMENTED_KINDS = ("none", "xl", "knn")
 
 
 def _help(text: str, **kw) -> Any:
@@ -30,6 +30,20 @@ class MemoryConfig:
     kind: MemoryKind = _help("memory kind: none | xl | knn | tokens", default="none")
     mem_len: int = _help("Transformer-XL memory: past states kept per layer and lane "
                          "(Dai et al. 2019 §3.2); 0 disables recurrence", default=0)
+    # kNN long-term memory (Memorizing Transformers, Wu et al. 2022); used when kind="knn"
+    knn_layers: list[int] = _help("blocks that retrieve from the kNN memory (0-based, negative counts "
+                                  "from the top); empty means the block at 3/4 depth", default_factory=list)
+    knn_k: int = _help("entries retrieved per query and head (Wu et al. 2022 use 32)", default=32)
+    knn_capacity: int = _help("kNN memory entries kept per lane, layer and head; the oldest are evicted first",
+                              default=8192)
+    knn_backend: Literal["torch", "faiss"] = _help("kNN search: torch (exact, chunked matmul + top-k) | "
+                                                   "faiss (extra 'faiss'; see knn_index)", default="torch")
+    knn_index: Literal["flat", "hnsw", "ivf"] = _help("faiss index: flat (exact) | hnsw | ivf (approximate)",
+                                                      default="flat")
+    knn_normalize: bool = _help("L2-normalize queries and keys of the kNN memory (Wu et al. 2022 §3)",
+                                default=True)
+    knn_chunk: int = _help("memory entries scored per matmul in the torch search (bounds extra memory)",
+                           default=4096)
 
     def __post_init__(self):
         if self.kind not in typing.get_args(MemoryKind):
@@ -40,7 +54,23 @@ class MemoryConfig:
         if self.mem_len < 0:
             raise ValueError(f"memory.mem_len must be >= 0, got {self.mem_len}")
         if self.kind == "none" and self.mem_len:
-            raise ValueError("memory.mem_len > 0 needs memory.kind='xl' (kind 'none' keeps no memory)")
+            raise ValueError("memory.mem_len > 0 needs memory.kind='xl' or 'knn' (kind 'none' keeps no memory)")
+        if isinstance(self.knn_layers, int) and not isinstance(self.knn_layers, bool):
+            self.knn_layers = [self.knn_layers]
+        if (not isinstance(self.knn_layers, (list, tuple))
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.knn_layers)):
+            raise ValueError(f"memory.knn_layers must be a list of block indices like [2] or [-1], "
+                             f"got {self.knn_layers!r}")
+        self.knn_layers = list(self.knn_layers)
+        for name in ("knn_k", "knn_capacity", "knn_chunk"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"memory.{name} must be positive, got {getattr(self, name)}")
+        if self.kind == "knn" and self.knn_k > self.knn_capacity:
+            raise ValueError(f"memory.knn_k={self.knn_k} exceeds memory.knn_capacity={self.knn_capacity}")
+        if self.knn_backend not in ("torch", "faiss"):
+            raise ValueError(f"memory.knn_backend={self.knn_backend!r}; accepted: torch, faiss")
+        if self.knn_index not in ("flat", "hnsw", "ivf"):
+            raise ValueError(f"memory.knn_index={self.knn_index!r}; accepted: flat, hnsw, ivf")
 
 
 @dataclass

@@ -62,22 +62,27 @@ class Attention(nn.Module):
         self.resid_drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, *, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor | None, knn=None) -> torch.Tensor:
         """x: (B, T, D) queries; context: (B, S, D) = [memory; x] keys/values source.
 
         mask: (B, 1, T, S) bool, True where attention is allowed; None means plain causal (S == T).
+        knn: a kNN-memory hook (``memory/knn.py``) called with the segment's q, k, v before
+        rotary positions and the local output; it returns the gated mix (Wu et al. 2022).
         """
         B, T, D = x.shape
         S = context.shape[1]
         H, Dh = self.n_heads, self.head_dim
         q = self.q(x).view(B, T, H, Dh).transpose(1, 2)                       # (B, H, T, Dh)
         k, v = self.kv(context).view(B, S, 2, H, Dh).permute(2, 0, 3, 1, 4)   # 2 x (B, H, S, Dh)
+        q_raw, k_raw, v_seg = q, k[:, :, S - T:], v[:, :, S - T:]           # for the kNN memory
         cos, sin = rope                                                        # (S, Dh/2)
         q = Rotary.rotate(q, cos[S - T:], sin[S - T:])
         k = Rotary.rotate(k, cos, sin)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0)                  # (B, H, T, Dh)
+        if knn is not None:
+            y = knn(q=q_raw, k=k_raw, v=v_seg, y=y)                            # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, D)                                 # (B, T, D)
         return self.resid_drop(self.out(y))
 
@@ -103,8 +108,8 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(d_model)
         self.mlp = MLP(d_model=d_model, d_ff=d_ff, dropout=dropout)
 
-    def forward(self, x: torch.Tensor, *, memory: torch.Tensor | None, rope, mask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, memory: torch.Tensor | None, rope, mask, knn=None) -> torch.Tensor:
         h = self.norm1(x)
         context = h if memory is None else torch.cat([self.norm1(memory), h], dim=1)  # (B, M+T, D)
-        x = x + self.attn(h, context=context, rope=rope, mask=mask)
+        x = x + self.attn(h, context=context, rope=rope, mask=mask, knn=knn)
         return x + self.mlp(self.norm2(x))

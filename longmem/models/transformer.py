@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from longmem.config import ModelConfig
 from longmem.models.attention import Block, RMSNorm, Rotary
 from longmem.models.memory import State, XLMemory
+from longmem.models.memory.knn import KNNMemory
 
 IGNORE_INDEX = -100
 
@@ -44,7 +45,10 @@ class MemoryLM(nn.Module):
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.head.weight = self.embed.weight                       # tied embeddings (Press & Wolf 2017)
         self.rope = Rotary(c.d_model // c.n_heads, base=c.rope_base)
-        self.xl = XLMemory(mem_len=c.memory.mem_len, n_layers=c.n_layers) if c.memory.kind == "xl" else None
+        # kind "knn" keeps XL recurrence alongside when mem_len > 0 (local memory, as in Wu et al. 2022)
+        self.xl = XLMemory(mem_len=c.memory.mem_len, n_layers=c.n_layers) if c.memory.kind in ("xl", "knn") else None
+        self.knn = KNNMemory(config=c.memory, n_layers=c.n_layers, n_heads=c.n_heads,
+                             head_dim=c.d_model // c.n_heads) if c.memory.kind == "knn" else None
         self.apply(self._init_weights)
         for block in self.blocks:                                  # GPT-2 scaled init of residual outputs
             for proj in (block.attn.out, block.mlp.down):
@@ -61,7 +65,7 @@ class MemoryLM(nn.Module):
     def set_mem_len(self, mem_len: int) -> None:
         """Change the XL memory length (evaluation may use a longer one than training)."""
         if self.xl is None:
-            raise ValueError("set_mem_len needs memory.kind='xl'")
+            raise ValueError("set_mem_len needs memory.kind='xl' or 'knn'")
         if mem_len < 0:
             raise ValueError(f"mem_len must be >= 0, got {mem_len}")
         self.xl.mem_len = mem_len
@@ -69,8 +73,10 @@ class MemoryLM(nn.Module):
 
     def init_state(self, batch_size: int, *, device: torch.device | str | None = None) -> State:
         device = device if device is not None else self.embed.weight.device
-        xl = self.xl.init(batch_size, device=device, dtype=self.embed.weight.dtype) if self.xl else None
-        return State(batch_size=batch_size, xl=xl)
+        dtype = self.embed.weight.dtype
+        xl = self.xl.init(batch_size, device=device, dtype=dtype) if self.xl else None
+        knn = self.knn.init(batch_size, device=device, dtype=dtype) if self.knn is not None else None
+        return State(batch_size=batch_size, xl=xl, knn=knn)
 
     def forward(self, tokens: torch.Tensor, state: State | None = None, targets: torch.Tensor | None = None,
                 reset: torch.Tensor | None = None) -> LMOutput:
@@ -104,11 +110,15 @@ class MemoryLM(nn.Module):
         M = xl.length if xl is not None else 0
         mask = XLMemory.key_mask(xl, T) if xl is not None else None  # (B, 1, T, M+T) or None
         rope = self.rope.cos_sin(M + T, device=x.device, dtype=x.dtype)
+        knn = self.knn.segment(state.knn) if self.knn is not None else None   # reads the store of past segments
         layer_inputs = []
         for i, block in enumerate(self.blocks):
             layer_inputs.append(x)
-            x = block(x, memory=xl.mems[i] if M else None, rope=rope, mask=mask)
+            x = block(x, memory=xl.mems[i] if M else None, rope=rope, mask=mask,
+                      knn=knn.hook(i) if knn is not None else None)
         logits = self.head(self.norm(x))                            # (B, T, V)
         if xl is not None:
-            state = State(batch_size=state.batch_size, xl=self.xl.write(xl, layer_inputs))
+            state = replace(state, xl=self.xl.write(xl, layer_inputs))
+        if knn is not None:                                         # written after the segment: never retrieves itself
+            state = replace(state, knn=knn.written())
         return logits, state

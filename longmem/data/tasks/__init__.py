@@ -1,0 +1,1 @@
+"""Synthetic and benchmark tasks for long-range memory."""

@@ -29,6 +29,28 @@ class XLState:
 
 
 @dataclass(frozen=True)
+class KNNState:
+    """kNN long-term memory (Wu et al. 2022): per retrieving layer a FIFO ring of past keys and values.
+
+    keys[l], values[l]: (B, H, C, Dh) entries of the l-th retrieving layer, detached.
+    written: (B,) entries written to each lane since its last reset; the next one goes to
+    slot ``written % C`` (overwriting the oldest once full), and slot s holds a real entry
+    iff s < min(written, C). Slots of a reset lane are zeroed.
+    """
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    written: torch.Tensor
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def count(self) -> torch.Tensor:
+        """(B,) entries each lane holds now."""
+        return self.written.clamp(max=self.capacity)
+
+
+@dataclass(frozen=True)
 class LSTMState:
     """Hidden and cell state of a stacked LSTM (the LSTM baseline, models/lstm.py).
 
@@ -50,6 +72,7 @@ class State:
     """Memory of all lanes; fields are ``None`` for kinds the model does not use."""
     batch_size: int
     xl: XLState | None = None
+    knn: KNNState | None = None
     lstm: LSTMState | None = None
 
     def reset(self, mask: torch.Tensor) -> "State":
@@ -59,19 +82,31 @@ class State:
         if not bool(mask.any()):
             return self
         out = self
+        if self.xl is not None:
+            keep = (~mask.bool()).to(self.xl.valid.device)
+            mems = tuple(m * keep.view(-1, 1, 1).to(m.dtype) for m in self.xl.mems)
+            out = replace(out, xl=XLState(mems=mems, valid=self.xl.valid * keep.long()))
+        if self.knn is not None:
+            keep = (~mask.bool()).to(self.knn.written.device)
+            k4 = keep.view(-1, 1, 1, 1)
+            out = replace(out, knn=KNNState(keys=tuple(torch.where(k4, k, 0) for k in self.knn.keys),
+                                            values=tuple(torch.where(k4, v, 0) for v in self.knn.values),
+                                            written=self.knn.written * keep.long()))
         if self.lstm is not None:
             out = replace(out, lstm=self.lstm.reset(~mask.bool()))
-        if self.xl is None:
-            return out
-        keep = (~mask.bool()).to(self.xl.valid.device)
-        mems = tuple(m * keep.view(-1, 1, 1).to(m.dtype) for m in self.xl.mems)
-        return replace(out, xl=XLState(mems=mems, valid=self.xl.valid * keep.long()))
+        return out
 
     def detach(self) -> "State":
-        out = self if self.lstm is None else replace(self, lstm=self.lstm.detach())
-        if self.xl is None:
-            return out
-        return replace(out, xl=XLState(mems=tuple(m.detach() for m in self.xl.mems), valid=self.xl.valid))
+        out = self
+        if self.xl is not None:
+            out = replace(out, xl=XLState(mems=tuple(m.detach() for m in self.xl.mems), valid=self.xl.valid))
+        if self.knn is not None:
+            out = replace(out, knn=KNNState(keys=tuple(k.detach() for k in self.knn.keys),
+                                            values=tuple(v.detach() for v in self.knn.values),
+                                            written=self.knn.written))
+        if self.lstm is not None:
+            out = replace(out, lstm=self.lstm.detach())
+        return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {"batch_size": torch.tensor(self.batch_size)}
@@ -79,6 +114,11 @@ class State:
             out["xl.valid"] = self.xl.valid
             for i, m in enumerate(self.xl.mems):
                 out[f"xl.mems.{i}"] = m.contiguous()
+        if self.knn is not None:
+            out["knn.written"] = self.knn.written
+            for i, (k, v) in enumerate(zip(self.knn.keys, self.knn.values)):
+                out[f"knn.keys.{i}"] = k.contiguous()
+                out[f"knn.values.{i}"] = v.contiguous()
         if self.lstm is not None:
             out["lstm.h"], out["lstm.c"] = self.lstm.h.contiguous(), self.lstm.c.contiguous()
         return out
@@ -91,8 +131,13 @@ class State:
         if "xl.valid" in d:
             n = sum(1 for k in d if k.startswith("xl.mems."))
             xl = XLState(mems=tuple(d[f"xl.mems.{i}"] for i in range(n)), valid=d["xl.valid"].long())
+        knn = None
+        if "knn.written" in d:
+            n = sum(1 for k in d if k.startswith("knn.keys."))
+            knn = KNNState(keys=tuple(d[f"knn.keys.{i}"] for i in range(n)),
+                           values=tuple(d[f"knn.values.{i}"] for i in range(n)), written=d["knn.written"].long())
         lstm = LSTMState(h=d["lstm.h"], c=d["lstm.c"]) if "lstm.h" in d else None
-        return cls(batch_size=int(d["batch_size"]), xl=xl, lstm=lstm)
+        return cls(batch_size=int(d["batch_size"]), xl=xl, knn=knn, lstm=lstm)
 
     def parts(self) -> list[str]:
         return [f.name for f in fields(self) if f.name != "batch_size" and getattr(self, f.name) is not None]

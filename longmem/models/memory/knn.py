@@ -1,0 +1,256 @@
+"""kNN long-term memory: Memorizing Transformers (Wu et al. 2022).
+
+Legend: B lanes, H heads, T segment length, C memory capacity (entries per lane,
+layer and head), K entries retrieved per query, Dh head size, L retrieving layers.
+
+Each retrieving layer keeps, per lane and head, the (key, value) pairs of every
+token it has read, detached, in a FIFO ring of ``knn_capacity`` slots. For each
+query the top-K entries by inner product are retrieved, attended to (softmax over
+the K), and mixed with the local attention output through a learned per-head gate
+``g = sigmoid(b)``: ``y = g * y_mem + (1 - g) * y_local`` (Wu et al. 2022 §3, eq. 2).
+Memory keys and queries carry no positions; optionally both are L2-normalized
+(the paper's remedy for stale keys) with a learned per-head temperature.
+Entries are written after a segment has been processed, so a segment never
+retrieves itself.
+
+Search backends behind one function :func:`search`:
+- ``torch``: exact, a chunked matmul + top-K merged chunk by chunk, batched over
+  lanes and heads; extra memory is bounded by (B, H, T, chunk + K).
+- ``faiss`` (extra ``faiss``): flat (exact), HNSW or IVF (approximate) indexes
+  over the same ring, one per (lane, head); see :class:`FaissIndex`.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from longmem.config import MemoryConfig
+from longmem.models.memory.state import KNNState
+
+
+# -- search ------------------------------------------------------------------
+@torch.no_grad()
+def torch_search(queries: torch.Tensor, keys: torch.Tensor, count: torch.Tensor, *, k: int,
+                 chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k inner-product search.
+
+    queries: (B, H, T, Dh); keys: (B, H, C, Dh); count: (B,) slots [0, count) are valid.
+    Returns scores (B, H, T, k) descending and indices (B, H, T, k) into C; where a lane
+    holds fewer than k entries the missing ones have score -inf and index 0.
+    """
+    B, H, T, _ = queries.shape
+    C = keys.shape[2]
+    used = min(int(count.max()) if count.numel() else 0, C)        # never scan slots no lane uses
+    full = min(int(count.min()) if count.numel() else 0, C)        # slots every lane uses: no mask needed
+    cand_s, cand_i = [], []                                          # per-chunk top-k, merged every 16 chunks
+    for c0 in range(0, used, chunk):
+        c1 = min(c0 + chunk, used)
+        s = queries @ keys[:, :, c0:c1].transpose(-1, -2)            # (B, H, T, n)
+        if c1 > full:
+            slot = torch.arange(c0, c1, device=queries.device)
+            s.masked_fill_((slot[None, :] >= count[:, None])[:, None, None, :], float("-inf"))
+        ts, ti = s.topk(min(k, c1 - c0), dim=-1)                     # (B, H, T, <=k)
+        cand_s.append(ts)
+        cand_i.append(ti + c0)
+        if len(cand_s) == 16:
+            cand_s, cand_i = _merge(cand_s, cand_i, k)
+    best_s = queries.new_full((B, H, T, k), float("-inf"))
+    best_i = torch.zeros(B, H, T, k, dtype=torch.long, device=queries.device)
+    if cand_s:
+        (ms,), (mi,) = _merge(cand_s, cand_i, k)
+        best_s[..., :ms.shape[-1]], best_i[..., :mi.shape[-1]] = ms, mi
+    best_i = best_i.masked_fill(best_s == float("-inf"), 0)
+    return best_s, best_i
+
+
+def _merge(cand_s: list[torch.Tensor], cand_i: list[torch.Tensor], k: int):
+    s, i = torch.cat(cand_s, dim=-1), torch.cat(cand_i, dim=-1)     # (B, H, T, m)
+    if len(cand_s) == 1 and s.shape[-1] <= k:
+        return [s], [i]
+    best_s, j = s.topk(min(k, s.shape[-1]), dim=-1)
+    return [best_s], [i.gather(-1, j)]
+
+
+class FaissIndex:
+    """One faiss inner-product index over n vectors: ``flat`` (exact), ``hnsw`` or ``ivf``."""
+
+    def __init__(self, vectors: np.ndarray, *, kind: str = "flat", hnsw_m: int = 32, ef_search: int = 64,
+                 nprobe: int = 32):
+        try:
+            import faiss
+        except ImportError:
+            raise ImportError("memory.knn_backend='faiss' needs faiss: pip install 'longmem[faiss]'") from None
+        n, d = vectors.shape
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        ip = faiss.METRIC_INNER_PRODUCT
+        if kind == "flat":
+            index = faiss.IndexFlatIP(d)
+        elif kind == "hnsw":
+            index = faiss.IndexHNSWFlat(d, hnsw_m, ip)
+            index.hnsw.efSearch = ef_search
+        elif kind == "ivf":
+            nlist = max(1, min(int(math.sqrt(n)), n // 39))              # faiss wants >= 39 points per list
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, ip)
+            sample = np.random.default_rng(0).permutation(n)[:64 * nlist]   # k-means on a sample: bounded build
+            index.train(vectors[np.sort(sample)])
+            index.nprobe = min(nprobe, nlist)
+        else:
+            raise ValueError(f"faiss index kind {kind!r}; accepted: flat, hnsw, ivf")
+        index.add(vectors)
+        self.index, self.n = index, n
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, indices), each (Q, k); missing results have score -inf and index -1."""
+        s, i = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        s[i < 0] = -np.inf
+        return s, i
+
+
+@torch.no_grad()
+def faiss_search(queries: torch.Tensor, keys: torch.Tensor, count: torch.Tensor, *, k: int,
+                 index: str = "flat") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`torch_search` through faiss: one index per (lane, head) over its valid slots."""
+    B, H, T, _ = queries.shape
+    scores = torch.full((B, H, T, k), float("-inf"))
+    idx = torch.zeros(B, H, T, k, dtype=torch.long)
+    q_np, k_np = queries.float().cpu().numpy(), keys.float().cpu().numpy()
+    for b in range(B):                                               # a loop over indexes, not entries
+        n = int(count[b])
+        if n == 0:
+            continue
+        for h in range(H):
+            s, i = FaissIndex(k_np[b, h, :n], kind=index).search(q_np[b, h], k)
+            scores[b, h], idx[b, h] = torch.from_numpy(s), torch.from_numpy(i).clamp(min=0)
+    idx = idx.masked_fill(scores == float("-inf"), 0)
+    return scores.to(queries.device, queries.dtype), idx.to(queries.device)
+
+
+def search(queries, keys, count, *, k: int, backend: str = "torch", index: str = "flat", chunk: int = 4096):
+    if backend == "torch":
+        return torch_search(queries, keys, count, k=k, chunk=chunk)
+    if backend == "faiss":
+        return faiss_search(queries, keys, count, k=k, index=index)
+    raise ValueError(f"kNN backend {backend!r}; accepted: torch, faiss")
+
+
+# -- the memory ----------------------------------------------------------------
+def resolve_knn_layers(config: MemoryConfig, n_layers: int) -> list[int]:
+    """Block indices that retrieve; empty config means the block at 3/4 depth."""
+    layers = config.knn_layers or [min(n_layers - 1, (3 * n_layers) // 4)]
+    out = []
+    for i in layers:
+        if not -n_layers <= i < n_layers:
+            raise ValueError(f"memory.knn_layers holds {i}, but the model has {n_layers} blocks "
+                             f"(valid: 0..{n_layers - 1} or -{n_layers}..-1)")
+        out.append(i % n_layers)
+    if len(set(out)) != len(out):
+        raise ValueError(f"memory.knn_layers names a block twice: {layers}")
+    return sorted(out)
+
+
+class KNNMemory(nn.Module):
+    """Parameters of the retrieving layers (gates, temperatures) and init / read / write of the store."""
+
+    def __init__(self, *, config: MemoryConfig, n_layers: int, n_heads: int, head_dim: int):
+        super().__init__()
+        self.layers = resolve_knn_layers(config, n_layers)
+        self.k, self.capacity, self.chunk = config.knn_k, config.knn_capacity, config.knn_chunk
+        self.backend, self.index, self.normalize = config.knn_backend, config.knn_index, config.knn_normalize
+        self.n_heads, self.head_dim = n_heads, head_dim
+        # one gate bias per head and retrieving layer; sigmoid(0) = 0.5 mixes evenly at the start
+        self.gate = nn.ParameterList(nn.Parameter(torch.zeros(n_heads)) for _ in self.layers)
+        # normalized keys: cosine scores need a temperature; learned per head, starting at 10
+        self.log_scale = nn.ParameterList(nn.Parameter(torch.full((n_heads,), math.log(10.0)))
+                                          for _ in self.layers) if self.normalize else None
+
+    def init(self, batch_size: int, *, device, dtype) -> KNNState:
+        shape = (batch_size, self.n_heads, self.capacity, self.head_dim)
+        return KNNState(keys=tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers),
+                        values=tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers),
+                        written=torch.zeros(batch_size, dtype=torch.long, device=device))
+
+    def check(self, state: KNNState) -> None:
+        want = (len(self.layers), self.n_heads, self.capacity, self.head_dim)
+        got = (len(state.keys), *(state.keys[0].shape[1:] if state.keys else (0, 0, 0)))
+        if want != got:
+            raise ValueError(f"kNN state has (layers, heads, capacity, head_dim) = {got}, the model {want}")
+
+    def segment(self, state: KNNState) -> "KNNSegment":
+        return KNNSegment(self, state)
+
+    def attend(self, j: int, *, q: torch.Tensor, y: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               count: torch.Tensor) -> torch.Tensor:
+        """Gated mix of local attention ``y`` with attention over the top-k entries (layer j of self.layers).
+
+        q, y: (B, H, T, Dh) queries (no positions) and local attention output; keys, values: (B, H, C, Dh).
+        """
+        if self.normalize:
+            q = F.normalize(q, dim=-1)
+        if int(count.max()) == 0:                                     # nothing stored yet: local only
+            return y
+        B, H, T, Dh = q.shape
+        k = min(self.k, keys.shape[2])
+        _, idx = search(q.detach(), keys, count, k=k, backend=self.backend, index=self.index, chunk=self.chunk)
+        flat = idx.reshape(B, H, T * k, 1).expand(-1, -1, -1, Dh)      # (B, H, T*k, Dh)
+        kr = keys.gather(2, flat).view(B, H, T, k, Dh)                 # (B, H, T, k, Dh)
+        vr = values.gather(2, flat).view(B, H, T, k, Dh)
+        # scores recomputed with gradient into the queries (the search itself is not differentiable)
+        s = torch.einsum("bhtd,bhtkd->bhtk", q, kr)                    # (B, H, T, k)
+        s = s * (self.log_scale[j].exp().view(1, H, 1, 1) if self.normalize else 1.0 / math.sqrt(Dh))
+        slot_ok = torch.arange(k, device=q.device).view(1, 1, 1, k) < count.view(B, 1, 1, 1)
+        s = s.masked_fill(~slot_ok, torch.finfo(s.dtype).min)
+        y_mem = torch.einsum("bhtk,bhtkd->bhtd", s.softmax(-1), vr)   # (B, H, T, Dh)
+        y_mem = torch.where((count > 0).view(B, 1, 1, 1), y_mem, y)   # an empty lane falls back to local
+        g = torch.sigmoid(self.gate[j]).view(1, H, 1, 1)
+        return g * y_mem + (1 - g) * y
+
+    def write(self, state: KNNState, keys: list[torch.Tensor], values: list[torch.Tensor]) -> KNNState:
+        """Append each lane's new entries (per layer (B, H, T, Dh)) to its ring, evicting the oldest."""
+        C = state.capacity
+        T = keys[0].shape[2]
+        if T > C:                                                     # only the newest C can survive
+            keys, values = [k[:, :, -C:] for k in keys], [v[:, :, -C:] for v in values]
+            written = state.written + (T - C)
+            T = C
+        else:
+            written = state.written
+        B, H, _, Dh = keys[0].shape
+        slot = (written.view(B, 1) + torch.arange(T, device=written.device)) % C    # (B, T)
+        slot = slot.view(B, 1, T, 1).expand(B, H, T, Dh)
+        new_k = tuple(old.scatter(2, slot, k.detach().to(old.dtype)) for old, k in zip(state.keys, keys))
+        new_v = tuple(old.scatter(2, slot, v.detach().to(old.dtype)) for old, v in zip(state.values, values))
+        return KNNState(keys=new_k, values=new_v, written=written + T)
+
+
+class KNNSegment:
+    """The kNN memory during one segment: hooks for the retrieving blocks, then the write."""
+
+    def __init__(self, memory: KNNMemory, state: KNNState):
+        memory.check(state)
+        self.memory, self.state = memory, state
+        self.count = state.count()
+        self.new_keys: dict[int, torch.Tensor] = {}
+        self.new_values: dict[int, torch.Tensor] = {}
+
+    def hook(self, layer: int):
+        """The callable block ``layer`` passes to its attention, or None if it does not retrieve."""
+        if layer not in self.memory.layers:
+            return None
+        j = self.memory.layers.index(layer)
+
+        def retrieve(*, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            # q, k, v: (B, H, T, Dh) this segment's projections before rotary positions
+            self.new_keys[j] = F.normalize(k, dim=-1) if self.memory.normalize else k
+            self.new_values[j] = v
+            return self.memory.attend(j, q=q, y=y, keys=self.state.keys[j], values=self.state.values[j],
+                                      count=self.count)
+        return retrieve
+
+    def written(self) -> KNNState:
+        n = len(self.memory.layers)
+        return self.memory.write(self.state, [self.new_keys[j] for j in range(n)],
+                                 [self.new_values[j] for j in range(n)])

@@ -49,3 +49,12 @@ def make_model():
         model = MemoryLM(tiny_config(**kw))
         return spread_weights(model, seed=seed).eval()
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Token-by-token decoding of tiny models is call overhead; on a shared CPU extra threads only contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -107,7 +107,7 @@ class Engine:
                 job.future.set_result(result)
             except BaseException as e:                       # reported to the request, the worker goes on
                 job.future.set_exception(e)
-            self._evict(idle_only=False)
+            self._evict(idle_only=True)
         self._flush()
 
     def _session(self, name: str) -> Session:
@@ -116,6 +116,7 @@ class Engine:
             return self.live[name]
         sess = self.store.load(name)
         self.live[name] = sess
+        self._evict(idle_only=False)                        # make room: least recently used first
         return sess
 
     def _complete(self, job: _Job) -> Completion:
@@ -147,7 +148,7 @@ class Engine:
         now = time.time()
         for name in list(self.live):
             sess = self.live[name]
-            idle = now - sess.updated > self.config.session_idle_s
+            idle = now - sess.updated > self.config.session_idle_s and name != next(reversed(self.live))
             over = len(self.live) > self.config.max_live_sessions
             if not (idle or (over and not idle_only)):
                 continue

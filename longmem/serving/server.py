@@ -141,7 +141,7 @@ def create_app(run, config: ServeConfig | None = None) -> FastAPI:
             return _error(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", "authentication_error")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > config.max_request_bytes:
-            return _error(413, f"request body has {length} bytes; at most {config.max_request_bytes} accepted")
+            return _error(413, f"request body has {length} bytes; this server accepts at most {config.max_request_bytes} bytes")
         raw = b""
         async for chunk in request.stream():
             raw += chunk

@@ -13,7 +13,7 @@ import torch
 from longmem.training.checkpoint import atomic_write_text
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-SUITE = ("xl_speed",)
+SUITE = ("xl_speed", "gen_memory", "serve_load")
 
 
 def _load(name: str, folder: Path):

@@ -204,11 +204,16 @@ def _demo(args, overrides) -> int:
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes: finishes within minutes on 2 CPU cores")
     p.add_argument("--out", default="BENCHMARKS.md", help="markdown file to write")
+    p.add_argument("--only", default="", help="comma-separated benchmark names (default: the whole suite)")
 
 
 def _bench(args, overrides) -> int:
-    from longmem.bench import run_benchmarks
-    run_benchmarks(out=args.out, quick=args.quick, argv=sys.argv[1:])
+    from longmem.bench import SUITE, run_benchmarks
+    suite = tuple(n for n in args.only.split(",") if n) or SUITE
+    unknown = [n for n in suite if n not in SUITE]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; available: {', '.join(SUITE)}")
+    run_benchmarks(out=args.out, quick=args.quick, argv=sys.argv[1:], suite=suite)
     return 0
 
 

@@ -4,40 +4,24 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from longmem.config import RunConfig  # noqa: E402
-from longmem.data.tokenizer import ByteTokenizer, save_tokenizer  # noqa: E402
 from longmem.generation.generate import TextStream, TokenStream  # noqa: E402
 from longmem.generation.processors import SamplingConfig  # noqa: E402
-from longmem.models import MemoryLM  # noqa: E402
-from longmem.runs import CONFIG, TOKENIZER, WEIGHTS, load_run  # noqa: E402
 from longmem.serving.config import ServeConfig  # noqa: E402
 from longmem.serving.server import create_app  # noqa: E402
-from longmem.training.checkpoint import save_weights  # noqa: E402
 
-from conftest import spread_weights  # noqa: E402
+from conftest import make_tiny_run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_run(path: Path, *, seed: int = 0):
-    cfg = RunConfig().override({"model.vocab_size": "256", "model.d_model": "16", "model.n_layers": "2",
-                                "model.n_heads": "2", "model.segment_len": "8", "memory.kind": "xl",
-                                "memory.mem_len": "64"})
-    model = spread_weights(MemoryLM(cfg.model), seed=seed, std=0.5).eval()
-    path.mkdir()
-    cfg.save(path / CONFIG)
-    save_weights(model, path / WEIGHTS)
-    save_tokenizer(ByteTokenizer(), path / TOKENIZER)
-    return load_run(path)
+make_run = make_tiny_run
 
 
 @pytest.fixture(scope="module")

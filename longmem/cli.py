@@ -96,7 +96,8 @@ def _sampling_args(p: argparse.ArgumentParser, **defaults) -> None:
         flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
         default = defaults.get(f.name, f.default)
         if f.name == "stop":
-            p.add_argument(flag, action="append", default=defaults.get("stop"), help=text + " (repeatable)")
+            p.add_argument(flag, action="append", default=defaults.get("stop"),
+                           help=text + " (repeatable; \\n and \\t are read as newline and tab)")
         elif f.name == "logit_bias":
             p.add_argument(flag, action="append", metavar="ID=BIAS", help=text + " (repeatable)")
         else:
@@ -109,7 +110,7 @@ def _sampling(args) -> "SamplingConfig":
     import dataclasses
     from longmem.generation.processors import SamplingConfig
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)}
-    values["stop"] = values["stop"] or []
+    values["stop"] = [s.replace("\\n", "\n").replace("\\t", "\t") for s in values["stop"] or []]
     bias = {}
     for item in values.pop("logit_bias") or []:
         tok, eq, val = item.partition("=")

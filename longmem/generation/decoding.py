@@ -24,7 +24,7 @@ import copy
 import torch
 
 from longmem.models import MemoryLM
-from longmem.models.memory import State, XLMemory, XLState
+from longmem.models.memory import XLMemory, XLState
 
 
 class SinkXLMemory(XLMemory):
@@ -136,7 +136,3 @@ class Decoder:
             out = view(piece, state=memory)
             logits, memory = out.logits[:, -1], out.state
         return logits, memory
-
-    def empty_state(self, batch_size: int) -> State:
-        return State(batch_size=batch_size, xl=XLState(mems=(), valid=torch.zeros(batch_size, dtype=torch.long,
-                                                                                    device=self.device)))

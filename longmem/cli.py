@@ -106,7 +106,7 @@ def _sampling_args(p: argparse.ArgumentParser, **defaults) -> None:
                    "decoding cache for good (StreamingLLM, Xiao et al. 2023) [default: 4]")
 
 
-def _sampling(args) -> "SamplingConfig":
+def _sampling(args):
     import dataclasses
     from longmem.generation.processors import SamplingConfig
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)}

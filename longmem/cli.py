@@ -124,31 +124,109 @@ def _eval(args, overrides) -> int:
 
 
 # -- generate ------------------------------------------------------------------
+def _sampling_args(p: argparse.ArgumentParser, **defaults) -> None:
+    """One flag per SamplingConfig field (--max-new-tokens, --top-p, --stop ...), help from the field."""
+    import dataclasses
+    from longmem.generation.processors import SamplingConfig
+    for f in dataclasses.fields(SamplingConfig):
+        flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        default = defaults.get(f.name, f.default)
+        if f.name == "stop":
+            p.add_argument(flag, action="append", default=defaults.get("stop"),
+                           help=text + " (repeatable; \\n and \\t are read as newline and tab)")
+        elif f.name == "logit_bias":
+            p.add_argument(flag, action="append", metavar="ID=BIAS", help=text + " (repeatable)")
+        else:
+            p.add_argument(flag, type=type(f.default), default=default, help=f"{text} [default: {default}]")
+    p.add_argument("--attention-sink", type=int, default=4, help="kind none: first positions kept in the "
+                   "decoding cache for good (StreamingLLM, Xiao et al. 2023) [default: 4]")
+
+
+def _sampling(args):
+    import dataclasses
+    from longmem.generation.processors import SamplingConfig
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)}
+    values["stop"] = [s.replace("\\n", "\n").replace("\\t", "\t") for s in values["stop"] or []]
+    bias = {}
+    for item in values.pop("logit_bias") or []:
+        tok, eq, val = item.partition("=")
+        try:
+            bias[int(tok)] = float(val)
+        except ValueError:
+            raise ValueError(f"--logit-bias takes ID=BIAS (e.g. 32=-5), got {item!r}") from None
+    return SamplingConfig(**values, logit_bias=bias)
+
+
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--prompt", default="\n", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same text")
+    _sampling_args(p)
+    p.add_argument("--recompute", action="store_true", help="kind none: recompute the last segment_len tokens "
+                   "for every new token instead of using the cache (the slow reference)")
 
 
 def _generate(args, overrides) -> int:
-    from longmem.generation.generate import generate_text
+    from longmem.generation.generate import TextStream
     from longmem.runs import load_run
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    sampling = _sampling(args)
     run = load_run(args.run, overrides=overrides)
     if run.config.model.arch in ("seq2seq", "memn2n"):
         from longmem.generation.tasks import task_generate
-        print(task_generate(run.model, run.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, seed=args.seed))
+        print(task_generate(run.model, run.tokenizer, args.prompt, max_new_tokens=sampling.max_new_tokens,
+                            temperature=sampling.temperature, top_k=sampling.top_k, seed=sampling.seed))
         return 0
-    for piece in generate_text(run.model, run.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_k=args.top_k, seed=args.seed):
+    stream = TextStream(run.model, run.tokenizer, args.prompt, sampling=sampling,
+                        attention_sink=args.attention_sink, recompute=args.recompute)
+    for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+# -- chat ----------------------------------------------------------------------
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory")
+    p.add_argument("--session", default="default", help="session name; its memory is kept across runs")
+    p.add_argument("--sessions-dir", default=None, help="where session files live (default: RUN/sessions)")
+    p.add_argument("--turn-format", default="{text}\n", help="how a user line is fed to the model")
+    _sampling_args(p, temperature=0.8, stop=None)
+
+
+def _chat(args, overrides) -> int:
+    from longmem.generation.chat import run_chat
+    from longmem.runs import load_run
+    sampling = _sampling(args)
+    if not args.stop:
+        sampling.stop = ["\n"]
+    run = load_run(args.run, overrides=overrides)
+    run_chat(run, session=args.session, sessions_dir=args.sessions_dir, sampling=sampling,
+             turn_format=args.turn_format, attention_sink=args.attention_sink)
+    return 0
+
+
+# -- serve ---------------------------------------------------------------------
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    import dataclasses
+    from longmem.serving.config import ServeConfig
+    p.add_argument("run", help="run directory")
+    for f in dataclasses.fields(ServeConfig):
+        flag, text, default = "--" + f.name.replace("_", "-"), f.metadata["help"], f.default
+        p.add_argument(flag, type=str if default is None else type(default), default=default,
+                       help=f"{text} [default: {default}]")
+
+
+def _serve(args, overrides) -> int:
+    import dataclasses
+    from longmem.runs import load_run
+    from longmem.serving.config import ServeConfig
+    try:
+        from longmem.serving.server import serve
+    except ImportError as e:
+        raise ValueError(str(e)) from None
+    cfg = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
+    run = load_run(args.run, overrides=overrides)
+    serve(run, cfg)
     return 0
 
 
@@ -168,11 +246,16 @@ def _demo(args, overrides) -> int:
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes: finishes within minutes on 2 CPU cores")
     p.add_argument("--out", default="BENCHMARKS.md", help="markdown file to write")
+    p.add_argument("--only", default="", help="comma-separated benchmark names (default: the whole suite)")
 
 
 def _bench(args, overrides) -> int:
-    from longmem.bench import run_benchmarks
-    run_benchmarks(out=args.out, quick=args.quick, argv=sys.argv[1:])
+    from longmem.bench import SUITE, run_benchmarks
+    suite = tuple(n for n in args.only.split(",") if n) or SUITE
+    unknown = [n for n in suite if n not in SUITE]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; available: {', '.join(SUITE)}")
+    run_benchmarks(out=args.out, quick=args.quick, argv=sys.argv[1:], suite=suite)
     return 0
 
 
@@ -181,6 +264,10 @@ COMMANDS = [
     Command("eval", "evaluate a run (perplexity; --memory.mem_len N changes the memory)", _eval_args, _eval,
             takes_overrides=True),
     Command("generate", "stream text from a run", _generate_args, _generate, takes_overrides=True),
+    Command("chat", "talk with a run; the memory of each --session is kept on disk", _chat_args, _chat,
+            takes_overrides=True),
+    Command("serve", "HTTP completions API with per-session memory (needs the 'serve' extra)", _serve_args,
+            _serve, takes_overrides=True),
     Command("demo", "train no-memory and XL models and compare perplexity against memory length",
             _demo_args, _demo, takes_overrides=True),
     Command("bench", "run the benchmark suite and write BENCHMARKS.md", _bench_args, _bench),

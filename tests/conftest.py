@@ -49,3 +49,29 @@ def make_model():
         model = MemoryLM(tiny_config(**kw))
         return spread_weights(model, seed=seed).eval()
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Token-by-token decoding of tiny models is call overhead; on a shared CPU extra threads only contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_tiny_run(path: Path, *, seed: int = 0, kind: str = "xl", mem_len: int = 64, segment_len: int = 8):
+    """A run directory (config, weights, byte tokenizer) of a tiny spread-weight model, loaded back."""
+    from longmem.config import RunConfig
+    from longmem.data.tokenizer import ByteTokenizer, save_tokenizer
+    from longmem.runs import CONFIG, TOKENIZER, WEIGHTS, load_run
+    from longmem.training.checkpoint import save_weights
+    cfg = RunConfig().override({"model.vocab_size": "256", "model.d_model": "16", "model.n_layers": "2",
+                                "model.n_heads": "2", "model.segment_len": str(segment_len),
+                                "memory.kind": kind, "memory.mem_len": str(mem_len)})
+    model = spread_weights(MemoryLM(cfg.model), seed=seed, std=0.5).eval()
+    path.mkdir(parents=True)
+    cfg.save(path / CONFIG)
+    save_weights(model, path / WEIGHTS)
+    save_tokenizer(ByteTokenizer(), path / TOKENIZER)
+    return load_run(path)

@@ -1,0 +1,90 @@
+"""``longmem chat``: a conversation whose memory outlives the process.
+
+Each user line is appended to the session's memory (formatted by ``turn_format``)
+and the model answers until a stop string or ``max_new_tokens``. After every
+turn the memory state is written to ``SESSIONS/NAME.safetensors`` and restored
+by the next ``longmem chat --session NAME``. Reads any text stream, so piped
+stdin works for scripting; prompts go to stderr only on a terminal.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import TextIO
+
+from longmem.generation.decoding import Decoder
+from longmem.generation.generate import TextStream
+from longmem.generation.processors import SamplingConfig
+from longmem.generation.session import SessionStore, check_session_name, state_nbytes
+
+COMMANDS = {"/reset": "forget everything this session remembers",
+            "/save": "write the session to disk now (also done after every turn)",
+            "/stats": "turns, tokens and memory size of the session",
+            "/quit": "leave (also /exit or end of input)"}
+
+
+def default_sessions_dir(run_path: str | Path) -> Path:
+    return Path(run_path) / "sessions"
+
+
+def run_chat(run, *, session: str = "default", sessions_dir: str | Path | None = None,
+             sampling: SamplingConfig | None = None, turn_format: str = "{text}\n", attention_sink: int = 4,
+             stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> dict:
+    """Run the loop until end of input or /quit; returns the session's final stats."""
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    check_session_name(session)
+    if "{text}" not in turn_format:
+        raise ValueError(f"turn_format must contain {{text}}, got {turn_format!r}")
+    sampling = sampling or SamplingConfig(max_new_tokens=200, temperature=0.8, stop=["\n"])
+    store = SessionStore(sessions_dir or default_sessions_dir(run.path), model=run.model)
+    sess = store.load(session)
+    decoder = Decoder(run.model, attention_sink=attention_sink)
+    interactive = stdin.isatty()
+    print(f"session {session!r}: {sess.turns} turns remembered ({store.path(session)}); "
+          f"commands: {', '.join(COMMANDS)}", file=stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=stderr, flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        cmd = text.strip()
+        if cmd in ("/quit", "/exit"):
+            break
+        if cmd == "/reset":
+            sess.reset()
+            store.save(sess)
+            print("[memory cleared]", file=stdout, flush=True)
+            continue
+        if cmd == "/save":
+            print(f"[saved {store.save(sess)}]", file=stdout, flush=True)
+            continue
+        if cmd == "/stats":
+            st = sess.stats()
+            print(f"[session {st['session']}: {st['turns']} turns, {st['tokens']} tokens seen, memory "
+                  f"{st['memory_bytes']:,} bytes ({', '.join(st['memory_parts']) or 'empty'}), at most "
+                  f"{decoder.cache_positions()} past positions per layer]", file=stdout, flush=True)
+            continue
+        if cmd.startswith("/") and " " not in cmd:
+            print(f"[unknown command {cmd}; commands: {', '.join(COMMANDS)}]", file=stdout, flush=True)
+            continue
+        if not text:
+            continue
+        stream = TextStream(run.model, run.tokenizer, turn_format.format(text=text),
+                            sampling=replace(sampling, seed=sampling.seed + sess.turns), state=sess.state,
+                            decoder=decoder)
+        for piece in stream:
+            stdout.write(piece)
+            stdout.flush()
+        stdout.write("\n")
+        stdout.flush()
+        sess.state = stream.state
+        sess.turns += 1
+        sess.tokens += stream.prompt_tokens + stream.completion_tokens
+        store.save(sess)
+    store.save(sess)
+    st = sess.stats()
+    print(f"session {session!r} saved: {st['turns']} turns, memory {state_nbytes(sess.state):,} bytes", file=stderr)
+    return st

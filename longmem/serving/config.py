@@ -1,0 +1,47 @@
+"""Settings of ``longmem serve`` (no web framework imported here, so the CLI help works without the extra)."""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class ServeConfig:
+    host: str = _help("address to bind; the default is loopback only", default="127.0.0.1")
+    port: int = _help("TCP port", default=8000)
+    api_key: str = _help("if set, requests need 'Authorization: Bearer KEY' (or env LONGMEM_API_KEY)", default="")
+    sessions_dir: str = _help("where idle sessions are written (default: RUN/sessions)", default="")
+    max_request_bytes: int = _help("largest request body accepted", default=1_000_000)
+    max_prompt_chars: int = _help("longest prompt accepted, in characters", default=32_000)
+    max_tokens_limit: int = _help("largest max_tokens a request may ask for", default=2048)
+    max_live_sessions: int = _help("sessions kept in RAM; the least recently used beyond this go to disk",
+                                   default=64)
+    session_idle_s: float = _help("a session idle this long is written to disk and dropped from RAM",
+                                  default=600.0)
+    max_session_bytes: int = _help("per-session memory cap; a session whose memory grows past it is reset",
+                                   default=256_000_000)
+    max_queue: int = _help("requests waiting for the model at most; more are refused with 503", default=256)
+    attention_sink: int = _help("kind none: first positions kept in the decoding cache", default=4)
+
+    def __post_init__(self):
+        for name in ("max_request_bytes", "max_prompt_chars", "max_tokens_limit", "max_live_sessions",
+                     "max_session_bytes", "max_queue"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if self.session_idle_s <= 0:
+            raise ValueError(f"session_idle_s must be positive, got {self.session_idle_s}")
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False

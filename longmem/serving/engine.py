@@ -1,0 +1,161 @@
+"""The model worker behind the server: one thread owns the model and every session.
+
+Requests are queued (FIFO) and run one at a time, start to finish, so two
+requests are never interleaved inside one model state. A session's memory is
+only ever read and written by requests naming that session: sessions live in a
+dict keyed by name, in RAM while in use, written to disk when idle for
+``session_idle_s`` or when more than ``max_live_sessions`` are open (least
+recently used first), and on shutdown. Nothing here imports a web framework.
+"""
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from longmem.generation.decoding import Decoder
+from longmem.generation.generate import TextStream
+from longmem.generation.processors import SamplingConfig
+from longmem.generation.session import Session, SessionStore, state_nbytes
+from longmem.serving.config import ServeConfig
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    session: dict | None = None                  # the session's stats after this request
+    memory_reset: bool = False                   # the session went past max_session_bytes and was cleared
+
+
+@dataclass
+class _Job:
+    prompt: str | None
+    sampling: SamplingConfig | None
+    session: str | None
+    on_piece: Callable[[str], None] | None
+    future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    action: str = "complete"                     # or "flush"
+
+
+class Engine:
+    def __init__(self, run, config: ServeConfig):
+        self.run = run
+        self.config = config
+        self.store = SessionStore(Path(config.sessions_dir) if config.sessions_dir else Path(run.path) / "sessions",
+                                  model=run.model)
+        self.decoder = Decoder(run.model, attention_sink=config.attention_sink)
+        self.live: OrderedDict[str, Session] = OrderedDict()
+        self.queue: queue.Queue[_Job | None] = queue.Queue(maxsize=config.max_queue)
+        self.served = 0
+        self._thread = threading.Thread(target=self._work, name="longmem-model", daemon=True)
+        self._thread.start()
+
+    # -- called from the web threads ----------------------------------------------
+    def submit(self, prompt: str, sampling: SamplingConfig, *, session: str | None = None,
+               on_piece: Callable[[str], None] | None = None) -> _Job:
+        """Queue a completion; ``job.future`` gets a :class:`Completion`, ``on_piece`` each text piece."""
+        job = _Job(prompt=prompt, sampling=sampling, session=session, on_piece=on_piece)
+        self._put(job)
+        return job
+
+    def flush(self) -> Future:
+        """Write every live session to disk (in the worker, between requests)."""
+        job = _Job(prompt=None, sampling=None, session=None, on_piece=None, action="flush")
+        self._put(job)
+        return job.future
+
+    def _put(self, job: _Job) -> None:
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"{self.config.max_queue} requests are already waiting; try again later") from None
+
+    def close(self) -> None:
+        """Finish the queued requests, write the live sessions, stop the worker."""
+        self.queue.put(None)
+        self._thread.join()
+
+    def stats(self) -> dict:
+        return {"queued": self.queue.qsize(), "live_sessions": len(self.live), "served": self.served}
+
+    # -- the worker ------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            try:
+                job = self.queue.get(timeout=min(self.config.session_idle_s, 5.0))
+            except queue.Empty:
+                self._evict(idle_only=True)
+                continue
+            if job is None:
+                break
+            try:
+                result = self._flush() if job.action == "flush" else self._complete(job)
+                job.future.set_result(result)
+            except BaseException as e:                       # reported to the request, the worker goes on
+                job.future.set_exception(e)
+            self._evict(idle_only=True)
+        self._flush()
+
+    def _session(self, name: str) -> Session:
+        if name in self.live:
+            self.live.move_to_end(name)
+            return self.live[name]
+        sess = self.store.load(name)
+        self.live[name] = sess
+        self._evict(idle_only=False)                        # make room: least recently used first
+        return sess
+
+    def _complete(self, job: _Job) -> Completion:
+        sess = self._session(job.session) if job.session else None
+        stream = TextStream(self.run.model, self.run.tokenizer, job.prompt, sampling=job.sampling,
+                            state=sess.state if sess else None, decoder=self.decoder)
+        for piece in stream:
+            if job.on_piece is not None:
+                job.on_piece(piece)
+            if job.cancelled.is_set():                       # the client went away
+                stream.tokens.stop()
+        self.served += 1
+        reset = False
+        if sess is not None:
+            sess.state = stream.state
+            sess.turns += 1
+            sess.tokens += stream.prompt_tokens + stream.completion_tokens
+            sess.updated = time.time()
+            if state_nbytes(sess.state) > self.config.max_session_bytes:
+                print(f"longmem serve: session {sess.name!r} went past max_session_bytes "
+                      f"({state_nbytes(sess.state):,} bytes); its memory is cleared", file=sys.stderr)
+                sess.reset()
+                reset = True
+        return Completion(text=stream.text, finish_reason=stream.finish_reason or "length",
+                          prompt_tokens=stream.prompt_tokens, completion_tokens=stream.completion_tokens,
+                          session=sess.stats() if sess else None, memory_reset=reset)
+
+    def _evict(self, *, idle_only: bool) -> None:
+        now = time.time()
+        for name in list(self.live):
+            sess = self.live[name]
+            idle = now - sess.updated > self.config.session_idle_s and name != next(reversed(self.live))
+            over = len(self.live) > self.config.max_live_sessions
+            if not (idle or (over and not idle_only)):
+                continue
+            self.store.save(sess)
+            del self.live[name]
+
+    def _flush(self) -> int:
+        for sess in self.live.values():
+            self.store.save(sess)
+        return len(self.live)

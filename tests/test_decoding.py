@@ -1,0 +1,122 @@
+"""Cached incremental decoding, attention sinks, stop strings, continuing from a state."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longmem.data.tokenizer import ByteTokenizer
+from longmem.generation.decoding import Decoder
+from longmem.generation.generate import TextStream, TokenStream, generate_ids
+from longmem.generation.processors import SamplingConfig
+
+PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_cached_decoding_without_memory_equals_full_recomputation(make_model):
+    """kind none: prompt then one token at a time through the cache = one causal pass, while it fits."""
+    model = make_model(kind="none", mem_len=0, segment_len=24)
+    seq = torch.randint(0, 37, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(seq).logits[0]                                   # (24, V)
+    dec = Decoder(model, attention_sink=0)
+    logits, mem = dec.feed(seq[:, :5], None)
+    got = [logits[0]]
+    for t in range(5, 24):
+        logits, mem = dec.feed(seq[:, t:t + 1], mem)
+        got.append(logits[0])
+    assert torch.allclose(torch.stack(got), full[4:], atol=1e-4)
+    assert mem.xl.length == 23                                        # W - 1 past positions
+
+
+def test_cached_decoding_with_a_long_prompt_keeps_positions_inside_the_window(make_model):
+    model = make_model(kind="none", mem_len=0, segment_len=8)
+    dec = Decoder(model, attention_sink=2)
+    model.rope.max_position_seen = -1
+    seq = torch.randint(0, 37, (1, 50), generator=torch.Generator().manual_seed(2))
+    logits, mem = dec.feed(seq, None)                                 # prefill in chunks
+    for t in range(30):
+        logits, mem = dec.feed(seq[:, t:t + 1], mem)
+    assert torch.isfinite(logits).all()
+    assert model.rope.max_position_seen <= 7                          # never beyond the trained window
+    assert mem.xl.length == 7
+
+
+def test_attention_sink_keeps_the_first_positions_for_good(make_model):
+    model = make_model(kind="none", mem_len=0, segment_len=8)
+    sinks = Decoder(model, attention_sink=3)
+    plain = Decoder(model, attention_sink=0)
+    seq = torch.randint(0, 37, (1, 40), generator=torch.Generator().manual_seed(3))
+    _, first = sinks.feed(seq[:, :4], None)
+    m_sink, m_plain = first, plain.feed(seq[:, :4], None)[1]
+    for t in range(4, 40):
+        l_sink, m_sink = sinks.feed(seq[:, t:t + 1], m_sink)
+        l_plain, m_plain = plain.feed(seq[:, t:t + 1], m_plain)
+    for layer in range(2):
+        assert torch.equal(m_sink.xl.mems[layer][:, :3], first.xl.mems[layer][:, :3])   # the sinks stay
+    with torch.no_grad():
+        emb = model.embed(seq)                                        # layer-0 inputs: which tokens are cached
+    assert torch.equal(m_sink.xl.mems[0], torch.cat([emb[:, :3], emb[:, -4:]], dim=1))
+    assert torch.equal(m_plain.xl.mems[0], emb[:, -7:])
+    assert not torch.allclose(l_sink, l_plain, atol=1e-3)             # the sinks are attended to
+
+
+def test_xl_generation_keeps_the_state_bounded(make_model):
+    model = make_model(kind="xl", mem_len=12, segment_len=4)
+    stream = TokenStream(model, PROMPT, sampling=SamplingConfig(max_new_tokens=40, seed=1))
+    toks = list(stream)
+    assert len(toks) == 40 == stream.completion_tokens
+    assert stream.state.xl.length == 12
+
+
+def test_continuing_from_the_state_equals_one_pass_over_everything(make_model):
+    """What chat relies on: the state after a stream remembers the prompt and every output token."""
+    model = make_model(kind="xl", mem_len=64, segment_len=8)
+    first = TokenStream(model, PROMPT, sampling=SamplingConfig(max_new_tokens=9, temperature=0.0))
+    out1 = list(first)
+    follow = [7, 7, 2]
+    second = TokenStream(model, follow, sampling=SamplingConfig(max_new_tokens=1, temperature=0.0),
+                         state=first.state)
+    nxt = list(second)
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT + out1 + follow])).logits[0, -1]
+    assert nxt == [int(ref.argmax())]
+
+
+@pytest.mark.parametrize("kind,mem_len", [("none", 0), ("xl", 16)])
+def test_seed_determinism_with_all_sampling_controls(make_model, kind, mem_len):
+    model = make_model(kind=kind, mem_len=mem_len, segment_len=8)
+    kw = dict(max_new_tokens=25, temperature=1.3, top_p=0.95, min_p=0.01, repetition_penalty=1.1,
+              presence_penalty=0.2, frequency_penalty=0.1, logit_bias={0: -100.0})
+    a = list(generate_ids(model, PROMPT, seed=5, **kw))
+    assert a == list(generate_ids(model, PROMPT, seed=5, **kw))
+    assert a != list(generate_ids(model, PROMPT, seed=6, **kw))
+    assert 0 not in a                                                 # banned by the bias
+
+
+def test_stop_strings_cut_the_text_before_the_first_match(make_model):
+    model = make_model(kind="xl", vocab_size=256, mem_len=32, segment_len=8)
+    tok = ByteTokenizer()
+    free = TextStream(model, tok, "ab", sampling=SamplingConfig(max_new_tokens=30, temperature=0.0))
+    pieces = list(free)
+    assert free.finish_reason == "length" and "".join(pieces) == free.text
+    text = free.text
+    stop = text[10:13]
+    cut = text.find(stop)
+    stopped = TextStream(model, tok, "ab", sampling=SamplingConfig(max_new_tokens=30, temperature=0.0,
+                                                                   stop=["\x00never", stop]))
+    pieces = list(stopped)
+    assert stopped.finish_reason == "stop"
+    assert "".join(pieces) == stopped.text == text[:cut]
+    assert stopped.completion_tokens == len(tok.encode(text[:cut + len(stop)]))
+    assert all(pieces)
+
+
+def test_decoder_arguments_are_checked(make_model):
+    with pytest.raises(ValueError, match="recompute"):
+        Decoder(make_model(kind="xl"), recompute=True)
+    with pytest.raises(ValueError, match="attention_sink"):
+        Decoder(make_model(kind="none", mem_len=0), attention_sink=-1)
+    with pytest.raises(ValueError, match="prompt token ids"):
+        TokenStream(make_model(), [99], sampling=SamplingConfig())

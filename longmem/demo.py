@@ -120,6 +120,18 @@ def _report(out: Path, cfg: RunConfig, results: dict, rows, table: str, plot: Pa
     for name, r in results.items():
         lines.append(f"| {name} | {r.seconds:.1f} | {r.first_loss:.3f} | {r.last_loss:.3f} |")
     lines += ["", "## Validation perplexity against evaluation memory", "", table, ""]
+    xl = {r["eval_mem_len"]: r["ppl"] for r in rows if r["model"] == "xl"}
+    none = next(r["ppl"] for r in rows if r["model"] == "none")
+    trained = cfg.memory.mem_len
+    lines.append(f"With its training memory the XL model is {'better' if xl[trained] < none else 'worse'} than the "
+                 f"no-memory model ({xl[trained]:.3f} vs {none:.3f}) and {'better' if xl[trained] < xl[0] else 'worse'} "
+                 f"than itself without memory ({xl[0]:.3f}).")
+    longer = [m for m in xl if m > trained]
+    if longer and any(xl[m] > xl[trained] for m in longer):
+        lines.append("A memory longer than in training does not help here: rotary positions put the extra "
+                     "memory at distances the model never saw in training, and rotary embeddings do not "
+                     "extrapolate well; train with the memory you evaluate with.")
+    lines.append("")
     if plot is not None:
         lines += [f"![perplexity against memory]({plot.name})", ""]
     lines += ["## A sample from the XL model", "", "```", sample, "```", "",

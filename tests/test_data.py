@@ -308,3 +308,37 @@ def test_tokenized_text_survives_the_lanes():
     batches = list(eval_batches(encode_documents(texts, tok), batch_size=1, seg_len=8))   # one lane: no cuts
     rebuilt = [tok.decode(x + y[-1:]) for lane in range(1) for x, y in split_lane(batches, lane)]
     assert sorted(rebuilt) == sorted(texts)
+
+
+def test_hf_dataset_without_the_package_or_offline_is_a_clear_error(monkeypatch):
+    import builtins
+
+    from longmem.config import DataConfig
+    from longmem.data.corpus import load_corpus
+    real_import = builtins.__import__
+
+    def no_datasets(name, *a, **k):
+        if name == "datasets":
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(ValueError, match=r"pip install 'longmem\[hf\]'"):
+        load_corpus(DataConfig(hf_dataset="tiny_shakespeare"))
+    with pytest.raises(ValueError, match="not both"):
+        DataConfig(hf_dataset="x", path="y.txt")
+
+
+def test_hf_dataset_offline_names_the_dataset_and_the_way_out(monkeypatch):
+    import sys
+    import types
+
+    from longmem.config import DataConfig
+    from longmem.data.corpus import load_corpus
+    fake = types.ModuleType("datasets")
+
+    def load_dataset(name, config=None, split=None):
+        raise ConnectionError(f"Couldn't reach the Hub for dataset '{name}'")
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    with pytest.raises(ValueError, match=r"cannot load the Hugging Face dataset 'wikitext'.*local cache"):
+        load_corpus(DataConfig(hf_dataset="wikitext", hf_config="wikitext-2-raw-v1"))

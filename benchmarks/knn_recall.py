@@ -25,7 +25,7 @@ N_PAIRS = 16
 TRAIN_FILLERS = (0, 0, 32, 64, 128, 256)
 TEST_FILLERS = (0, 128, 512, 1024, 2048, 4096, 8192)
 BINS = [0, 128, 256, 512, 1024, 2048, 4096, 8192]
-STEPS = 1500                                 # the recipe of BENCHMARKS.knn.md
+STEPS = 1500                                 # the recipe of the kNN section of BENCHMARKS.md
 CURRICULUM = 0.5
 
 

@@ -112,7 +112,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(corpus, tmp_
     assert torchrun.exists(), "torchrun ships with torch"
     args = base_args(corpus, "--train.max_steps", "12", "--model.dropout", "0")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([str(torchrun), "--nproc_per_node=2", "-m", "longmem", "train", *args, "--out", "DDP"],
+    res = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "longmem", "train", *args, "--out", "DDP"],
                          cwd=tmp_path, capture_output=True, encoding="utf-8", timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     cfg = RunConfig.load(TINY).override(dict(zip([a[2:] for a in args[2::2]], args[3::2])))

@@ -84,15 +84,20 @@ def _read(p: Path) -> str:
     return text
 
 
-def _read_jsonl(p: Path, field: str) -> list[str]:
-    docs = []
+def iter_jsonl(p: Path):
+    """(line number, object) for every non-blank line of a .jsonl file; a bad line names itself."""
     for n, line in enumerate(_read(p).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{p}:{n} is not valid JSON: {e.msg}") from None
+
+
+def _read_jsonl(p: Path, field: str) -> list[str]:
+    docs = []
+    for n, row in iter_jsonl(p):
         if not isinstance(row, dict) or not isinstance(row.get(field), str):
             raise ValueError(f"{p}:{n} has no text field {field!r} (set data.text_field)")
         docs.append(row[field])

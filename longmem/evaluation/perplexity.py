@@ -24,9 +24,9 @@ def evaluate_ppl(model: MemoryLM, docs: list[np.ndarray], *, batch_size: int, n_
     model.eval()
     total, count, state = 0.0, 0, None
     total_tokens = sum(len(d) - 1 for d in docs)
+    device = model.embed.weight.device
     for batch in eval_batches(docs, batch_size=batch_size, seg_len=model.config.segment_len,
                               max_segments=max_segments):
-        device = model.embed.weight.device
         out = model(batch.inputs.to(device), state=state, reset=batch.reset.to(device))
         state = out.state
         targets = batch.targets.to(device)

@@ -8,7 +8,6 @@ written atomically; a session made by another model is refused.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -20,20 +19,11 @@ from safetensors.torch import save as st_save
 
 from longmem.models import MemoryLM
 from longmem.models.memory import State
+from longmem.models.weights import weights_fingerprint
 from longmem.training.checkpoint import atomic_write_bytes, read_safetensors
 
 SESSION_FORMAT = "longmem-session"
 SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-def weights_fingerprint(model: MemoryLM) -> str:
-    """sha256 over the names, shapes, dtypes and bytes of the weights (first 16 hex digits)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
 
 
 def state_nbytes(state: State | None) -> int:

@@ -16,11 +16,10 @@ import copy
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from longmem.config import ModelConfig
 from longmem.models.memory import LSTMState, State
-from longmem.models.transformer import IGNORE_INDEX, LMOutput
+from longmem.models.transformer import LMOutput, lm_loss, start_call
 
 
 class LSTMLM(nn.Module):
@@ -52,27 +51,13 @@ class LSTMLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, state: State | None = None, targets: torch.Tensor | None = None,
                 reset: torch.Tensor | None = None) -> LMOutput:
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
-        B, N = tokens.shape
-        if N == 0:
-            raise ValueError("tokens must hold at least one position, got shape (batch, 0)")
-        if state is None or state.lstm is None:
-            if state is not None and state.batch_size != B:
-                raise ValueError(f"state has {state.batch_size} lanes but tokens have {B}")
-            state = self.init_state(B, device=tokens.device)
-        elif state.batch_size != B:
-            raise ValueError(f"state has {state.batch_size} lanes but tokens have {B}")
-        if reset is not None:
-            state = state.reset(reset.to(tokens.device))
+        state = start_call(tokens, state, reset, init_state=self.init_state,
+                           has_part=lambda state: state.lstm is not None)
+        B = tokens.shape[0]
         h0 = state.lstm.h.transpose(0, 1).contiguous()              # (L, B, D)
         c0 = state.lstm.c.transpose(0, 1).contiguous()              # (L, B, D)
         x = self.drop(self.embed(tokens))                           # (B, N, D)
         y, (h, c) = self.lstm(x, (h0, c0))                          # y: (B, N, D); h, c: (L, B, D)
         logits = self.head(self.drop(y))                            # (B, N, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
         state = State(batch_size=B, lstm=LSTMState(h=h.transpose(0, 1), c=c.transpose(0, 1)))  # (B, L, D)
-        return LMOutput(logits=logits, loss=loss, state=state)
+        return LMOutput(logits=logits, loss=lm_loss(logits, targets), state=state)

@@ -32,6 +32,32 @@ class LMOutput:
     state: State                   # memory after this call
 
 
+def start_call(tokens: torch.Tensor, state: State | None, reset: torch.Tensor | None, *, init_state,
+               has_part=lambda state: True) -> State:
+    """Check a call's tokens (B, N) against its state and return the state to start from:
+    ``init_state(B, device=...)`` when there is none (or it lacks this model's part), then ``reset`` applied."""
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
+    B, N = tokens.shape
+    if N == 0:
+        raise ValueError("tokens must hold at least one position, got shape (batch, 0)")
+    if state is not None and state.batch_size != B:
+        raise ValueError(f"state has {state.batch_size} lanes but tokens have {B}")
+    if state is None or not has_part(state):
+        state = init_state(B, device=tokens.device)
+    if reset is not None:
+        state = state.reset(reset.to(tokens.device))
+    return state
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
+    """Mean cross-entropy over targets != IGNORE_INDEX (None without targets)."""
+    if targets is None:
+        return None
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
 class MemoryLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -80,28 +106,14 @@ class MemoryLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, state: State | None = None, targets: torch.Tensor | None = None,
                 reset: torch.Tensor | None = None) -> LMOutput:
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be (batch, time), got shape {tuple(tokens.shape)}")
-        B, N = tokens.shape
-        if N == 0:
-            raise ValueError("tokens must hold at least one position, got shape (batch, 0)")
-        if state is None:
-            state = self.init_state(B, device=tokens.device)
-        elif state.batch_size != B:
-            raise ValueError(f"state has {state.batch_size} lanes but tokens have {B}")
-        if reset is not None:
-            state = state.reset(reset.to(tokens.device))
-        T = self.config.segment_len
+        state = start_call(tokens, state, reset, init_state=self.init_state)
+        N, T = tokens.shape[1], self.config.segment_len
         logits = []
         for start in range(0, N, T):                                # segment by segment, memory carried
             seg_logits, state = self._segment(tokens[:, start:start + T], state)
             logits.append(seg_logits)
         logits = torch.cat(logits, dim=1) if len(logits) > 1 else logits[0]   # (B, N, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
-        return LMOutput(logits=logits, loss=loss, state=state)
+        return LMOutput(logits=logits, loss=lm_loss(logits, targets), state=state)
 
     def _segment(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         B, T = tokens.shape

@@ -10,7 +10,6 @@ Generated tasks (characters, for byte/char tokenizers):
 """
 from __future__ import annotations
 
-import json
 import random
 import string
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from longmem.data.corpus import iter_jsonl
 from longmem.models import IGNORE_INDEX
 
 BOS, EOS = "\x02", "\x03"        # start / end of text (ASCII STX, ETX): a byte or char token each
@@ -36,17 +36,10 @@ def read_pairs(path: str | Path) -> list[Pair]:
     if not path.is_file():
         raise FileNotFoundError(f"pairs file not found: {path}")
     out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON object ({e})") from None
-            if not (isinstance(obj, dict) and isinstance(obj.get("source"), str) and isinstance(obj.get("target"), str)):
-                raise ValueError(f"{path}:{n}: each line needs text fields 'source' and 'target'")
-            out.append(Pair(source=obj["source"], target=obj["target"]))
+    for n, obj in iter_jsonl(path):
+        if not (isinstance(obj, dict) and isinstance(obj.get("source"), str) and isinstance(obj.get("target"), str)):
+            raise ValueError(f"{path}:{n}: each line needs text fields 'source' and 'target'")
+        out.append(Pair(source=obj["source"], target=obj["target"]))
     if not out:
         raise ValueError(f"{path} holds no pairs")
     return out

@@ -9,7 +9,6 @@ refused.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import replace
@@ -20,19 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from longmem.models.memory.state import KNNState, State
+from longmem.models.weights import weights_fingerprint
 
 FORMAT = "longmem.knn_memory"
 VERSION = 1
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over the names, shapes, dtypes and bytes of every weight (first 16 hex digits)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
 
 
 def _knn(model, state: State, lane: int) -> KNNState:

@@ -159,7 +159,7 @@ def run(quick: bool) -> str:
         import uvicorn  # noqa: F401
     except ImportError:
         return "## Server under load\n\nSkipped: the `serve` extra (FastAPI, uvicorn) and httpx are not installed.\n"
-    rows = [load_test(clients=n, seconds=10 if quick else 30) for n in ((4, 16) if quick else (4, 16, 32))]
+    rows = [load_test(clients=n, seconds=5 if quick else 30) for n in ((4, 16) if quick else (4, 16, 32))]
     lines = ["## Server under load", "",
              "`longmem serve` (uvicorn on 127.0.0.1) over a 2-layer d_model 64 XL model (mem_len 128), 1 CPU thread "
              "for the model; N client threads, one session each, sending completions (max_tokens "

@@ -47,7 +47,7 @@ def table(rows: list[dict], *, steps: int) -> str:
 def run(quick: bool, *, data: Path = DEFAULT_DATA, mems=(0, 64, 128, 256)) -> str:
     if not data.is_file():
         return (f"## Tiny Shakespeare (character level)\n\nSkipped: {data} not found (pass --data).\n")
-    steps = 200 if quick else 2000
+    steps = 100 if quick else 2000
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run_one(data, mem_len=m, steps=steps, out=Path(tmp)) for m in (mems[:2] if quick else mems)]
     none = rows[0]["val_loss"]
@@ -64,7 +64,7 @@ def run(quick: bool, *, data: Path = DEFAULT_DATA, mems=(0, 64, 128, 256)) -> st
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="tinyshakespeare.txt")
-    p.add_argument("--quick", action="store_true", help="200 steps, none and mem 64 only")
+    p.add_argument("--quick", action="store_true", help="100 steps, none and mem 64 only")
     p.add_argument("--out", type=Path, default=None, help="also write the section to this markdown file")
     args = p.parse_args()
     text = run(args.quick, data=args.data)

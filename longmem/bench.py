@@ -13,7 +13,7 @@ import torch
 from longmem.training.checkpoint import atomic_write_text
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-SUITE = ("xl_speed", "shakespeare", "profiles", "probe_suite", "knn_speed", "knn_recall", "gen_memory", "serve_load", "babi",
+SUITE = ("xl_speed", "shakespeare", "profiles", "knn_speed", "knn_recall", "gen_memory", "serve_load", "babi",
          "seq2seq_passage")
 
 

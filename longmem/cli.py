@@ -123,6 +123,8 @@ def _eval(args, overrides) -> int:
     from longmem.runs import load_run
     run = load_run(args.run, overrides=overrides)
     arch = run.config.model.arch
+    if args.task == "text" and arch != "seq2seq":
+        raise ValueError(f"--task text scores the decoded targets of a seq2seq run; this is a {arch} run")
     if args.task == "text" or (args.task == "babi" and arch == "memn2n"):
         from longmem.evaluation.qa import eval_babi, eval_text, format_task_result
         res = (eval_babi if args.task == "babi" else eval_text)(run, split=args.split or "test")

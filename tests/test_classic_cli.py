@@ -54,8 +54,10 @@ def test_lstm_trains_evaluates_and_generates(tmp_path, capsys):
     assert res["task"] == "ppl" and res["loss"] < 5.545                   # below uniform over 256 bytes
     assert main(["generate", str(out), "--prompt", "The", "--max-new-tokens", "5", "--seed", "1"]) == 0
     assert capsys.readouterr().out.endswith("\n")
-    assert main(["eval", str(out), "--task", "babi"]) == 2                 # not a memn2n run: a clear error
-    assert "needs a memn2n run" in capsys.readouterr().err
+    res = json_out(capsys, "eval", str(out), "--task", "babi", "--n", "2", "--json")   # the story read as text
+    assert res["task"] == "babi" and [r["examples"] for r in res["results"]] == [2, 2, 2]
+    assert main(["eval", str(out), "--task", "text"]) == 2                 # not a seq2seq run: a clear error
+    assert "seq2seq run" in capsys.readouterr().err
 
 
 def test_memn2n_trains_on_generated_stories_and_reports_babi_accuracy(tmp_path, capsys):

@@ -184,4 +184,9 @@ def test_train_on_passkey_and_eval_sweep_through_the_cli(tmp_path, capsys, one_t
     hay = json.loads(cli(capsys, "eval", str(out), "--task", "haystack", "--lengths", "2k", "--n", "1", "--json",
                          "--out", str(tmp_path / "h.json")))
     assert {r["babi_task"] for r in hay["results"]} == {1, 2, 3} and (tmp_path / "h.png").is_file()
+    rec = json.loads(cli(capsys, "eval", str(out), "--task", "recall", "--lengths", "300", "--depths", "0.5",
+                         "--n", "1", "--json"))
+    assert rec["chance"] == 0.01 and rec["results"][0]["answers"] == 8          # task.n_pairs answers
+    babi = json.loads(cli(capsys, "eval", str(out), "--task", "babi", "--n", "2", "--json"))
+    assert [r["babi_task"] for r in babi["results"]] == [1, 2, 3] and 0 <= babi["mean_error"] <= 100
     assert main(["eval", str(out), "--task", "passkey", "--depths", "2"]) == 2

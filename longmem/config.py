@@ -204,6 +204,10 @@ class TaskConfig:
     n_train: int = _help("generated tasks: training examples per task", default=1000)
     n_test: int = _help("generated tasks: test examples per task", default=200)
     source_len: int = _help("generated seq2seq tasks: characters of a source", default=64)
+    min_source_len: int = _help("generated seq2seq tasks: 0 makes every source task.source_len long; N > 0 draws "
+                                "the length of each training/validation source between N and task.source_len "
+                                "(short passages first teach the lookup); test sources are always task.source_len",
+                                default=0)
     linear_start_steps: int = _help("memn2n: at most this many first steps without the softmax in memory "
                                     "(linear start, Sukhbaatar et al. 2015 §4.2); it ends earlier at the first "
                                     "validation (train.eval_every) whose loss is not below the previous one",
@@ -217,6 +221,9 @@ class TaskConfig:
         for name in ("n_train", "n_test", "source_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"task.{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.min_source_len <= self.source_len:
+            raise ValueError(f"task.min_source_len must be in [0, task.source_len={self.source_len}], "
+                             f"got {self.min_source_len}")
         if self.linear_start_lr < 0:
             raise ValueError(f"task.linear_start_lr must be >= 0, got {self.linear_start_lr}")
         if self.linear_start_steps < 0:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from longmem.data.tasks.babi import babi_files, generate_babi, load_babi, parse_babi, read_babi_file, words
 from longmem.data.tasks.pairs import generate_pairs, read_pairs
 from longmem.data.tokenizer import WordTokenizer, load_tokenizer, save_tokenizer
-from longmem.evaluation.metrics import bleu, exact_match, lcs_length, rouge_l, token_f1, tokens
+from longmem.evaluation.metrics import accuracy, bleu, exact_match, lcs_length, rouge_l, token_f1, tokens
 
 STORY = """1 Mary moved to the bathroom.
 2 John went to the hallway.
@@ -126,3 +127,18 @@ def test_text_metrics_against_hand_computed_values():
     assert tokens("Hello  World") == ["hello", "world"] and tokens("ab", chars=True) == ["a", "b"]
     with pytest.raises(ValueError, match="predictions"):
         bleu([["a"]], [])
+
+
+def test_accuracy_and_bleu_against_sacrebleu():
+    assert accuracy(["Kitchen", "garden", "x"], ["kitchen", "hallway", "x"]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="as many"):
+        accuracy(["a"], [])
+    sacrebleu = pytest.importorskip("sacrebleu")          # in the dev extra: runs in `make test`
+    rng = random.Random(0)
+    words = "the a cat dog sat on mat rug and ran".split()
+    refs = [rng.choices(words, k=rng.randint(6, 12)) for _ in range(20)]
+    preds = [[w if rng.random() < 0.7 else rng.choice(words) for w in r][:rng.randint(5, len(r))] for r in refs]
+    ours = bleu(preds, refs)
+    theirs = sacrebleu.corpus_bleu([" ".join(p) for p in preds], [[" ".join(r) for r in refs]],
+                                   tokenize="none", smooth_method="none")
+    assert ours > 0.05 and ours == pytest.approx(theirs.score / 100, abs=1e-9)

@@ -71,6 +71,14 @@ def test_eval_json_and_longer_memory(run_dir):
     assert longer["mem_len"] == 64
     assert longer["tokens"] == default["tokens"]
     assert longer["loss"] != default["loss"]
+    # the sweep: one row per memory length, equal to the single evaluations, a curve beside the JSON
+    res = longmem("eval", "RUN", "--task", "ppl", "--mem-lens", "32,64", "--json", "--out", "sweep.json",
+                  cwd=run_dir.parent)
+    assert res.returncode == 0, res.stderr
+    sweep = json.loads(res.stdout)
+    assert [r["mem_len"] for r in sweep["results"]] == [32, 64]
+    assert [r["loss"] for r in sweep["results"]] == pytest.approx([default["loss"], longer["loss"]], rel=1e-6)
+    assert sweep["plot"] and (run_dir.parent / "sweep.png").is_file()
 
 
 def test_generate_is_reproducible(run_dir):

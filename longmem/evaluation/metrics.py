@@ -1,4 +1,4 @@
-"""Text metrics: exact match, token F1 (SQuAD), BLEU (Papineni et al. 2002) and ROUGE-L (Lin 2004).
+"""Text metrics: accuracy, exact match, token F1 (SQuAD), BLEU (Papineni et al. 2002) and ROUGE-L (Lin 2004).
 
 Texts are compared as lists of tokens; ``tokens`` splits on whitespace after
 lower-casing, or into characters with ``chars=True`` (for character-level tasks).
@@ -17,6 +17,14 @@ def tokens(text: str, *, chars: bool = False) -> list[str]:
 def exact_match(prediction: str, reference: str) -> float:
     """1.0 when the texts are equal after lower-casing and stripping surrounding whitespace."""
     return float(prediction.strip().lower() == reference.strip().lower())
+
+
+def accuracy(predictions: list[str], references: list[str]) -> float:
+    """Fraction of exact matches (see :func:`exact_match`)."""
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError(f"accuracy needs as many predictions as references, and some: got {len(predictions)} "
+                         f"and {len(references)}")
+    return sum(map(exact_match, predictions, references)) / len(predictions)
 
 
 def token_f1(prediction: list[str], reference: list[str]) -> float:

@@ -17,18 +17,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from longmem.config import RunConfig
+from longmem.config import IMPLEMENTED_KINDS, RunConfig
 from longmem.data.tasks.babi import encode_babi
 from longmem.data.tasks.sources import babi_examples
 from longmem.evaluation.qa import evaluate_babi
+from longmem.evaluation.suite import eval_probe
 from longmem.runs import CONFIG, METRICS, WEIGHTS, load_run
 from longmem.training.trainer import train
 
 CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "babi.yaml"
+LM_CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "babi-lm.yaml"
+LM_KINDS = {"xl": "Transformer-XL", "knn": "kNN", "tokens": "memory tokens"}
+LM_TEST_PER_TASK = 100    # a language model scores a story segment by segment: the first 100 test questions per task
 PAPER_JOINT = 12.4        # Sukhbaatar et al. 2015, best joint MemN2N on bAbI 1k (mean error, %)
 TARGET = 13.0
 
@@ -56,6 +61,13 @@ def memn2n_config(path: Path, *, seed: int, quick: bool) -> RunConfig:
     return RunConfig.load(CONFIG_PATH).override(overrides)
 
 
+def lm_config(path: Path, *, kind: str, quick: bool) -> RunConfig:
+    overrides = {"data.path": str(path), "memory.kind": kind, "train.progress": "false", "train.threads": "1"}
+    if quick:
+        overrides.update({"train.max_steps": "100", "train.eval_every": "0"})
+    return RunConfig.load(LM_CONFIG_PATH).override(overrides)
+
+
 def _finished(out: Path, cfg: RunConfig) -> bool:
     """A run in ``out`` trained with exactly ``cfg`` (the vocabulary size is set by training) to its last step."""
     if not (out / WEIGHTS).is_file() or not (out / CONFIG).is_file() or not (out / METRICS).is_file():
@@ -74,17 +86,20 @@ def best_validation(out: Path) -> dict:
     return next(e for e in events if e.get("step") == step and "val_mean_error" in e)
 
 
+def _train_or_reuse(cfg: RunConfig, out: Path, *, desc: str) -> float | None:
+    """Train ``cfg`` into ``out`` unless a finished run of it is there; the training time, or None if reused."""
+    if _finished(out, cfg):
+        return None
+    if out.exists():                                  # a stale or partial run: train afresh
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    train(cfg, out, desc=desc)
+    return time.perf_counter() - t0
+
+
 def train_seed(path: Path, runs: Path, *, seed: int, quick: bool) -> dict:
-    cfg = memn2n_config(path, seed=seed, quick=quick)
     out = runs / f"memn2n-seed{seed}"
-    seconds = None
-    if not _finished(out, cfg):
-        t0 = time.perf_counter()
-        if out.exists():
-            for f in out.iterdir():                   # a stale or partial run: train afresh
-                f.unlink()
-        train(cfg, out, desc=f"memn2n babi seed {seed}")
-        seconds = time.perf_counter() - t0
+    seconds = _train_or_reuse(memn2n_config(path, seed=seed, quick=quick), out, desc=f"memn2n babi seed {seed}")
     run = load_run(out)
     test = evaluate_babi(run.model, encode_babi(babi_examples(run.config, "test"), run.tokenizer))
     return {"seed": seed, "val": best_validation(out), "test": test, "seconds": seconds, "config": run.config}
@@ -99,6 +114,7 @@ def run(quick: bool) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(keep) if keep else Path(tmp)
         results = [train_seed(path, runs, seed=s, quick=quick) for s in seeds(quick)]
+        lms = {kind: train_lm(path, runs, kind=kind, quick=quick) for kind in LM_KINDS if kind in IMPLEMENTED_KINDS}
     best = min(results, key=lambda r: (r["val"]["val_mean_error"], r["val"]["val_loss"]))
     cfg, res = best["config"], best["test"]
     m, t, k = cfg.model, cfg.train, cfg.task
@@ -129,12 +145,45 @@ def run(quick: bool) -> str:
     tests = [r["test"]["mean_error"] for r in results]
     lines += ["", f"Test mean error over the seeds: min {min(tests):.1f}, max {max(tests):.1f}, "
                   f"mean {sum(tests) / len(tests):.1f}.", ""]
-    lines += table(res)
+    lines += table(res, lms)
+    lines += lm_notes(lms)
     return "\n".join(lines)
 
 
-def table(res: dict) -> list[str]:
-    lines = ["| task | MemN2N test error % | Transformer-XL | kNN | memory tokens |", "|---|---|---|---|---|"]
+def train_lm(path: Path, runs: Path, *, kind: str, quick: bool) -> dict:
+    """The memory Transformer of ``kind`` trained as a language model on the same stories (the loss on the
+    answer tokens), scored on the first test questions of each task."""
+    cfg = lm_config(path, kind=kind, quick=quick)
+    out = runs / f"lm-{kind}"
+    seconds = _train_or_reuse(cfg, out, desc=f"{kind} babi")
+    t0 = time.perf_counter()
+    res = eval_probe(load_run(out), "babi", lengths=[], depths=[], n=LM_TEST_PER_TASK, show_progress=False)
+    return {"res": res, "seconds": seconds, "eval_seconds": time.perf_counter() - t0, "config": load_run(out).config}
+
+
+def table(res: dict, lms: dict) -> list[str]:
+    lines = ["| task | MemN2N test error % | " + " | ".join(f"{name} (LM)" for name in LM_KINDS.values()) + " |",
+             "|---|---|" + "---|" * len(LM_KINDS)]
+    lm_error = {kind: {str(r["babi_task"]): 100 * (1 - r["accuracy"]) for r in lm["res"]["results"]}
+                for kind, lm in lms.items()}
     for task, v in res["per_task"].items():
-        lines.append(f"| {task} | {v['error']:.1f} | – | – | – |")
-    return lines + [f"| **mean** | **{res['mean_error']:.1f}** | – | – | – |", ""]
+        cells = [f"{lm_error[k][task]:.1f}" if k in lm_error else "not built" for k in LM_KINDS]
+        lines.append(f"| {task} | {v['error']:.1f} | " + " | ".join(cells) + " |")
+    means = [f"**{lms[k]['res']['mean_error']:.1f}**" if k in lms else "not built" for k in LM_KINDS]
+    return lines + [f"| **mean** | **{res['mean_error']:.1f}** | " + " | ".join(means) + " |", ""]
+
+
+def lm_notes(lms: dict) -> list[str]:
+    if not lms:
+        return []
+    cfg = next(iter(lms.values()))["config"]
+    m, t = cfg.model, cfg.train
+    times = ", ".join(f"{k} {v['seconds'] / 60:.1f} min" if v["seconds"] else f"{k} reused" for k, v in lms.items())
+    return [f"LM columns: `configs/babi-lm.yaml` with `--memory.kind` xl / knn ({m.n_layers} layers, d={m.d_model}, "
+            f"segment {m.segment_len}, memory {m.memory.mem_len}, characters, {t.max_steps} steps of "
+            f"{cfg.data.batch_size} stories, loss on the answer only; training {times} on 1 CPU thread), each "
+            f"story read segment by segment with the memory carried, scored on the first {LM_TEST_PER_TASK} test "
+            f"questions of each task (`longmem eval RUN --task babi --n {LM_TEST_PER_TASK}`); an answer counts "
+            f"when all its characters are the greedy choice. MemN2N columns use all 1,000 test questions per task. "
+            f"Memory tokens: {'trained' if 'tokens' in lms else 'not built on this branch (kind tokens is not implemented yet)'}.",
+            ""]

@@ -54,8 +54,8 @@ def test_lstm_trains_evaluates_and_generates(tmp_path, capsys):
     assert res["task"] == "ppl" and res["loss"] < 5.545                   # below uniform over 256 bytes
     assert main(["generate", str(out), "--prompt", "The", "--max-new-tokens", "5", "--seed", "1"]) == 0
     assert capsys.readouterr().out.endswith("\n")
-    assert main(["eval", str(out), "--task", "babi"]) == 2                 # not a memn2n run: a clear error
-    assert "needs a memn2n run" in capsys.readouterr().err
+    assert main(["eval", str(out), "--task", "text"]) == 2                 # not a seq2seq run: a clear error
+    assert "needs a seq2seq run" in capsys.readouterr().err
 
 
 def test_memn2n_trains_on_generated_stories_and_reports_babi_accuracy(tmp_path, capsys):

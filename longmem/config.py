@@ -149,8 +149,13 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = _help("optimizer steps", default=1000)
-    lr: float = _help("peak learning rate (AdamW)", default=1e-3)
+    optimizer: Literal["adamw", "sgd"] = _help(
+        "adamw | sgd (plain SGD, as End-To-End Memory Networks train, Sukhbaatar et al. 2015 §4.2)",
+        default="adamw")
+    lr: float = _help("peak learning rate", default=1e-3)
     min_lr: float = _help("learning rate at the end of the cosine decay", default=1e-4)
+    lr_halve_every: int = _help("0: cosine decay after the warm-up; N > 0: a step schedule instead, the learning "
+                                "rate halved every N steps (Sukhbaatar et al. 2015 §4.2)", default=0)
     warmup_steps: int = _help("linear warm-up steps", default=50)
     weight_decay: float = _help("AdamW weight decay (matrices only: not norms, biases or the tied embedding)",
                                 default=0.1)
@@ -178,8 +183,8 @@ class TrainConfig:
             raise ValueError(f"train.max_steps must be positive, got {self.max_steps}")
         if self.lr <= 0 or self.min_lr < 0:
             raise ValueError("train.lr must be positive and train.min_lr non-negative")
-        for name in ("warmup_steps", "eval_every", "eval_segments", "checkpoint_every", "patience", "log_every",
-                     "threads"):
+        for name in ("warmup_steps", "lr_halve_every", "eval_every", "eval_segments", "checkpoint_every",
+                     "patience", "log_every", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("grad_accum", "keep_last"):
@@ -203,12 +208,20 @@ class TaskConfig:
     n_train: int = _help("generated tasks: training examples per task", default=1000)
     n_test: int = _help("generated tasks: test examples per task (probes: validation examples)", default=200)
     source_len: int = _help("generated seq2seq tasks: characters of a source", default=64)
+    min_source_len: int = _help("generated seq2seq tasks: 0 makes every source task.source_len long; N > 0 draws "
+                                "the length of each training/validation source between N and task.source_len "
+                                "(short passages first teach the lookup); test sources are always task.source_len",
+                                default=0)
+    linear_start_steps: int = _help("memn2n: at most this many first steps without the softmax in memory "
+                                    "(linear start, Sukhbaatar et al. 2015 §4.2); it ends earlier at the first "
+                                    "validation (train.eval_every) whose loss is not below the previous one",
+                                    default=0)
+    linear_start_lr: float = _help("memn2n: learning rate during linear start (0: train.lr; the paper uses "
+                                   "0.005); the schedule of train.* starts when linear start ends", default=0.0)
     length: int = _help("probes (passkey, recall, haystack): tokens per training example", default=512)
     n_pairs: int = _help("recall: key=value pairs per example", default=8)
     distractor: str = _help("haystack: corpus (a path like data.path) whose text hides the facts; empty: the "
                             "embedded corpus", default="")
-    linear_start_steps: int = _help("memn2n: first steps without the softmax in memory "
-                                    "(linear start, Sukhbaatar et al. 2015 §4.2)", default=0)
     time_noise: float = _help("memn2n: fraction of random empty memories inserted in training "
                               "(random noise, Sukhbaatar et al. 2015 §4.1)", default=0.1)
 
@@ -216,6 +229,11 @@ class TaskConfig:
         for name in ("n_train", "n_test", "source_len", "length", "n_pairs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"task.{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.min_source_len <= self.source_len:
+            raise ValueError(f"task.min_source_len must be in [0, task.source_len={self.source_len}], "
+                             f"got {self.min_source_len}")
+        if self.linear_start_lr < 0:
+            raise ValueError(f"task.linear_start_lr must be >= 0, got {self.linear_start_lr}")
         if self.linear_start_steps < 0:
             raise ValueError(f"task.linear_start_steps must be >= 0, got {self.linear_start_steps}")
         if not 0.0 <= self.time_noise < 1.0:

@@ -109,3 +109,26 @@ def test_seq2seq_reads_a_jsonl_of_pairs(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "bad"), "--model.arch", "seq2seq", "--data.path",
                  str(tmp_path / "x.txt")]) == 2
     assert ".jsonl" in capsys.readouterr().err
+
+
+def test_memn2n_linear_start_ends_when_validation_stops_falling_and_keeps_best_weights(tmp_path, capsys):
+    out = train(tmp_path, "--model.arch", "memn2n", "--model.d_model", "16", "--model.memory_size", "20",
+                "--task.babi_tasks", "1", "--task.n_train", "300", "--data.batch_size", "32",
+                "--train.max_steps", "80", "--train.lr", "0.01", "--train.weight_decay", "0", "--train.warmup_steps", "0",
+                "--train.eval_every", "8", "--train.log_every", "1", "--task.linear_start_steps", "64",
+                "--task.linear_start_lr", "0.05")
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    linear = [(e["step"], e["val_linear_loss"]) for e in events if "val_linear_loss" in e]
+    # linear start ends at the first validation whose (linear) loss is not below every earlier one
+    expected = next((s for i, (s, v) in enumerate(linear) if i and v >= min(x for _, x in linear[:i])), 64)
+    ended = [e["step"] for e in events if e.get("event") == "linear_start_end"]
+    assert ended == [expected] and expected < 64 and linear[-1][0] == expected
+    lrs = {e["step"]: e["lr"] for e in events if "lr" in e}
+    assert all(lrs[s] == pytest.approx(0.05) for s in range(1, expected + 1))      # linear start lr
+    assert lrs[expected + 1] == pytest.approx(0.01, rel=1e-3)                      # the schedule starts afresh
+    # model.safetensors holds the best validation's weights, not the last ones
+    vals = [(e["val_mean_error"], e["val_loss"], e["step"]) for e in events if "val_mean_error" in e]
+    best = min(vals)
+    assert [e["best_step"] for e in events if e.get("event") == "best"][-1] == best[2]
+    res = json_out(capsys, "eval", str(out), "--task", "babi", "--json", "--split", "val")
+    assert res["mean_error"] == pytest.approx(best[0], abs=1e-4) and res["loss"] == pytest.approx(best[1], rel=1e-4)

@@ -98,6 +98,14 @@ def test_pairs_from_jsonl_and_generated(tmp_path):
         key = p.source.rstrip("?").split()[-1]
         assert len(p.source) == 100 and f"{key}:{p.target} " in p.source[:30]     # the answer sits at the far start
     assert all(p.source == p.target for p in generate_pairs("copy", n=5, seed=0, source_len=8))
+    lengths = {len(p.source) for p in generate_pairs("passage", n=200, seed=0, source_len=96, min_source_len=40)}
+    assert min(lengths) >= 40 and max(lengths) <= 96 and len(lengths) > 30        # varied training lengths
+    from longmem.config import RunConfig
+    from longmem.data.tasks.sources import pair_examples
+    cfg = RunConfig().override({"model.arch": "seq2seq", "task.name": "passage", "task.source_len": "60",
+                                "task.min_source_len": "30", "task.n_train": "50", "task.n_test": "20"})
+    assert {len(p.source) for p in pair_examples(cfg, "test")} == {60}           # tested at full length
+    assert len({len(p.source) for p in pair_examples(cfg, "train")}) > 5
 
 
 def test_text_metrics_against_hand_computed_values():

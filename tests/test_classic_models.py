@@ -102,6 +102,25 @@ def test_seq2seq_shapes_causal_decoder_and_padding_invariance():
     assert (model(**other).logits[0] - out.logits[0]).abs().max() > 1e-4
 
 
+def test_cross_attention_reads_the_matching_key_however_far_and_never_a_masked_one():
+    from longmem.models.seq2seq import CrossAttention
+    D, S = 32, 24
+    attn = CrossAttention(d_model=D, n_heads=1, dropout=0.0).eval()
+    with torch.no_grad():                                       # q = 16 x sqrt(D), k = v = x, out = identity
+        attn.q.weight.copy_(16 * torch.eye(D) * D ** 0.5)
+        attn.kv.weight.copy_(torch.cat([torch.eye(D), torch.eye(D)]))
+        attn.out.weight.copy_(torch.eye(D))
+    keys = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(0)))[0][:S]   # orthonormal
+    memory = keys[None]                                         # (1, S, D): the answer sits at position 0
+    valid = torch.ones(1, 1, 1, S, dtype=torch.bool)
+    y = attn(keys[None, :1], memory=memory, mask=valid)[0, 0]   # query = key 0, the farthest from the end
+    torch.testing.assert_close(y, keys[0], atol=1e-3, rtol=0)
+    masked = valid.clone()
+    masked[..., 0] = False                                      # the same query with key 0 masked out
+    y = attn(keys[None, :1], memory=memory, mask=masked)[0, 0]
+    assert (y - keys[0]).norm() > 0.5 and y @ keys[0] < 1e-3
+
+
 def test_seq2seq_overfits_a_tiny_copy_set():
     torch.manual_seed(0)
     model = s2s(n_layers=1).train()

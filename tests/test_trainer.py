@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from longmem.training.trainer import lr_at, param_groups
+import torch
+
+from longmem.config import RunConfig, TrainConfig
+from longmem.training.trainer import build_optimizer, lr_at, param_groups
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
@@ -15,6 +18,22 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[100] == pytest.approx(1e-4)
     assert lr_at(0, lr=1e-3, min_lr=0.0, warmup=0, total=5) == pytest.approx(1e-3)
+
+
+def test_step_schedule_halves_every_n_steps_after_warmup():
+    kw = dict(lr=0.01, min_lr=0.0, warmup=2, total=100, halve_every=10)
+    assert lr_at(1, **kw) == pytest.approx(0.01)
+    assert [lr_at(s, **kw) for s in (2, 11, 12, 21, 22, 32)] == pytest.approx([0.01, 0.01, 0.005, 0.005, 0.0025,
+                                                                               0.00125])
+
+
+def test_build_optimizer_sgd_or_adamw():
+    model = torch.nn.Linear(3, 2)
+    sgd = build_optimizer(model, TrainConfig(optimizer="sgd", lr=0.1))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0
+    assert isinstance(build_optimizer(model, TrainConfig()), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="accepted: adamw, sgd"):
+        RunConfig().override({"train.optimizer": "adam"})
 
 
 def test_weight_decay_only_on_matrices(make_model):

@@ -15,9 +15,10 @@ from longmem.models import IGNORE_INDEX
 
 
 @torch.no_grad()
-def evaluate_babi(model, data: EncodedBabi, *, batch_size: int = 256) -> dict:
+def evaluate_babi(model, data: EncodedBabi, *, batch_size: int = 256, linear: bool = False) -> dict:
     """Loss, overall accuracy, accuracy and error (%) per task, and the mean error over tasks
-    (the number bAbI papers report; a task with error > 5% counts as failed)."""
+    (the number bAbI papers report; a task with error > 5% counts as failed). ``linear`` reads the
+    memory without the softmax, as in linear-start training."""
     was_training = model.training
     model.eval()
     correct = torch.zeros(len(data), dtype=torch.bool)
@@ -25,7 +26,7 @@ def evaluate_babi(model, data: EncodedBabi, *, batch_size: int = 256) -> dict:
     for start in range(0, len(data), batch_size):
         idx = list(range(start, min(start + batch_size, len(data))))
         batch = babi_batch(data, idx, memory_size=model.config.memory_size)
-        out = model(**batch)
+        out = model(**batch, linear=linear)
         loss_sum += F.cross_entropy(out.logits.float(), batch["answer"], reduction="sum").item()
         correct[idx] = out.logits.argmax(-1) == batch["answer"]
     model.train(was_training)

@@ -1,6 +1,6 @@
 """The training loop.
 
-AdamW (decay on matrices only), warm-up + cosine decay, gradient clipping and
+AdamW (decay on matrices only) or SGD, warm-up + cosine decay (or halving steps), gradient clipping and
 accumulation, mixed precision (autocast in the loop only), ordered lanes with
 the memory carried across steps, periodic validation with the memory carried
 across validation segments, early stopping, checkpoints for exact resume,
@@ -54,10 +54,13 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:
-    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at ``total``."""
+def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int, halve_every: int = 0) -> float:
+    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at ``total``, or
+    with ``halve_every`` > 0 a step schedule: ``lr`` halved every ``halve_every`` steps after the warm-up."""
     if warmup and step < warmup:
         return lr * (step + 1) / warmup
+    if halve_every:
+        return lr * 0.5 ** ((step - warmup) // halve_every)
     frac = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * frac))
 
@@ -69,6 +72,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         (decay if p.dim() >= 2 and id(p) not in embed else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, t, *, fused: bool = False) -> torch.optim.Optimizer:
+    """``train.optimizer``: AdamW with decay on matrices only, or plain SGD (no momentum, no decay)."""
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.lr)
+    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
 
 
 class _StopSignal:
@@ -128,8 +138,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
         cfg.save(out_dir / CONFIG)
         save_tokenizer(tokenizer, out_dir / TOKENIZER)
     torch.manual_seed(t.seed + 1 + dist.rank)            # dropout masks differ per rank
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                            fused=device.type == "cuda")
+    opt = build_optimizer(model, t, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     state: State | None = None
     info = {"tokens_seen": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0}
@@ -182,7 +191,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
     bar.update(start_step)
     with _StopSignal() as stop:
         for step in range(start_step, t.max_steps):
-            lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup_steps, total=t.max_steps)
+            lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup_steps, total=t.max_steps,
+                       halve_every=t.lr_halve_every)
             for g in opt.param_groups:
                 g["lr"] = lr
             micro = [next(stream) for _ in range(t.grad_accum)]

@@ -45,13 +45,16 @@ def read_pairs(path: str | Path) -> list[Pair]:
     return out
 
 
-def generate_pairs(name: str, *, n: int, seed: int, source_len: int) -> list[Pair]:
-    """``n`` seeded pairs of the generated task ``name`` (copy | passage) with sources of about ``source_len`` chars."""
+def generate_pairs(name: str, *, n: int, seed: int, source_len: int, min_source_len: int = 0) -> list[Pair]:
+    """``n`` seeded pairs of the generated task ``name`` (copy | passage) with sources of about ``source_len``
+    chars; with ``min_source_len`` each passage's length is drawn between it and ``source_len`` (the facts
+    and the question always fit: a short passage has less filler)."""
     if name not in GENERATED_PAIRS:
         raise ValueError(f"generated seq2seq tasks are {', '.join(GENERATED_PAIRS)}; got {name!r}")
     rng = random.Random(f"pairs/{name}/{seed}")
     out = []
     for _ in range(n):
+        length = rng.randint(min_source_len, source_len) if 0 < min_source_len < source_len else source_len
         if name == "copy":
             k = rng.randint(max(1, source_len // 2), source_len)
             text = "".join(rng.choices(string.ascii_lowercase, k=k))
@@ -62,7 +65,7 @@ def generate_pairs(name: str, *, n: int, seed: int, source_len: int) -> list[Pai
         facts = " ".join(f"{k}:{v}" for k, v in zip(keys, values)) + " "
         asked = rng.randrange(len(keys))
         question = f" {keys[asked]}?"
-        n_fill = max(0, source_len - len(facts) - len(question))
+        n_fill = max(0, length - len(facts) - len(question))
         filler = "".join(rng.choices(string.ascii_uppercase + " ", k=n_fill))   # no key letters, no digits
         out.append(Pair(source=facts + filler + question, target=values[asked]))
     return out

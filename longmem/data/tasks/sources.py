@@ -93,7 +93,8 @@ def pair_examples(cfg: RunConfig, split: str) -> list[Pair]:
         return _cut(pairs, split=split, val_fraction=d.val_fraction, seed=d.seed)
     if split == "test":
         return generate_pairs(name, n=t.n_test, seed=d.seed + _TEST_SEED, source_len=t.source_len)
-    pairs = generate_pairs(name, n=t.n_train, seed=d.seed, source_len=t.source_len)
+    pairs = generate_pairs(name, n=t.n_train, seed=d.seed, source_len=t.source_len,
+                           min_source_len=t.min_source_len or t.source_len)
     return _cut(pairs, split=split, val_fraction=d.val_fraction, seed=d.seed)
 
 

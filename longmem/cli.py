@@ -90,12 +90,31 @@ def _train(args, overrides) -> int:
 # -- eval ----------------------------------------------------------------------
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
-    p.add_argument("--task", default="ppl", choices=["ppl", "babi", "text"],
-                   help="what to measure (ppl: perplexity; babi: accuracy per task of a memn2n run; "
-                        "text: exact match, F1, BLEU, ROUGE-L of a seq2seq run)")
+    p.add_argument("--task", default="ppl", choices=["ppl", "passkey", "recall", "babi", "haystack", "text"],
+                   help="what to measure. ppl: perplexity (with --mem-lens: against memory length); passkey: "
+                        "retrieve a number hidden at --depths of --lengths tokens of filler; recall: key=value "
+                        "pairs asked again after --lengths tokens; babi: accuracy per bAbI task (memn2n, or a "
+                        "language model reading the story as text); haystack: bAbI facts scattered through "
+                        "--lengths tokens of distractor text; text: exact match, F1, BLEU, ROUGE-L of a seq2seq run")
     p.add_argument("--split", default=None, choices=["val", "train", "test"],
-                   help="which documents to evaluate (default: val for ppl, test for babi and text)")
-    p.add_argument("--max-segments", type=int, default=0, help="stop after N batches (0: the whole split)")
+                   help="ppl: val (default) or train; babi/text: test (default), val or train")
+    p.add_argument("--lengths", default="1k,4k", help="passkey/recall/haystack: context lengths in tokens "
+                   "(k = 1024, m = 1024^2) [default: 1k,4k]")
+    p.add_argument("--depths", default="0,0.5,1", help="passkey/recall: where the needle sits, 0 = start, "
+                   "1 = just before the question [default: 0,0.5,1]")
+    p.add_argument("--n", type=int, default=None, help="examples per cell of the sweep [default: 20; "
+                   "haystack 20 per bAbI task; babi all]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated examples [default: 0]")
+    p.add_argument("--mem-lens", default=None, help="ppl: evaluate at each memory length, e.g. 0,64,128,256, "
+                   "and plot perplexity against it")
+    p.add_argument("--babi", default=None, metavar="PATH", help="babi/haystack: bAbI folder or file (default: "
+                   "the run's own bAbI data, else generated stories of tasks 1-3)")
+    p.add_argument("--distractor", default=None, metavar="PATH", help="haystack: corpus that hides the facts "
+                   "(default: the run's validation text, or the embedded corpus for task runs)")
+    p.add_argument("--batch-size", type=int, default=8, help="probes: examples scored at once [default: 8]")
+    p.add_argument("--max-segments", type=int, default=0, help="ppl: stop after N batches (0: the whole split)")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="probes and sweeps: where to write the "
+                   "result and its picture (FILE.png beside it) [default: RUN/eval/TASK.json]")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -103,24 +122,77 @@ def _eval(args, overrides) -> int:
     from longmem.evaluation.suite import eval_ppl
     from longmem.runs import load_run
     run = load_run(args.run, overrides=overrides)
-    if args.task in ("babi", "text"):
+    arch = run.config.model.arch
+    if args.task == "text" or (args.task == "babi" and arch == "memn2n"):
         from longmem.evaluation.qa import eval_babi, eval_text, format_task_result
         res = (eval_babi if args.task == "babi" else eval_text)(run, split=args.split or "test")
         print(json.dumps(res) if args.json else format_task_result(res))
         return 0
-    if run.config.model.arch in ("seq2seq", "memn2n"):
-        raise ValueError(f"--task ppl is for language models; this is a {run.config.model.arch} run: use "
-                         f"--task {'babi' if run.config.model.arch == 'memn2n' else 'text'}")
-    args.split = args.split or "val"
-    if args.split == "test":
-        raise ValueError("--split test is for --task babi and text; ppl evaluates val or train")
-    res = eval_ppl(run, split=args.split, max_segments=args.max_segments)
-    if args.json:
-        print(json.dumps(res))
-    else:
-        print(f"{args.split}: loss {res['loss']:.4f}  ppl {res['ppl']:.3f}  bpc {res['bpc']:.4f}  "
-              f"tokens {res['tokens']}  mem_len {res['mem_len']}")
+    if arch in ("seq2seq", "memn2n"):
+        raise ValueError(f"--task {args.task} is for language models; this is a {arch} run: use "
+                         f"--task {'babi' if arch == 'memn2n' else 'text'}")
+    if args.task == "ppl" and not args.mem_lens:
+        args.split = args.split or "val"
+        if args.split == "test":
+            raise ValueError("--split test is for --task babi and text; ppl evaluates val or train")
+        res = eval_ppl(run, split=args.split, max_segments=args.max_segments)
+        if args.json:
+            print(json.dumps(res))
+        else:
+            print(f"{args.split}: loss {res['loss']:.4f}  ppl {res['ppl']:.3f}  bpc {res['bpc']:.4f}  "
+                  f"tokens {res['tokens']}  mem_len {res['mem_len']}")
+        return 0
+    res = _eval_sweep(args, run, overrides)
+    out = Path(args.out) if args.out else Path(args.run) / "eval" / f"{args.task}.json"
+    from longmem.evaluation.plots import plot_result
+    from longmem.training.checkpoint import atomic_write_text
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot = plot_result(res, out.with_suffix(".png"))
+    res["plot"] = str(plot) if plot else None
+    atomic_write_text(out, json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res) if args.json else _format_sweep(res, out))
     return 0
+
+
+def _eval_sweep(args, run, overrides) -> dict:
+    from longmem.data.tasks.probes import parse_depths, parse_lengths
+    from longmem.evaluation.suite import eval_ppl_sweep, eval_probe
+    if args.task == "ppl":
+        mem_lens = _ints(args.mem_lens, "--mem-lens")
+        split = args.split or "val"
+        if split == "test":
+            raise ValueError("--split test is for --task babi and text; ppl evaluates val or train")
+        return eval_ppl_sweep(args.run, mem_lens=mem_lens, split=split, max_segments=args.max_segments,
+                              overrides=overrides)
+    n = args.n if args.n is not None else (0 if args.task == "babi" else 20)
+    if n < 0 or (n == 0 and args.task != "babi"):
+        raise ValueError(f"--n must be positive (0 means all, for babi only), got {n}")
+    return eval_probe(run, args.task, lengths=parse_lengths(args.lengths), depths=parse_depths(args.depths), n=n,
+                      seed=args.seed, batch_size=args.batch_size, babi_path=args.babi, distractor=args.distractor)
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        out = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes integers separated by commas, e.g. 0,64,128; got {text!r}") from None
+    if not out or min(out) < 0:
+        raise ValueError(f"{flag} takes non-negative integers separated by commas; got {text!r}")
+    return out
+
+
+def _format_sweep(res: dict, out: Path) -> str:
+    keys = [k for k in ("mem_len", "length", "depth", "babi_task") if k in res["results"][0]]
+    value = ("ppl", "bpc") if res["task"] == "ppl" else ("accuracy", "answer_loss", "answers")
+    lines = ["  ".join(f"{k:>10}" for k in keys + list(value))]
+    for r in res["results"]:
+        lines.append("  ".join(f"{r[k]:>10.4g}" if isinstance(r[k], float) else f"{r[k]:>10}"
+                               for k in keys + list(value)))
+    if "accuracy" in res:
+        lines.append(f"{res['task']}: accuracy {res['accuracy']:.3f} over all cells"
+                     + (f", mean error {res['mean_error']:.1f}%" if "mean_error" in res else ""))
+    lines.append(f"wrote {out}" + (f" and {res['plot']}" if res.get("plot") else ""))
+    return "\n".join(lines)
 
 
 # -- generate ------------------------------------------------------------------

@@ -232,23 +232,31 @@ class TrainConfig:
 
 @dataclass
 class TaskConfig:
-    """Question answering and source -> target tasks (model.arch memn2n and seq2seq; see training/tasks.py)."""
-    name: Literal["auto", "babi", "copy", "passage"] = _help(
-        "auto (babi for memn2n, passage for seq2seq) | babi (data.path: bAbI folder/file, empty: generated "
-        "stories) | copy (target = source) | passage (answer a key from the far start of a long passage); "
-        "seq2seq reads source/target pairs instead when data.path is a .jsonl file", default="auto")
+    """Tasks: bAbI for memn2n, source -> target pairs for seq2seq (see training/tasks.py), and the long-range
+    probes a language model (transformer, lstm) can train on, the loss on answer tokens only
+    (data/tasks/probes.py)."""
+    name: Literal["auto", "babi", "copy", "passage", "passkey", "recall", "haystack"] = _help(
+        "auto (babi for memn2n, passage for seq2seq, the data.path corpus for language models) | babi "
+        "(data.path: bAbI folder/file, empty: generated stories) | copy (target = source) | passage (answer a "
+        "key from the far start of a long passage) | passkey (a number hidden in filler) | recall (key=value "
+        "pairs asked again later) | haystack (bAbI facts scattered through task.distractor text); seq2seq reads "
+        "source/target pairs instead when data.path is a .jsonl file", default="auto")
     babi_tasks: str = _help("bAbI task ids, comma-separated (e.g. '1' per task, '1,2,3'); empty: all tasks "
                             "found (1,2,3 when generated)", default="")
     n_train: int = _help("generated tasks: training examples per task", default=1000)
-    n_test: int = _help("generated tasks: test examples per task", default=200)
+    n_test: int = _help("generated tasks: test examples per task (probes: validation examples)", default=200)
     source_len: int = _help("generated seq2seq tasks: characters of a source", default=64)
+    length: int = _help("probes (passkey, recall, haystack): tokens per training example", default=512)
+    n_pairs: int = _help("recall: key=value pairs per example", default=8)
+    distractor: str = _help("haystack: corpus (a path like data.path) whose text hides the facts; empty: the "
+                            "embedded corpus", default="")
     linear_start_steps: int = _help("memn2n: first steps without the softmax in memory "
                                     "(linear start, Sukhbaatar et al. 2015 §4.2)", default=0)
     time_noise: float = _help("memn2n: fraction of random empty memories inserted in training "
                               "(random noise, Sukhbaatar et al. 2015 §4.1)", default=0.1)
 
     def __post_init__(self):
-        for name in ("n_train", "n_test", "source_len"):
+        for name in ("n_train", "n_test", "source_len", "length", "n_pairs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"task.{name} must be positive, got {getattr(self, name)}")
         if self.linear_start_steps < 0:

@@ -16,6 +16,7 @@ from longmem.evaluation.suite import eval_ppl
 from longmem.generation.generate import generate_text
 from longmem.runs import load_run
 from longmem.training.checkpoint import atomic_write_text
+from longmem.utils import pyplot
 from longmem.training.trainer import train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -82,11 +83,8 @@ def _table(rows: list[dict], *, train_mem_len: int) -> str:
 
 
 def _plot(rows: list[dict], path: Path, *, train_mem_len: int) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         _say("matplotlib is not installed (pip install 'longmem[plot]'): no plot")
         return None
     xl = [r for r in rows if r["model"] == "xl"]

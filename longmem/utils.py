@@ -44,3 +44,14 @@ def check_memory_fits(model_config, *, batch_size: int, device, training: bool) 
             f"this memory does not fit: memory.mem_len={c.memory.mem_len} with {batch_size} lanes, "
             f"{c.n_layers} layers and d_model {c.d_model} needs about {need / 2**30:.1f} GiB, but only "
             f"{free / 2**30:.1f} GiB is free on {device}. Lower memory.mem_len or data.batch_size.")
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib (extra ``plot``) is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt

@@ -24,6 +24,7 @@ class Batch:
     inputs: torch.Tensor    # (B, T) long
     targets: torch.Tensor   # (B, T) long, IGNORE_INDEX on padding
     reset: torch.Tensor     # (B,) bool: a new document starts in this lane
+    n_inputs: int = 0       # input positions that are not padding
 
     @property
     def n_targets(self) -> int:
@@ -38,28 +39,36 @@ def encode_documents(texts: list[str], tokenizer, *, cache_dir=None) -> list[np.
 
 
 class _Lane:
-    """One lane: walks through a sequence of documents segment by segment."""
+    """One lane: walks through a sequence of documents segment by segment.
+
+    A document is a 1-D array of token ids (every next token is a target) or a
+    (2, N) array of token ids and an answer mask (only masked tokens are targets,
+    as in the probe tasks)."""
 
     def __init__(self, next_doc):
         self.next_doc = next_doc          # () -> (np.ndarray, start offset) | (None, 0)
         self.doc: np.ndarray | None = None
         self.offset = 0
 
-    def take(self, seg_len: int) -> tuple[np.ndarray, np.ndarray, bool, bool]:
-        """(inputs, targets, reset, live) for the next segment of this lane."""
+    def take(self, seg_len: int) -> tuple[np.ndarray, np.ndarray, bool, bool, int]:
+        """(inputs, targets, reset, live, n real inputs) for the next segment of this lane."""
         reset = False
-        if self.doc is None or self.offset >= len(self.doc) - 1:
+        if self.doc is None or self.offset >= self.doc.shape[-1] - 1:
             (self.doc, self.offset), reset = self.next_doc(), True
         inputs = np.full(seg_len, PAD_ID, dtype=np.int64)
         targets = np.full(seg_len, IGNORE_INDEX, dtype=np.int64)
         if self.doc is None:                                  # lane exhausted (finite streams)
-            return inputs, targets, True, False
-        chunk = self.doc[self.offset:self.offset + seg_len + 1]
-        n = len(chunk) - 1
+            return inputs, targets, True, False, 0
+        chunk = self.doc[..., self.offset:self.offset + seg_len + 1]
+        n = chunk.shape[-1] - 1
+        if chunk.ndim == 2:                                   # (tokens, answer mask)
+            chunk, mask = chunk
+            targets[:n] = np.where(mask[1:] > 0, chunk[1:], IGNORE_INDEX)
+        else:
+            targets[:n] = chunk[1:]
         inputs[:n] = chunk[:-1]
-        targets[:n] = chunk[1:]
         self.offset += n
-        return inputs, targets, reset, True
+        return inputs, targets, reset, True, n
 
 
 class TrainStream:
@@ -102,14 +111,61 @@ class TrainStream:
                 "positions": [{**p, "remaining": list(p["remaining"]), "offset": lane.offset}
                               for p, lane in zip(self.pos, self.lanes)]}
 
-    def load_state_dict(self, d: dict) -> None:
-        if d.get("n_docs") != len(self.docs) or d.get("lanes") != self.lane_ids:
-            raise ValueError(f"the saved data position is for {d.get('n_docs')} documents and lanes "
-                             f"{d.get('lanes')}, this run has {len(self.docs)} documents and lanes "
-                             f"{self.lane_ids}: the corpus or the batch size changed")
-        for p, lane, saved in zip(self.pos, self.lanes, d["positions"]):
+    def load_positions(self, positions: list[dict]) -> None:
+        def fits(p: dict) -> bool:
+            return ("remaining" in p and -1 <= p.get("doc", -2) < len(self.docs)
+                    and all(0 <= i < len(self.docs) for i in p["remaining"]))
+        if len(positions) != len(self.lanes) or not all(map(fits, positions)):
+            raise ValueError(f"the saved data position does not fit this run's {len(self.docs)} documents and "
+                             f"{len(self.lanes)} lanes: the corpus or the batch size changed")
+        for p, lane, saved in zip(self.pos, self.lanes, positions):
             p.update(epoch=saved["epoch"], remaining=list(saved["remaining"]), doc=saved["doc"])
             lane.doc = self.docs[saved["doc"]] if saved["doc"] >= 0 else None
+            lane.offset = saved["offset"]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        return _stack([lane.take(self.seg_len) for lane in self.lanes])
+
+
+class TaskStream:
+    """Endless batches of generated task examples (the probe tasks): lane ``g`` of
+    ``batch_size`` global lanes reads examples ``g, g + batch_size, g + 2 * batch_size, ...``,
+    each from the seeded ``make_doc(index, length)`` (a (2, N) array of token ids and
+    answer mask), each starting with a reset of the lane's memory.
+
+    ``length`` (tokens per example) may change between steps, e.g. by a curriculum;
+    an example already begun keeps its length. ``state_dict()`` is every lane's
+    example index, length and offset (JSON), for exact resume."""
+
+    def __init__(self, make_doc, *, batch_size: int, seg_len: int, length: int, lanes: range | None = None):
+        self.make_doc, self.batch_size, self.seg_len, self.length = make_doc, batch_size, seg_len, length
+        self.lane_ids = list(lanes if lanes is not None else range(batch_size))
+        self.pos = [{"index": g - batch_size, "length": length} for g in self.lane_ids]
+        self.lanes = [_Lane(self._doc_iter(j)) for j in range(len(self.lane_ids))]
+
+    def _doc_iter(self, j: int):
+        def next_doc():
+            pos = self.pos[j]
+            pos["index"] += self.batch_size
+            pos["length"] = self.length
+            return self.make_doc(pos["index"], pos["length"]), 0
+        return next_doc
+
+    def state_dict(self) -> dict:
+        return {"lanes": self.lane_ids, "length": self.length,
+                "positions": [{**p, "offset": lane.offset, "begun": lane.doc is not None}
+                              for p, lane in zip(self.pos, self.lanes)]}
+
+    def load_positions(self, positions: list[dict]) -> None:
+        if len(positions) != len(self.lanes) or any("index" not in p for p in positions):
+            raise ValueError("the saved data position is not one of a task run with these lanes: the task or "
+                             "the batch size changed")
+        for p, lane, saved in zip(self.pos, self.lanes, positions):
+            p.update(index=saved["index"], length=saved["length"])
+            lane.doc = self.make_doc(saved["index"], saved["length"]) if saved["begun"] else None
             lane.offset = saved["offset"]
 
     def __iter__(self):
@@ -126,20 +182,20 @@ def _balanced_lanes(docs: list[np.ndarray], *, batch_size: int, seg_len: int):
     share that overlap by one token (every target is still read exactly once, only the
     first tokens of a piece lose their context), so one long document, e.g. the
     validation tail of a one-file corpus, does not leave all lanes but one idle."""
-    share = max(seg_len, -(-sum(len(d) - 1 for d in docs) // batch_size))
+    share = max(seg_len, -(-sum(d.shape[-1] - 1 for d in docs) // batch_size))
     pieces = []
     for d in docs:
-        n_targets = len(d) - 1
+        n_targets = d.shape[-1] - 1
         n_pieces = -(-n_targets // share) if n_targets > 2 * share else 1
         step = -(-n_targets // n_pieces)
-        pieces += [d[a:min(a + step, n_targets) + 1] for a in range(0, n_targets, step)]
+        pieces += [d[..., a:min(a + step, n_targets) + 1] for a in range(0, n_targets, step)]
     docs = pieces
     buckets: list[list[np.ndarray]] = [[] for _ in range(batch_size)]
     totals = [0] * batch_size
-    for d in sorted(docs, key=len, reverse=True):
+    for d in sorted(docs, key=lambda d: d.shape[-1], reverse=True):
         i = totals.index(min(totals))
         buckets[i].append(d)
-        totals[i] += -(-(len(d) - 1) // seg_len)
+        totals[i] += -(-(d.shape[-1] - 1) // seg_len)
     return buckets, totals
 
 
@@ -157,7 +213,7 @@ def eval_batches(docs: list[np.ndarray], *, batch_size: int, seg_len: int, max_s
     n = 0
     while True:
         rows = [lane.take(seg_len) for lane in lanes]
-        if not any(live for *_, live in rows):
+        if not any(row[3] for row in rows):
             return
         yield _stack(rows)
         n += 1
@@ -171,6 +227,6 @@ def _pop_front(items: list):
 
 
 def _stack(rows) -> Batch:
-    inputs, targets, reset, _ = zip(*rows)
+    inputs, targets, reset, _, n = zip(*rows)
     return Batch(inputs=torch.from_numpy(np.stack(inputs)), targets=torch.from_numpy(np.stack(targets)),
-                 reset=torch.tensor(reset, dtype=torch.bool))
+                 reset=torch.tensor(reset, dtype=torch.bool), n_inputs=sum(n))

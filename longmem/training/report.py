@@ -9,6 +9,7 @@ import yaml
 from longmem.config import RunConfig
 from longmem.runs import METRICS
 from longmem.training.checkpoint import atomic_write_text
+from longmem.utils import pyplot
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -35,8 +36,11 @@ def write_run_report(out_dir: Path, cfg: RunConfig) -> Path:
                   f"- tokens/s: median {sorted(tps)[len(tps) // 2]:,.0f}"]
     if val:
         best = min(val, key=lambda r: r["val_loss"])
-        lines += [f"- final validation: loss {val[-1]['val_loss']:.4f}, ppl {val[-1]['val_ppl']:.3f}, "
-                  f"bpc {val[-1]['val_bpc']:.4f} at step {val[-1]['step']}",
+        last = val[-1]
+        extra = (f"bpc {last['val_bpc']:.4f}" if "val_bpc" in last
+                 else f"answer accuracy {last.get('val_accuracy', float('nan')):.3f}")
+        lines += [f"- final validation: loss {last['val_loss']:.4f}, ppl {last['val_ppl']:.3f}, "
+                  f"{extra} at step {last['step']}",
                   f"- best validation loss: {best['val_loss']:.4f} at step {best['step']}"]
     stops = [r for r in rows if r.get("event") == "early_stop"]
     if stops:
@@ -54,11 +58,8 @@ def write_run_report(out_dir: Path, cfg: RunConfig) -> Path:
 def _plot(path: Path, train: list[dict], val: list[dict]) -> Path | None:
     if not train:
         return None
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
     ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")

@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +25,11 @@ import torch.utils.checkpoint
 from longmem.config import RunConfig
 from longmem.data.cache import cache_dir_for
 from longmem.data.corpus import load_corpus, split_documents
-from longmem.data.stream import TrainStream, encode_documents
+from longmem.data.stream import TaskStream, TrainStream, encode_documents
+from longmem.data.tasks.sources import probe_fit_texts, probe_maker, task_name
 from longmem.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 from longmem.evaluation.perplexity import evaluate_ppl, predicted_chars
+from longmem.evaluation.probes import score_probes, summarize
 from longmem.models import IGNORE_INDEX, build_model
 from longmem.models.memory import State
 from longmem.runs import CONFIG, METRICS, TOKENIZER
@@ -113,15 +116,10 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
     if resume and ckpt is None:
         raise FileNotFoundError(f"{out_dir} has no checkpoint to resume from (no {S.CKPT_DIR}/step-*)")
 
-    # data: the split is by document and seeded; on resume the saved tokenizer is reused
-    train_texts, val_texts = split_documents(load_corpus(d), val_fraction=d.val_fraction, seed=d.seed)
-    tokenizer = (load_tokenizer(out_dir / TOKENIZER) if resume
-                 else build_tokenizer(d.tokenizer, train_texts, vocab_size=d.vocab_size))
-    cfg.model.vocab_size = tokenizer.vocab_size
-    cache = cache_dir_for(d.path) if d.cache and d.path else None
-    train_docs = encode_documents(train_texts, tokenizer, cache_dir=cache)
-    val_docs = encode_documents(val_texts, tokenizer, cache_dir=cache)
     lanes = D.lane_slice(d.batch_size, dist)
+    data = _data(cfg, out_dir, resume=resume, lanes=lanes)
+    tokenizer, stream = data.tokenizer, data.stream
+    cfg.model.vocab_size = tokenizer.vocab_size
 
     check_memory_fits(cfg.model, batch_size=len(lanes), device=device, training=True)
     torch.manual_seed(t.seed)
@@ -134,8 +132,6 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                             fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    stream = TrainStream(train_docs, batch_size=d.batch_size, seg_len=cfg.model.segment_len, seed=d.seed,
-                         lanes=lanes)
     state: State | None = None
     info = {"tokens_seen": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0}
     start_step = 0
@@ -156,10 +152,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
     def validate(step: int, *, full: bool) -> dict:
         res = {}
         if dist.main:
-            res = evaluate_ppl(model, val_docs, batch_size=d.batch_size, n_chars=predicted_chars(val_texts),
-                               max_segments=0 if full else t.eval_segments)
-            log({"step": step, "val_loss": res["loss"], "val_ppl": res["ppl"], "val_bpc": res["bpc"],
-                 "val_tokens": res["tokens"]})
+            res = data.validate(model, full=full)
+            log({"step": step, **{f"val_{k}": res[k] for k in data.logged}})
         model.train()
         return D.broadcast_object(res, dist)
 
@@ -192,10 +186,13 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
             lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup_steps, total=t.max_steps)
             for g in opt.param_groups:
                 g["lr"] = lr
+            if t.curriculum and isinstance(stream, TaskStream):  # examples grow stage by stage
+                stream.length = t.segments_at(step) * cfg.model.segment_len
             window = t.bptt_at(step)                             # segments whose graph is kept together
             micro = [[next(stream) for _ in range(window)] for _ in range(t.grad_accum)]
             n_local = sum(b.n_targets for batches in micro for b in batches)
             n_global = D.all_sum(n_local, dist, device)         # normalize by the global target count
+            n_inputs = D.all_sum(sum(b.n_inputs for batches in micro for b in batches), dist, device)
             step_loss = 0.0
             for i, batches in enumerate(micro):
                 sync = i == len(micro) - 1
@@ -223,17 +220,18 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
                     f"the loss became {loss_value} at step {step + 1}; the last good checkpoint is "
                     f"{last_good or 'none (no checkpoint was saved yet)'}. Lower train.lr, raise "
                     f"train.warmup_steps or use train.precision fp32, then resume or restart.")
-            first_loss = loss_value if first_loss is None else first_loss
-            last_loss = loss_value
-            loss_sum, n_loss = loss_sum + loss_value, n_loss + 1
-            info["tokens_seen"] += int(n_global)
-            tokens_since += n_global
+            if n_global:                                         # a task step may hold no answer
+                first_loss = loss_value if first_loss is None else first_loss
+                last_loss = loss_value
+            loss_sum, n_loss = loss_sum + loss_value * n_global, n_loss + n_global
+            info["tokens_seen"] += int(n_inputs)
+            tokens_since += n_inputs
             bar.update(1)
             done = step + 1
             if done % max(1, t.log_every) == 0 or done == t.max_steps:
                 now = time.perf_counter()
                 tps = tokens_since / max(now - t_log, 1e-9)
-                avg = loss_sum / n_loss
+                avg = loss_sum / n_loss if n_loss else float("nan")       # per target token
                 log({"step": done, "loss": avg, "lr": lr, "tokens": info["tokens_seen"], "tokens_per_s": tps,
                      **({"grad_norm": float(grad_norm)} if grad_norm is not None else {})})
                 bar.set_postfix(loss=f"{avg:.3f}", tok_s=f"{tps:,.0f}")
@@ -298,7 +296,7 @@ def forward_window(model, batches: list, state: State | None, *, device, amp_dty
     return total, state
 
 
-def _resume(ckpt: Path, *, model, opt, scaler, stream: TrainStream, lanes: range, dist: D.Dist, device):
+def _resume(ckpt: Path, *, model, opt, scaler, stream: TrainStream | TaskStream, lanes: range, dist: D.Dist, device):
     meta, tensors = S.load_checkpoint(ckpt)
     if meta["world_size"] != dist.world:
         raise ValueError(f"{ckpt} was saved by {meta['world_size']} process(es) but this run has {dist.world}; "
@@ -307,8 +305,7 @@ def _resume(ckpt: Path, *, model, opt, scaler, stream: TrainStream, lanes: range
     opt.load_state_dict(S.optimizer_state(meta, tensors))
     if scaler is not None and (sc := S.scaler_state(meta, tensors)):
         scaler.load_state_dict(sc)
-    stream.load_state_dict({"lanes": list(lanes), "n_docs": len(stream.docs),
-                            "positions": meta["data"][lanes.start:lanes.stop]})
+    stream.load_positions(meta["data"][lanes.start:lanes.stop])
     mem = S.memory_state(tensors)
     state = None
     if mem:
@@ -316,3 +313,47 @@ def _resume(ckpt: Path, *, model, opt, scaler, stream: TrainStream, lanes: range
     S.restore_rng(S.rng_states(meta, tensors)[dist.rank])
     info = {k: meta[k] for k in ("tokens_seen", "best_val_loss", "best_step", "bad_evals")}
     return meta["step"], state, info
+
+
+@dataclass
+class _Data:
+    tokenizer: object
+    stream: TrainStream | TaskStream
+    validate: Callable[..., dict]          # (model, *, full) -> {"loss", "ppl", ...}
+    logged: tuple[str, ...]                 # keys of validate's result written to metrics.jsonl (as val_*)
+
+
+def _data(cfg: RunConfig, out_dir: Path, *, resume: bool, lanes: range) -> _Data:
+    """Tokenizer, training stream and validation of a language-model run: its corpus, split by document
+    and seeded, or a probe task (passkey, recall, babi, haystack; loss on answer tokens only). On resume
+    the saved tokenizer is reused."""
+    d, t = cfg.data, cfg.train
+    name = task_name(cfg)
+    if name == "lm":
+        train_texts, val_texts = split_documents(load_corpus(d), val_fraction=d.val_fraction, seed=d.seed)
+    fit = train_texts if name == "lm" else probe_fit_texts(cfg)
+    tokenizer = (load_tokenizer(out_dir / TOKENIZER) if resume
+                 else build_tokenizer(d.tokenizer, fit, vocab_size=d.vocab_size))
+    seg_len = cfg.model.segment_len
+    if name == "lm":
+        cache = cache_dir_for(d.path) if d.cache and d.path else None
+        train_docs = encode_documents(train_texts, tokenizer, cache_dir=cache)
+        val_docs = encode_documents(val_texts, tokenizer, cache_dir=cache)
+        n_chars = predicted_chars(val_texts)
+
+        def validate_lm(model, *, full: bool) -> dict:
+            return evaluate_ppl(model, val_docs, batch_size=d.batch_size, n_chars=n_chars,
+                                max_segments=0 if full else t.eval_segments)
+        return _Data(tokenizer, TrainStream(train_docs, batch_size=d.batch_size, seg_len=seg_len, seed=d.seed,
+                                            lanes=lanes), validate_lm, ("loss", "ppl", "bpc", "tokens"))
+
+    make_train = probe_maker(cfg, tokenizer, "train")
+    make_val = probe_maker(cfg, tokenizer, "val")
+    val_probes = [make_val(i, cfg.task.length) for i in range(cfg.task.n_test)]
+
+    def validate_probe(model, *, full: bool) -> dict:
+        res = summarize(score_probes(model, val_probes, batch_size=d.batch_size))
+        return {"loss": res["answer_loss"], "ppl": math.exp(min(res["answer_loss"], 50.0)), **res}
+    stream = TaskStream(lambda index, length: make_train(index, length).as_doc(), batch_size=d.batch_size,
+                        seg_len=seg_len, length=cfg.task.length, lanes=lanes)
+    return _Data(tokenizer, stream, validate_probe, ("loss", "ppl", "accuracy", "answers"))

@@ -8,19 +8,29 @@ for generated tasks, examples drawn with another seed.
 from __future__ import annotations
 
 import random
+from typing import Callable
 from pathlib import Path
+
+import numpy as np
 
 from longmem.config import RunConfig
 from longmem.data.tasks.babi import GENERATED_TASKS, BabiExample, generate_babi, load_babi
 from longmem.data.tasks.pairs import Pair, generate_pairs, read_pairs
+from longmem.data.tasks.probes import PROBES, Probe, babi, fit_text, haystack, passkey, recall
 
 SPLITS = ("train", "val", "test")
 _TEST_SEED = 1_000_003            # generated test examples never share a seed with training ones
 
 
 def task_name(cfg: RunConfig) -> str:
-    """The task a run trains on: babi for memn2n; pairs (a .jsonl), copy or passage for seq2seq."""
+    """The task a run trains on: babi for memn2n; pairs (a .jsonl), copy or passage for seq2seq; for a
+    language model "lm" (its corpus) or a probe (passkey, recall, babi, haystack)."""
     name, arch = cfg.task.name, cfg.model.arch
+    if arch in ("transformer", "lstm"):
+        if name in ("copy", "passage"):
+            raise ValueError(f"task.name={name} is a source -> target task for model.arch=seq2seq; a language "
+                             f"model trains on auto (its corpus), {', '.join(PROBES)}")
+        return "lm" if name == "auto" else name
     if arch == "memn2n":
         if name not in ("auto", "babi"):
             raise ValueError(f"model.arch=memn2n answers bAbI questions; task.name must be auto or babi, got {name!r}")
@@ -33,7 +43,10 @@ def task_name(cfg: RunConfig) -> str:
         if cfg.data.path:
             raise ValueError(f"seq2seq data.path must be a .jsonl file of source/target pairs, got {cfg.data.path}")
         return "passage" if name == "auto" else name
-    raise ValueError(f"model.arch={arch!r} is a language model; tasks are for seq2seq and memn2n")
+    if name in ("passkey", "recall", "haystack"):
+        raise ValueError(f"task.name={name} is a probe for language models (model.arch transformer or lstm), "
+                         f"not for {arch}")
+    raise ValueError(f"model.arch={arch!r} takes no task")
 
 
 def babi_task_ids(cfg: RunConfig) -> list[int]:
@@ -82,3 +95,54 @@ def pair_examples(cfg: RunConfig, split: str) -> list[Pair]:
         return generate_pairs(name, n=t.n_test, seed=d.seed + _TEST_SEED, source_len=t.source_len)
     pairs = generate_pairs(name, n=t.n_train, seed=d.seed, source_len=t.source_len)
     return _cut(pairs, split=split, val_fraction=d.val_fraction, seed=d.seed)
+
+
+# -- probes for language models --------------------------------------------------
+DISTRACTOR_CHARS = 8_000_000          # distractor text kept (tiled when a haystack needs more)
+
+
+def distractor_text(path: str = "") -> str:
+    """The text that hides haystack facts: the corpus at ``path`` or the embedded corpus."""
+    from longmem.data.corpus import embedded_corpus, load_documents
+    docs = load_documents(path) if path else embedded_corpus()
+    return "\n\n".join(docs)[:DISTRACTOR_CHARS]
+
+
+def probe_stories(cfg: RunConfig, split: str) -> list[BabiExample]:
+    """The bAbI examples a babi/haystack probe draws from (data.path, else generated tasks 1-3)."""
+    return babi_examples(cfg, split)
+
+
+def probe_fit_texts(cfg: RunConfig) -> list[str]:
+    """What a probe run's tokenizer is fitted on: every character its examples may write."""
+    name = task_name(cfg)
+    stories = probe_stories(cfg, "train") if name in ("babi", "haystack") else []
+    source = distractor_text(cfg.task.distractor)[:1_000_000] if name == "haystack" else ""
+    return fit_text(stories, source)
+
+
+def probe_maker(cfg: RunConfig, tokenizer, split: str, *, stories: list[BabiExample] | None = None,
+                source: np.ndarray | None = None) -> Callable[[int, int], Probe]:
+    """``make(index, length)``: example ``index`` of the run's probe task and ``split``, ``length`` tokens long
+    (babi examples have their own length), seeded by data.seed: the same index gives the same example."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; accepted: {', '.join(SPLITS)}")
+    name, t = task_name(cfg), cfg.task
+    if name not in PROBES:
+        raise ValueError(f"task.name={name!r} is not a probe ({', '.join(PROBES)})")
+    seed = f"{name}/{split}/{cfg.data.seed}"
+    if name in ("babi", "haystack") and stories is None:
+        stories = probe_stories(cfg, split)
+    if name == "haystack" and source is None:
+        source = np.asarray(tokenizer.encode(distractor_text(t.distractor)), dtype=np.int64)
+
+    def make(index: int, length: int) -> Probe:
+        rng = random.Random(f"{seed}/{index}")
+        if name == "passkey":
+            return passkey(tokenizer, length=length, depth=rng.random(), rng=rng)
+        if name == "recall":
+            return recall(tokenizer, length=length, depth=rng.random(), rng=rng, n_pairs=t.n_pairs)
+        ex = stories[rng.randrange(len(stories))]
+        return babi(tokenizer, ex) if name == "babi" else haystack(tokenizer, ex, length=length, rng=rng,
+                                                                   source=source)
+    return make

@@ -195,3 +195,27 @@ def test_generation_refuses_memory_tokens_clearly(rmt):
     from longmem.generation.decoding import Decoder
     with pytest.raises(ValueError, match="memory.kind='tokens'"):
         Decoder(rmt())
+
+
+def test_curriculum_grows_the_task_examples_and_the_bptt_window(tmp_path, monkeypatch, one_thread):
+    """task passkey, curriculum 1,2 over 4 steps: steps 1-2 read one-segment examples one segment per
+    step, steps 3-4 two-segment examples two segments per step (one window = one example)."""
+    from longmem.config import RunConfig
+    from longmem.data.stream import TaskStream
+    from longmem.training.trainer import train
+    seen = []
+    real = TaskStream.__next__
+
+    def spy(self):
+        batch = real(self)
+        seen.append((self.length, bool(batch.reset.all())))
+        return batch
+    monkeypatch.setattr(TaskStream, "__next__", spy)
+    cfg = RunConfig().override({
+        "task.name": "passkey", "task.length": "256", "task.n_test": "2", "model.d_model": "16",
+        "model.n_layers": "1", "model.n_heads": "2", "model.segment_len": "128", "memory.kind": "tokens",
+        "memory.n_mem_tokens": "2", "data.tokenizer": "char", "data.batch_size": "2", "train.max_steps": "4",
+        "train.bptt_segments": "4", "train.curriculum": "1,2", "train.eval_every": "0", "train.progress": "false"})
+    res = train(cfg, tmp_path / "run")
+    assert res.steps == 4
+    assert seen == [(128, True), (128, True), (256, True), (256, False), (256, True), (256, False)]

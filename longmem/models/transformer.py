@@ -115,12 +115,20 @@ class MemoryLM(nn.Module):
                 reset: torch.Tensor | None = None) -> LMOutput:
         state = start_call(tokens, state, reset, init_state=self.init_state,
                            has_part=lambda state: self.tokens is None or state.tokens is not None)
-        N, T = tokens.shape[1], self.config.segment_len
+        T = self.config.segment_len
+        P = state.tokens.pending.shape[1] if self.tokens is not None else 0
+        if P:                                                       # the unfinished segment of the last call
+            tokens = torch.cat([state.tokens.pending.to(tokens.device), tokens], dim=1)   # (B, P + N)
         logits = []
-        for start in range(0, N, T):                                # segment by segment, memory carried
-            seg_logits, state = self._segment(tokens[:, start:start + T], state)
+        for start in range(0, tokens.shape[1], T):                  # segment by segment, memory carried
+            seg = tokens[:, start:start + T]
+            seg_logits, new_state = self._segment(seg, state)
+            if self.tokens is not None and seg.shape[1] < T:        # memory tokens write full segments only
+                new_state = replace(state, tokens=replace(state.tokens, pending=seg))
+            state = new_state
             logits.append(seg_logits)
-        logits = torch.cat(logits, dim=1) if len(logits) > 1 else logits[0]   # (B, N, V)
+        logits = torch.cat(logits, dim=1) if len(logits) > 1 else logits[0]   # (B, P + N, V)
+        logits = logits[:, P:]                                      # (B, N, V)
         return LMOutput(logits=logits, loss=lm_loss(logits, targets), state=state)
 
     def _segment(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:

@@ -32,6 +32,7 @@ from longmem.evaluation.perplexity import evaluate_ppl, predicted_chars
 from longmem.evaluation.probes import score_probes, summarize
 from longmem.models import IGNORE_INDEX, build_model
 from longmem.models.memory import State
+from longmem.models.memory.tokens import TokenMemory
 from longmem.runs import CONFIG, METRICS, TOKENIZER
 from longmem.training import distributed as D
 from longmem.training import state as S
@@ -64,8 +65,9 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> fl
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on norms, biases or the (tied) embedding."""
+    """Weight decay on matrices only: not on norms, biases, the (tied) embedding or the initial memory tokens."""
     embed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    embed |= {id(m.initial) for m in model.modules() if isinstance(m, TokenMemory)}
     decay, no_decay = [], []
     for p in model.parameters():
         (decay if p.dim() >= 2 and id(p) not in embed else no_decay).append(p)

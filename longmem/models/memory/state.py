@@ -74,9 +74,13 @@ class TokensState:
     mem: (B, R, D) the R memory vectors each lane carries into its next segment, not detached
     (the trainer detaches beyond its bptt window). fresh: (B,) bool, lanes that start from the
     learned initial memory (a new state or a reset); their ``mem`` rows are zero and unused.
+    pending: (B, P) token ids of the unfinished segment (P < segment_len): the memory is written
+    once per full segment, so a call that ends inside one keeps its tokens here and the next call
+    recomputes them in front of its own (pieces of any size then equal one call over the whole).
     """
     mem: torch.Tensor
     fresh: torch.Tensor
+    pending: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -109,8 +113,14 @@ class State:
             out = replace(out, lstm=self.lstm.reset(~mask.bool()))
         if self.tokens is not None:
             drop = mask.bool().to(self.tokens.fresh.device)
+            pending = self.tokens.pending
+            if pending.shape[1]:
+                if not bool(drop.all()):
+                    raise ValueError(f"cannot reset some lanes inside an unfinished segment of memory tokens "
+                                     f"({pending.shape[1]} tokens pending); reset at segment boundaries or all lanes")
+                pending = pending[:, :0]
             out = replace(out, tokens=TokensState(mem=torch.where(drop.view(-1, 1, 1), 0, self.tokens.mem),
-                                                  fresh=self.tokens.fresh | drop))
+                                                  fresh=self.tokens.fresh | drop, pending=pending))
         return out
 
     def detach(self) -> "State":
@@ -124,7 +134,7 @@ class State:
         if self.lstm is not None:
             out = replace(out, lstm=self.lstm.detach())
         if self.tokens is not None:
-            out = replace(out, tokens=TokensState(mem=self.tokens.mem.detach(), fresh=self.tokens.fresh))
+            out = replace(out, tokens=replace(self.tokens, mem=self.tokens.mem.detach()))
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -142,6 +152,7 @@ class State:
             out["lstm.h"], out["lstm.c"] = self.lstm.h.contiguous(), self.lstm.c.contiguous()
         if self.tokens is not None:
             out["tokens.mem"], out["tokens.fresh"] = self.tokens.mem.detach().contiguous(), self.tokens.fresh
+            out["tokens.pending"] = self.tokens.pending.contiguous()
         return out
 
     @classmethod
@@ -158,7 +169,10 @@ class State:
             knn = KNNState(keys=tuple(d[f"knn.keys.{i}"] for i in range(n)),
                            values=tuple(d[f"knn.values.{i}"] for i in range(n)), written=d["knn.written"].long())
         lstm = LSTMState(h=d["lstm.h"], c=d["lstm.c"]) if "lstm.h" in d else None
-        tokens = TokensState(mem=d["tokens.mem"], fresh=d["tokens.fresh"].bool()) if "tokens.mem" in d else None
+        tokens = None
+        if "tokens.mem" in d:
+            pending = d.get("tokens.pending", torch.zeros(d["tokens.mem"].shape[0], 0, dtype=torch.long))
+            tokens = TokensState(mem=d["tokens.mem"], fresh=d["tokens.fresh"].bool(), pending=pending.long())
         return cls(batch_size=int(d["batch_size"]), xl=xl, knn=knn, lstm=lstm, tokens=tokens)
 
     def parts(self) -> list[str]:

@@ -10,6 +10,11 @@ The final-norm outputs at the write positions are the next segment's memory
 (the paper takes GPT-2's last hidden states, after its final layer norm). A lane
 starts from a learned initial memory, and again after a reset.
 
+The memory is written once per full segment. A call that ends inside a segment keeps
+that segment's tokens in the state (``pending``) without writing; the next call puts
+them back in front of its own tokens, so feeding a sequence in pieces of any size
+gives the logits of one call over it, and a decoder can feed one token at a time.
+
 The memory is *not* detached between segments: within a call the graph runs
 through all of them, and the trainer keeps it across ``train.bptt_segments``
 calls (backpropagation through segments, Bulatov et al. 2022 §3), detaching beyond.
@@ -33,7 +38,8 @@ class TokenMemory(nn.Module):
 
     def init(self, batch_size: int, *, device, dtype) -> TokensState:
         mem = torch.zeros(batch_size, self.n_tokens, self.initial.shape[1], device=device, dtype=dtype)
-        return TokensState(mem=mem, fresh=torch.ones(batch_size, dtype=torch.bool, device=device))
+        return TokensState(mem=mem, fresh=torch.ones(batch_size, dtype=torch.bool, device=device),
+                           pending=torch.zeros(batch_size, 0, dtype=torch.long, device=device))
 
     def check(self, state: TokensState) -> None:
         if tuple(state.mem.shape[1:]) != tuple(self.initial.shape):
@@ -48,5 +54,7 @@ class TokenMemory(nn.Module):
 
     @staticmethod
     def write(outputs: torch.Tensor) -> TokensState:
-        """The write positions' outputs (B, R, D) as the next memory (graph kept)."""
-        return TokensState(mem=outputs, fresh=torch.zeros(outputs.shape[0], dtype=torch.bool, device=outputs.device))
+        """The write positions' outputs (B, R, D) as the next memory (graph kept), nothing pending."""
+        B, device = outputs.shape[0], outputs.device
+        return TokensState(mem=outputs, fresh=torch.zeros(B, dtype=torch.bool, device=device),
+                           pending=torch.zeros(B, 0, dtype=torch.long, device=device))

@@ -18,7 +18,7 @@ import yaml
 
 MemoryKind = Literal["none", "xl", "knn", "tokens"]
 Arch = Literal["transformer", "lstm", "seq2seq", "memn2n"]
-IMPLEMENTED_KINDS = ("none", "xl", "knn")
+IMPLEMENTED_KINDS = ("none", "xl", "knn", "tokens")
 
 
 def _help(text: str, **kw) -> Any:
@@ -44,6 +44,9 @@ class MemoryConfig:
                                 default=True)
     knn_chunk: int = _help("memory entries scored per matmul in the torch search (bounds extra memory)",
                            default=4096)
+    # recurrent memory tokens (RMT, Bulatov et al. 2022); used when kind="tokens", with XL alongside if mem_len > 0
+    n_mem_tokens: int = _help("kind tokens: memory tokens read at the start of each segment and written at its "
+                              "end; their outputs are the next segment's memory (Bulatov et al. 2022)", default=8)
 
     def __post_init__(self):
         if self.kind not in typing.get_args(MemoryKind):
@@ -54,7 +57,10 @@ class MemoryConfig:
         if self.mem_len < 0:
             raise ValueError(f"memory.mem_len must be >= 0, got {self.mem_len}")
         if self.kind == "none" and self.mem_len:
-            raise ValueError("memory.mem_len > 0 needs memory.kind='xl' or 'knn' (kind 'none' keeps no memory)")
+            raise ValueError("memory.mem_len > 0 needs memory.kind='xl', 'knn' or 'tokens' "
+                             "(kind 'none' keeps no memory)")
+        if self.n_mem_tokens <= 0:
+            raise ValueError(f"memory.n_mem_tokens must be positive, got {self.n_mem_tokens}")
         if isinstance(self.knn_layers, int) and not isinstance(self.knn_layers, bool):
             self.knn_layers = [self.knn_layers]
         if (not isinstance(self.knn_layers, (list, tuple))
@@ -177,6 +183,16 @@ class TrainConfig:
     seed: int = _help("seed of weights and dropout", default=0)
     threads: int = _help("torch CPU threads; 0 leaves torch's default", default=0)
     progress: bool = _help("show a progress bar on stderr", default=True)
+    bptt_segments: int = _help("backpropagation through segments: the graph spans K consecutive segments of a "
+                               "lane (one micro-step reads K batches), the memory is detached beyond them; "
+                               "memory.kind tokens learns to write its memory only with K >= 2", default=1)
+    bptt_checkpoint: bool = _help("activation checkpointing per segment inside a bptt window: recompute each "
+                                  "segment's activations in the backward pass, so memory does not grow with K",
+                                  default=False)
+    curriculum: str = _help("segments per training example, growing in equal stages over max_steps, comma-"
+                            "separated (e.g. '1,2,4,8'); a stage's bptt window is min(stage, bptt_segments) and a "
+                            "task stream's examples are stage * segment_len tokens; empty: no curriculum",
+                            default="")
 
     def __post_init__(self):
         if self.max_steps <= 0:
@@ -187,9 +203,36 @@ class TrainConfig:
                      "patience", "log_every", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("grad_accum", "keep_last"):
+        for name in ("grad_accum", "keep_last", "bptt_segments"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        self.curriculum_stages()                          # validates
+
+    def curriculum_stages(self) -> list[int]:
+        """The curriculum as a list of segments per example (empty: none)."""
+        text = str(self.curriculum).strip()
+        if not text:
+            return []
+        parts = [p.strip() for p in text.split(",")]
+        if not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"train.curriculum={self.curriculum!r}: give positive segment counts separated by "
+                             f"commas, e.g. '1,2,4,8'")
+        stages = [int(p) for p in parts]
+        if len(stages) > self.max_steps:
+            raise ValueError(f"train.curriculum has {len(stages)} stages but train.max_steps={self.max_steps}")
+        return stages
+
+    def segments_at(self, step: int) -> int:
+        """Segments per example at optimizer step ``step`` (0-based): the curriculum stage, 0 without one."""
+        stages = self.curriculum_stages()
+        if not stages:
+            return 0
+        return stages[min(len(stages) - 1, step * len(stages) // self.max_steps)]
+
+    def bptt_at(self, step: int) -> int:
+        """The bptt window (segments per micro-step) at optimizer step ``step``."""
+        stage = self.segments_at(step)
+        return min(stage, self.bptt_segments) if stage else self.bptt_segments
 
 
 @dataclass

@@ -32,8 +32,9 @@ def test_model_config_rejects_bad_values(kwargs, match):
 def test_memory_config_validation():
     with pytest.raises(ValueError, match="accepted"):
         MemoryConfig(kind="lstm")
-    with pytest.raises(ValueError, match="not implemented"):
-        MemoryConfig(kind="tokens")
+    with pytest.raises(ValueError, match="n_mem_tokens"):
+        MemoryConfig(kind="tokens", n_mem_tokens=0)
+    assert MemoryConfig(kind="tokens", n_mem_tokens=4, mem_len=16).mem_len == 16     # tokens + XL
     with pytest.raises(ValueError, match="mem_len"):
         MemoryConfig(kind="xl", mem_len=-1)
     with pytest.raises(ValueError, match="xl"):
@@ -97,13 +98,30 @@ def test_bad_yaml_types_raise(tmp_path):
         RunConfig.load(path)
 
 
-def test_tokens_memory_is_not_implemented_yet(tmp_path):
-    with pytest.raises(ValueError, match="not implemented"):
-        RunConfig().override({"memory.kind": "tokens"})
+def test_tokens_memory_and_bptt_options_from_the_command_line(tmp_path):
+    cfg = RunConfig().override({"memory.kind": "tokens", "memory.n_mem_tokens": "4", "train.bptt_segments": "4",
+                                "train.curriculum": "1,2,4,8", "train.max_steps": "80"})
+    assert cfg.memory.kind == "tokens" and cfg.memory.n_mem_tokens == 4
+    assert cfg.train.curriculum_stages() == [1, 2, 4, 8]
+    # four equal stages over 80 steps; the bptt window is capped by bptt_segments
+    assert [cfg.train.segments_at(s) for s in (0, 19, 20, 59, 60, 79)] == [1, 1, 2, 4, 8, 8]
+    assert [cfg.train.bptt_at(s) for s in (0, 20, 40, 60)] == [1, 2, 4, 4]
+    plain = RunConfig().override({"train.bptt_segments": "3"})
+    assert plain.train.segments_at(5) == 0 and plain.train.bptt_at(5) == 3
     path = tmp_path / "cfg.yaml"
-    path.write_text("memory:\n  kind: tokens\n")
-    with pytest.raises(ValueError, match="not implemented"):
-        RunConfig.load(path)
+    cfg.save(path)
+    assert RunConfig.load(path).to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("train.bptt_segments", "0", "bptt_segments must be >= 1"),
+    ("train.curriculum", "1,two,4", "positive segment counts"),
+    ("train.curriculum", "1,0", "positive segment counts"),
+    ("memory.n_mem_tokens", "-1", "n_mem_tokens"),
+])
+def test_bptt_and_tokens_options_are_validated(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        RunConfig().override({key: value})
 
 
 def test_dotted_override_reaches_memory_and_leaves_original_alone():

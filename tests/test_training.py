@@ -200,3 +200,28 @@ def test_a_nan_loss_stops_with_the_step_and_last_checkpoint(corpus, tmp_path, mo
     monkeypatch.setattr(MemoryLM, "forward", poisoned)
     with pytest.raises(TrainingStopped, match=r"at step 7; the last good checkpoint is .*step-00000005"):
         train(_cfg(corpus, max_steps=20, checkpoint_every=5), tmp_path / "run")
+
+
+def test_memory_tokens_with_bptt_resume_exactly(corpus, tmp_path):
+    """kind tokens, a bptt window growing 1 -> 2 segments (curriculum) with activation checkpointing:
+    resuming from the step-8 checkpoint (which holds every lane's memory tokens) logs the losses of
+    the uninterrupted run."""
+    cfg = _cfg(corpus, max_steps=12, checkpoint_every=4, keep_last=3, bptt_segments=2, curriculum="1,2",
+               bptt_checkpoint="true").override({"memory.kind": "tokens", "memory.n_mem_tokens": "2",
+                                                 "memory.mem_len": "16", "train.log_every": "1"})
+    run = tmp_path / "run"
+    train(cfg, run)
+    ref = step_losses(run)
+    assert sorted(ref) == list(range(1, 13))
+    _, tensors = S.load_checkpoint(run / "checkpoints" / "step-00000008")
+    assert tensors["memory.tokens.mem"].shape == (cfg.data.batch_size, 2, cfg.model.d_model)
+    assert tensors["memory.tokens.fresh"].dtype == torch.bool
+    shutil.rmtree(run / "checkpoints" / "step-00000012")
+    train(cfg, run, resume=True)
+    got = step_losses(run)
+    assert sorted(got) == list(range(1, 13))
+    assert all(abs(ref[s] - got[s]) <= 1e-6 for s in ref), (ref, got)
+    # the second stage reads two segments per step
+    tok = {r["step"]: r["tokens"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+           if "tokens" in r}
+    assert tok[7] - tok[6] > 1.5 * (tok[2] - tok[1])

@@ -87,6 +87,11 @@ class Decoder:
         self.model = model
         self.window = W = model.config.segment_len
         self.recompute = recompute
+        if getattr(model, "tokens", None) is not None:
+            # memory tokens are written once per full segment; feeding a token at a time would write them
+            # after every token, which the model never saw in training
+            raise ValueError("generation does not support memory.kind='tokens' yet (the memory tokens are "
+                             "written once per segment); use a model with memory.kind none, xl or knn")
         xl = getattr(model, "xl", None)
         # "xl": the model's own state carries the past (XL with mem_len > 0, kNN, the LSTM baseline)
         stateful = getattr(model, "recurrent", False) or getattr(model, "knn", None) is not None or (

@@ -1,7 +1,8 @@
 """MemoryLM: a decoder-only Transformer with a pluggable memory.
 
 Legend: B lanes (batch), N tokens in a call, T segment length, M memory
-slots, D model width, V vocabulary.
+slots, R memory tokens, L = R + T + R positions of a segment with memory
+tokens, D model width, V vocabulary.
 
 A call is split into segments of ``segment_len`` tokens; the memory state is
 carried from segment to segment and returned, so one call over a sequence and
@@ -21,6 +22,7 @@ from longmem.config import ModelConfig
 from longmem.models.attention import Block, RMSNorm, Rotary
 from longmem.models.memory import State, XLMemory
 from longmem.models.memory.knn import KNNMemory
+from longmem.models.memory.tokens import TokenMemory
 
 IGNORE_INDEX = -100
 
@@ -71,10 +73,14 @@ class MemoryLM(nn.Module):
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.head.weight = self.embed.weight                       # tied embeddings (Press & Wolf 2017)
         self.rope = Rotary(c.d_model // c.n_heads, base=c.rope_base)
-        # kind "knn" keeps XL recurrence alongside when mem_len > 0 (local memory, as in Wu et al. 2022)
-        self.xl = XLMemory(mem_len=c.memory.mem_len, n_layers=c.n_layers) if c.memory.kind in ("xl", "knn") else None
+        # kinds "knn" and "tokens" keep XL recurrence alongside when mem_len > 0 (Wu et al. 2022 use it as
+        # local memory; Bulatov et al. 2022 §4 combine memory tokens with it)
+        self.xl = (XLMemory(mem_len=c.memory.mem_len, n_layers=c.n_layers)
+                   if c.memory.kind in ("xl", "knn", "tokens") else None)
         self.knn = KNNMemory(config=c.memory, n_layers=c.n_layers, n_heads=c.n_heads,
                              head_dim=c.d_model // c.n_heads) if c.memory.kind == "knn" else None
+        self.tokens = (TokenMemory(n_tokens=c.memory.n_mem_tokens, d_model=c.d_model)
+                       if c.memory.kind == "tokens" else None)
         self.apply(self._init_weights)
         for block in self.blocks:                                  # GPT-2 scaled init of residual outputs
             for proj in (block.attn.out, block.mlp.down):
@@ -91,7 +97,7 @@ class MemoryLM(nn.Module):
     def set_mem_len(self, mem_len: int) -> None:
         """Change the XL memory length (evaluation may use a longer one than training)."""
         if self.xl is None:
-            raise ValueError("set_mem_len needs memory.kind='xl' or 'knn'")
+            raise ValueError("set_mem_len needs memory.kind='xl', 'knn' or 'tokens'")
         if mem_len < 0:
             raise ValueError(f"mem_len must be >= 0, got {mem_len}")
         self.xl.mem_len = mem_len
@@ -102,33 +108,52 @@ class MemoryLM(nn.Module):
         dtype = self.embed.weight.dtype
         xl = self.xl.init(batch_size, device=device, dtype=dtype) if self.xl else None
         knn = self.knn.init(batch_size, device=device, dtype=dtype) if self.knn is not None else None
-        return State(batch_size=batch_size, xl=xl, knn=knn)
+        tokens = self.tokens.init(batch_size, device=device, dtype=dtype) if self.tokens is not None else None
+        return State(batch_size=batch_size, xl=xl, knn=knn, tokens=tokens)
 
     def forward(self, tokens: torch.Tensor, state: State | None = None, targets: torch.Tensor | None = None,
                 reset: torch.Tensor | None = None) -> LMOutput:
-        state = start_call(tokens, state, reset, init_state=self.init_state)
-        N, T = tokens.shape[1], self.config.segment_len
+        state = start_call(tokens, state, reset, init_state=self.init_state,
+                           has_part=lambda state: self.tokens is None or state.tokens is not None)
+        T = self.config.segment_len
+        P = state.tokens.pending.shape[1] if self.tokens is not None else 0
+        if P:                                                       # the unfinished segment of the last call
+            tokens = torch.cat([state.tokens.pending.to(tokens.device), tokens], dim=1)   # (B, P + N)
         logits = []
-        for start in range(0, N, T):                                # segment by segment, memory carried
-            seg_logits, state = self._segment(tokens[:, start:start + T], state)
+        for start in range(0, tokens.shape[1], T):                  # segment by segment, memory carried
+            seg = tokens[:, start:start + T]
+            seg_logits, new_state = self._segment(seg, state)
+            if self.tokens is not None and seg.shape[1] < T:        # memory tokens write full segments only
+                new_state = replace(state, tokens=replace(state.tokens, pending=seg))
+            state = new_state
             logits.append(seg_logits)
-        logits = torch.cat(logits, dim=1) if len(logits) > 1 else logits[0]   # (B, N, V)
+        logits = torch.cat(logits, dim=1) if len(logits) > 1 else logits[0]   # (B, P + N, V)
+        logits = logits[:, P:]                                      # (B, N, V)
         return LMOutput(logits=logits, loss=lm_loss(logits, targets), state=state)
 
     def _segment(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         B, T = tokens.shape
         x = self.drop(self.embed(tokens))                           # (B, T, D)
+        R = 0
+        if self.tokens is not None:                                 # [read memory; segment; write memory] (RMT)
+            mem = self.tokens.read(state.tokens, dtype=x.dtype)     # (B, R, D)
+            R = mem.shape[1]
+            x = torch.cat([mem, x, mem], dim=1)                     # (B, L, D), L = R + T + R
+        L = x.shape[1]
         xl = self.xl.trim(state.xl) if self.xl is not None else None
         M = xl.length if xl is not None else 0
-        mask = XLMemory.key_mask(xl, T) if xl is not None else None  # (B, 1, T, M+T) or None
-        rope = self.rope.cos_sin(M + T, device=x.device, dtype=x.dtype)
+        mask = XLMemory.key_mask(xl, L) if xl is not None else None  # (B, 1, L, M+L) or None
+        rope = self.rope.cos_sin(M + L, device=x.device, dtype=x.dtype)
         knn = self.knn.segment(state.knn) if self.knn is not None else None   # reads the store of past segments
         layer_inputs = []
         for i, block in enumerate(self.blocks):
-            layer_inputs.append(x)
+            layer_inputs.append(x[:, R:R + T])                      # XL keeps segment tokens only
             x = block(x, memory=xl.mems[i] if M else None, rope=rope, mask=mask,
                       knn=knn.hook(i) if knn is not None else None)
-        logits = self.head(self.norm(x))                            # (B, T, V)
+        h = self.norm(x)                                            # (B, L, D)
+        logits = self.head(h[:, R:R + T])                           # (B, T, V)
+        if self.tokens is not None:                                 # the write positions become the memory
+            state = replace(state, tokens=self.tokens.write(h[:, R + T:]))
         if xl is not None:
             state = replace(state, xl=self.xl.write(xl, layer_inputs))
         if knn is not None:                                         # written after the segment: never retrieves itself

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from longmem.config import RunConfig
 from longmem.data.cache import cache_dir_for
@@ -31,6 +32,7 @@ from longmem.evaluation.perplexity import evaluate_ppl, predicted_chars
 from longmem.evaluation.probes import score_probes, summarize
 from longmem.models import IGNORE_INDEX, build_model
 from longmem.models.memory import State
+from longmem.models.memory.tokens import TokenMemory
 from longmem.runs import CONFIG, METRICS, TOKENIZER
 from longmem.training import distributed as D
 from longmem.training import state as S
@@ -66,8 +68,9 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int, halve
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on norms, biases or the (tied) embedding."""
+    """Weight decay on matrices only: not on norms, biases, the (tied) embedding or the initial memory tokens."""
     embed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    embed |= {id(m.initial) for m in model.modules() if isinstance(m, TokenMemory)}
     decay, no_decay = [], []
     for p in model.parameters():
         (decay if p.dim() >= 2 and id(p) not in embed else no_decay).append(p)
@@ -195,23 +198,23 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
                        halve_every=t.lr_halve_every)
             for g in opt.param_groups:
                 g["lr"] = lr
-            micro = [next(stream) for _ in range(t.grad_accum)]
-            n_local = sum(b.n_targets for b in micro)
+            if t.curriculum and isinstance(stream, TaskStream):  # examples grow stage by stage
+                stream.length = t.segments_at(step) * cfg.model.segment_len
+            window = t.bptt_at(step)                             # segments whose graph is kept together
+            micro = [[next(stream) for _ in range(window)] for _ in range(t.grad_accum)]
+            n_local = sum(b.n_targets for batches in micro for b in batches)
             n_global = D.all_sum(n_local, dist, device)         # normalize by the global target count
-            n_inputs = D.all_sum(sum(b.n_inputs for b in micro), dist, device)
+            n_inputs = D.all_sum(sum(b.n_inputs for batches in micro for b in batches), dist, device)
             step_loss = 0.0
-            for i, batch in enumerate(micro):
+            for i, batches in enumerate(micro):
                 sync = i == len(micro) - 1
                 ctx = ddp.no_sync() if dist.enabled and not sync else contextlib.nullcontext()
                 with ctx:
-                    with autocast(device, amp_dtype):
-                        out = ddp(batch.inputs.to(device), state=state, reset=batch.reset.to(device))
-                    loss_sum_micro = F.cross_entropy(out.logits.float().flatten(0, 1),
-                                                     batch.targets.to(device).flatten(),
-                                                     ignore_index=IGNORE_INDEX, reduction="sum")
+                    loss_sum_micro, state = forward_window(ddp, batches, state, device=device, amp_dtype=amp_dtype,
+                                                           checkpoint=t.bptt_checkpoint)
                     loss = loss_sum_micro * dist.world / max(n_global, 1.0)
                     (scaler.scale(loss) if scaler is not None else loss).backward()
-                state = out.state.detach()
+                state = state.detach()                          # truncated: nothing flows beyond the window
                 step_loss += loss_sum_micro.item()
             if scaler is not None:
                 scaler.unscale_(opt)
@@ -280,6 +283,29 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
                          last_loss=last_loss if last_loss is not None else float("nan"), val=val,
                          seconds=time.perf_counter() - start, stopped_early=stopped_early)
     return result
+
+
+def forward_window(model, batches: list, state: State | None, *, device, amp_dtype,
+                   checkpoint: bool = False) -> tuple[torch.Tensor, State]:
+    """Run consecutive segments of the lanes with the graph kept through the memory: backpropagation
+    through segments (Bulatov et al. 2022 §3). Returns the summed cross-entropy over the targets of
+    all ``batches`` and the state after the last one (not detached: the caller truncates).
+
+    ``checkpoint`` recomputes each segment's activations in the backward pass (activation
+    checkpointing), so the memory held grows with the window only by the segments' inputs and states.
+    """
+    total = torch.zeros((), device=device)
+    for batch in batches:
+        inputs, reset = batch.inputs.to(device), batch.reset.to(device)
+        with autocast(device, amp_dtype):
+            if checkpoint:
+                out = torch.utils.checkpoint.checkpoint(model, inputs, state=state, reset=reset, use_reentrant=False)
+            else:
+                out = model(inputs, state=state, reset=reset)
+        total = total + F.cross_entropy(out.logits.float().flatten(0, 1), batch.targets.to(device).flatten(),
+                                        ignore_index=IGNORE_INDEX, reduction="sum")
+        state = out.state
+    return total, state
 
 
 def _resume(ckpt: Path, *, model, opt, scaler, stream: TrainStream | TaskStream, lanes: range, dist: D.Dist, device):

@@ -68,12 +68,29 @@ class LSTMState:
 
 
 @dataclass(frozen=True)
+class TokensState:
+    """Recurrent memory tokens (Bulatov et al. 2022, ``memory/tokens.py``).
+
+    mem: (B, R, D) the R memory vectors each lane carries into its next segment, not detached
+    (the trainer detaches beyond its bptt window). fresh: (B,) bool, lanes that start from the
+    learned initial memory (a new state or a reset); their ``mem`` rows are zero and unused.
+    pending: (B, P) token ids of the unfinished segment (P < segment_len): the memory is written
+    once per full segment, so a call that ends inside one keeps its tokens here and the next call
+    recomputes them in front of its own (pieces of any size then equal one call over the whole).
+    """
+    mem: torch.Tensor
+    fresh: torch.Tensor
+    pending: torch.Tensor
+
+
+@dataclass(frozen=True)
 class State:
     """Memory of all lanes; fields are ``None`` for kinds the model does not use."""
     batch_size: int
     xl: XLState | None = None
     knn: KNNState | None = None
     lstm: LSTMState | None = None
+    tokens: TokensState | None = None
 
     def reset(self, mask: torch.Tensor) -> "State":
         """Clear the lanes where ``mask`` (B,) is true."""
@@ -94,6 +111,16 @@ class State:
                                             written=self.knn.written * keep.long()))
         if self.lstm is not None:
             out = replace(out, lstm=self.lstm.reset(~mask.bool()))
+        if self.tokens is not None:
+            drop = mask.bool().to(self.tokens.fresh.device)
+            pending = self.tokens.pending
+            if pending.shape[1]:
+                if not bool(drop.all()):
+                    raise ValueError(f"cannot reset some lanes inside an unfinished segment of memory tokens "
+                                     f"({pending.shape[1]} tokens pending); reset at segment boundaries or all lanes")
+                pending = pending[:, :0]
+            out = replace(out, tokens=TokensState(mem=torch.where(drop.view(-1, 1, 1), 0, self.tokens.mem),
+                                                  fresh=self.tokens.fresh | drop, pending=pending))
         return out
 
     def detach(self) -> "State":
@@ -106,6 +133,8 @@ class State:
                                             written=self.knn.written))
         if self.lstm is not None:
             out = replace(out, lstm=self.lstm.detach())
+        if self.tokens is not None:
+            out = replace(out, tokens=replace(self.tokens, mem=self.tokens.mem.detach()))
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -121,6 +150,9 @@ class State:
                 out[f"knn.values.{i}"] = v.contiguous()
         if self.lstm is not None:
             out["lstm.h"], out["lstm.c"] = self.lstm.h.contiguous(), self.lstm.c.contiguous()
+        if self.tokens is not None:
+            out["tokens.mem"], out["tokens.fresh"] = self.tokens.mem.detach().contiguous(), self.tokens.fresh
+            out["tokens.pending"] = self.tokens.pending.contiguous()
         return out
 
     @classmethod
@@ -137,7 +169,11 @@ class State:
             knn = KNNState(keys=tuple(d[f"knn.keys.{i}"] for i in range(n)),
                            values=tuple(d[f"knn.values.{i}"] for i in range(n)), written=d["knn.written"].long())
         lstm = LSTMState(h=d["lstm.h"], c=d["lstm.c"]) if "lstm.h" in d else None
-        return cls(batch_size=int(d["batch_size"]), xl=xl, knn=knn, lstm=lstm)
+        tokens = None
+        if "tokens.mem" in d:
+            pending = d.get("tokens.pending", torch.zeros(d["tokens.mem"].shape[0], 0, dtype=torch.long))
+            tokens = TokensState(mem=d["tokens.mem"], fresh=d["tokens.fresh"].bool(), pending=pending.long())
+        return cls(batch_size=int(d["batch_size"]), xl=xl, knn=knn, lstm=lstm, tokens=tokens)
 
     def parts(self) -> list[str]:
         return [f.name for f in fields(self) if f.name != "batch_size" and getattr(self, f.name) is not None]

@@ -1,0 +1,182 @@
+"""Recurrent memory tokens (RMT) against the other memories on long-range probes.
+
+Every memory kind (none | xl | knn | tokens) trains the same small model the same way with
+``longmem train`` on a probe task (``task.name passkey`` or ``recall``, loss on answer tokens
+only): examples of 4 segments of 128 tokens (``task.length 512``), backpropagation through the
+4 segments (``train.bptt_segments 4``), examples growing 1 -> 2 -> 4 segments
+(``train.curriculum 1,2,4``). Each run is then scored with ``longmem eval``'s probe sweep at
+8, 32 and 128 segments (1K, 4K, 16K tokens; 2x, 8x, 32x the training length), needle depths
+0, 0.5 and 1, the context fed segment by segment through the memory.
+
+Each training run is a child process, so its wall time and peak resident memory (``wait4``)
+are its own. Results go to a JSON file (one entry per task and kind, kept between
+invocations, so kinds can be run one at a time); ``--report`` turns it into the markdown
+table and plot of BENCHMARKS.md.
+
+    python benchmarks/rmt_probes.py --task passkey --kinds tokens,xl,knn,none
+    python benchmarks/rmt_probes.py --report
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "rmt_probes.json"
+PLOT = ROOT / "benchmarks" / "rmt_probes.png"
+SEG = 128
+LENGTHS = [1024, 4096, 16384]
+DEPTHS = [0.0, 0.5, 1.0]
+MODEL = {"model.d_model": 128, "model.n_layers": 2, "model.n_heads": 4, "model.segment_len": SEG,
+         "data.tokenizer": "char", "data.batch_size": 16}
+KINDS = {
+    "none": {"memory.kind": "none"},
+    "xl": {"memory.kind": "xl", "memory.mem_len": SEG},
+    "knn": {"memory.kind": "knn", "memory.mem_len": 0, "memory.knn_capacity": 4096},
+    "tokens": {"memory.kind": "tokens", "memory.n_mem_tokens": 8, "memory.mem_len": 0},
+}
+
+
+def train_args(task: str, kind: str, *, steps: int, lr: float, out: Path) -> list[str]:
+    over = {**MODEL, **KINDS[kind], "task.name": task, "task.length": 4 * SEG, "task.n_test": 32,
+            "task.n_pairs": 4, "train.bptt_segments": 4, "train.curriculum": "1,2,4", "train.max_steps": steps,
+            "train.lr": lr, "train.min_lr": lr / 10, "train.warmup_steps": 30, "train.weight_decay": 0.0,
+            "train.eval_every": 0, "train.log_every": 25, "train.threads": 1, "train.progress": "false"}
+    return ["train", "--out", str(out), *[x for k, v in over.items() for x in (f"--{k}", str(v))]]
+
+
+def run_child(args: list[str]) -> tuple[int, float, float]:
+    """(exit code, wall seconds, peak RSS in MiB) of ``python -m longmem ARGS``."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "longmem", *args], cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024
+
+
+def load_results() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+
+
+def bench(task: str, kind: str, *, steps: int, lr: float, n: int, runs: Path) -> dict:
+    import torch
+
+    from longmem.evaluation.suite import eval_probe
+    from longmem.runs import load_run
+    torch.set_num_threads(1)
+    out = runs / f"{task}-{kind}"
+    args = train_args(task, kind, steps=steps, lr=lr, out=out)
+    print(f"== {task} {kind}: longmem {' '.join(args)}", flush=True)
+    code, wall, rss = run_child(args)
+    if code != 0:
+        raise SystemExit(f"training {task}/{kind} failed with exit code {code}")
+    run = load_run(out)
+    start = time.perf_counter()
+    res = eval_probe(run, task, lengths=[4 * SEG, *LENGTHS], depths=DEPTHS, n=n, seed=0, batch_size=8,
+                     show_progress=False)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final = [m for m in metrics if "val_accuracy" in m][-1]
+    entry = {"task": task, "kind": kind, "steps": steps, "lr": lr, "train_seconds": round(wall, 1),
+             "train_peak_rss_mib": round(rss, 1), "eval_seconds": round(time.perf_counter() - start, 1),
+             "val_accuracy_512": final["val_accuracy"], "command": "python -m longmem " + " ".join(args),
+             "results": res["results"]}
+    print(json.dumps({k: v for k, v in entry.items() if k != "results"}), flush=True)
+    for r in res["results"]:
+        print(f"   length {r['length']:>6} depth {r['depth']:.1f}: accuracy {r['accuracy']:.3f} "
+              f"({r['answers']} answers)", flush=True)
+    return entry
+
+
+def accuracy_by_length(entry: dict) -> dict[int, float]:
+    """Mean accuracy over depths (each cell has the same number of answers) per length."""
+    by: dict[int, list[float]] = {}
+    for r in entry["results"]:
+        by.setdefault(r["length"], []).append(r["accuracy"])
+    return {length: sum(v) / len(v) for length, v in sorted(by.items())}
+
+
+def report(results: dict) -> str:
+    lines = []
+    for task in ("passkey", "recall"):
+        entries = [results[k] for k in sorted(results) if results[k]["task"] == task]
+        if not entries:
+            continue
+        order = {k: i for i, k in enumerate(KINDS)}
+        entries.sort(key=lambda e: order[e["kind"]])
+        lengths = sorted({r["length"] for e in entries for r in e["results"]})
+        head = " | ".join(f"{n // SEG} seg ({n:,})" for n in lengths)
+        lines += [f"#### {task}: accuracy (mean over depths 0, 0.5, 1) by context length", "",
+                  f"| memory | {head} | train wall | train peak RSS |",
+                  "|---|" + "---:|" * (len(lengths) + 2)]
+        for e in entries:
+            acc = accuracy_by_length(e)
+            cells = " | ".join(f"{acc[n]:.3f}" for n in lengths)
+            lines.append(f"| {e['kind']} | {cells} | {e['train_seconds']:.0f} s | {e['train_peak_rss_mib']:.0f} MiB |")
+        lines += ["", f"Per depth ({task}; rows: memory and depth):", "",
+                  f"| memory | depth | {' | '.join(f'{n // SEG} seg' for n in lengths)} |",
+                  "|---|---:|" + "---:|" * len(lengths)]
+        for e in entries:
+            for depth in DEPTHS:
+                cells = {r["length"]: r["accuracy"] for r in e["results"] if r["depth"] == depth}
+                lines.append(f"| {e['kind']} | {depth} | " + " | ".join(f"{cells[n]:.3f}" for n in lengths) + " |")
+        lines += ["", "Commands:", ""] + [f"- {e['kind']}: `{e['command']}`" for e in entries] + [""]
+    return "\n".join(lines)
+
+
+def plot(results: dict) -> Path | None:
+    from longmem.utils import pyplot
+    plt = pyplot()
+    if plt is None or not results:
+        return None
+    tasks = [t for t in ("passkey", "recall") if any(e["task"] == t for e in results.values())]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for kind in KINDS:
+            e = results.get(f"{task}/{kind}")
+            if e is None:
+                continue
+            acc = accuracy_by_length(e)
+            ax.plot([n // SEG for n in acc], list(acc.values()), "o-", label=kind)
+        ax.axvline(4, color="gray", lw=0.5, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("segments of 128 tokens (trained on 4)")
+        ax.set_ylabel("answer accuracy")
+        ax.set_title(task, fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+    plt.close(fig)
+    return PLOT
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=["passkey", "recall"], default="passkey")
+    p.add_argument("--kinds", default="tokens,xl,knn,none", help="memory kinds, comma-separated")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps per training run")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--n", type=int, default=16, help="examples per (length, depth) cell")
+    p.add_argument("--runs", default="runs/rmt_bench", help="where the training runs go")
+    p.add_argument("--report", action="store_true", help="print the markdown of the stored results and plot them")
+    args = p.parse_args()
+    if args.report:
+        print(report(load_results()))
+        print(plot(load_results()))
+        return
+    for kind in args.kinds.split(","):
+        if kind not in KINDS:
+            raise SystemExit(f"unknown kind {kind!r}; accepted: {', '.join(KINDS)}")
+        entry = bench(args.task, kind, steps=args.steps, lr=args.lr, n=args.n, runs=ROOT / args.runs)
+        results = load_results()
+        results[f"{args.task}/{kind}"] = entry
+        RESULTS.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

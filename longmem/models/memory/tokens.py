@@ -1,0 +1,60 @@
+"""Recurrent memory tokens: the Recurrent Memory Transformer (Bulatov et al. 2022).
+
+Legend: B lanes, R memory tokens, T segment length, D model width.
+
+A segment is processed as ``[read memory; segment tokens; write memory]`` under
+one causal mask, the decoder-only layout of the paper (§3, fig. 1c): the R read
+tokens come first so every segment token can attend to them, the R write tokens
+come last so they can attend to the whole segment. Both carry the current memory.
+The final-norm outputs at the write positions are the next segment's memory
+(the paper takes GPT-2's last hidden states, after its final layer norm). A lane
+starts from a learned initial memory, and again after a reset.
+
+The memory is written once per full segment. A call that ends inside a segment keeps
+that segment's tokens in the state (``pending``) without writing; the next call puts
+them back in front of its own tokens, so feeding a sequence in pieces of any size
+gives the logits of one call over it, and a decoder can feed one token at a time.
+
+The memory is *not* detached between segments: within a call the graph runs
+through all of them, and the trainer keeps it across ``train.bptt_segments``
+calls (backpropagation through segments, Bulatov et al. 2022 §3), detaching beyond.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from longmem.models.memory.state import TokensState
+
+
+class TokenMemory(nn.Module):
+    """init / read / write for the tokens part of the state; owns the learned initial memory."""
+
+    def __init__(self, *, n_tokens: int, d_model: int):
+        super().__init__()
+        self.n_tokens = n_tokens
+        # unit scale, like the final-norm outputs that replace it after the first segment
+        self.initial = nn.Parameter(torch.randn(n_tokens, d_model))
+
+    def init(self, batch_size: int, *, device, dtype) -> TokensState:
+        mem = torch.zeros(batch_size, self.n_tokens, self.initial.shape[1], device=device, dtype=dtype)
+        return TokensState(mem=mem, fresh=torch.ones(batch_size, dtype=torch.bool, device=device),
+                           pending=torch.zeros(batch_size, 0, dtype=torch.long, device=device))
+
+    def check(self, state: TokensState) -> None:
+        if tuple(state.mem.shape[1:]) != tuple(self.initial.shape):
+            raise ValueError(f"the tokens memory has shape {tuple(state.mem.shape[1:])} per lane, this model keeps "
+                             f"{tuple(self.initial.shape)} (memory.n_mem_tokens, model.d_model)")
+
+    def read(self, state: TokensState, *, dtype: torch.dtype) -> torch.Tensor:
+        """(B, R, D): the learned initial memory in fresh lanes, the carried one elsewhere."""
+        self.check(state)
+        fresh = state.fresh.view(-1, 1, 1)
+        return torch.where(fresh, self.initial.to(dtype), state.mem.to(dtype))
+
+    @staticmethod
+    def write(outputs: torch.Tensor) -> TokensState:
+        """The write positions' outputs (B, R, D) as the next memory (graph kept), nothing pending."""
+        B, device = outputs.shape[0], outputs.device
+        return TokensState(mem=outputs, fresh=torch.zeros(B, dtype=torch.bool, device=device),
+                           pending=torch.zeros(B, 0, dtype=torch.long, device=device))

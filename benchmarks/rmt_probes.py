@@ -63,7 +63,7 @@ def load_results() -> dict:
     return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
 
 
-def bench(task: str, kind: str, *, steps: int, lr: float, n: int, runs: Path) -> dict:
+def bench(task: str, kind: str, *, steps: int, lr: float, n: int, runs: Path, lengths=LENGTHS) -> dict:
     import torch
 
     from longmem.evaluation.suite import eval_probe
@@ -77,7 +77,7 @@ def bench(task: str, kind: str, *, steps: int, lr: float, n: int, runs: Path) ->
         raise SystemExit(f"training {task}/{kind} failed with exit code {code}")
     run = load_run(out)
     start = time.perf_counter()
-    res = eval_probe(run, task, lengths=[4 * SEG, *LENGTHS], depths=DEPTHS, n=n, seed=0, batch_size=8,
+    res = eval_probe(run, task, lengths=[4 * SEG, *lengths], depths=DEPTHS, n=n, seed=0, batch_size=8,
                      show_progress=False)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     final = [m for m in metrics if "val_accuracy" in m][-1]
@@ -153,6 +153,24 @@ def plot(results: dict) -> Path | None:
     fig.savefig(PLOT, dpi=110)
     plt.close(fig)
     return PLOT
+
+
+def run(quick: bool) -> str:
+    """The ``longmem bench`` module: every kind on passkey (and recall in the full run); ``quick`` is a
+    smoke run (20 steps, 2 examples per cell, up to 8 segments) whose accuracies mean nothing."""
+    import tempfile
+    steps, n, lengths = (20, 2, [1024]) if quick else (1000, 16, LENGTHS)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in (["passkey"] if quick else ["passkey", "recall"]):
+            for kind in KINDS:
+                results[f"{task}/{kind}"] = bench(task, kind, steps=steps, lr=3e-3, n=n, runs=Path(tmp),
+                                                  lengths=lengths)
+    figure = plot(results)
+    head = ["## Long-range probes: every memory kind" + (" (quick smoke run)" if quick else ""), "",
+            f"`python benchmarks/rmt_probes.py` through `longmem bench{' --quick' if quick else ''}`: "
+            f"{steps} steps per kind, {n} examples per (length, depth).", ""]
+    return "\n".join(head) + report(results) + (f"\n![probes](benchmarks/{figure.name})\n" if figure else "")
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ import torch
 from longmem.training.checkpoint import atomic_write_text
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-SUITE = ("xl_speed", "shakespeare", "profiles", "knn_speed", "knn_recall", "gen_memory", "serve_load", "babi",
-         "seq2seq_passage")
+SUITE = ("xl_speed", "shakespeare", "profiles", "rmt_probes", "knn_speed", "knn_recall", "gen_memory",
+         "serve_load", "babi", "seq2seq_passage")
 
 
 def _load(name: str, folder: Path):

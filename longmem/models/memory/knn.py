@@ -79,22 +79,22 @@ def _merge(cand_s: list[torch.Tensor], cand_i: list[torch.Tensor], k: int):
 def topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k over the last dimension, in no particular order.
 
-    Long rows go in two stages over blocks of g slots: the k largest entries lie in the k blocks
-    with the largest maxima (any other block has k blocks, each with an entry, above its maximum),
-    so a top-k over n / g block maxima and one over k * g candidates replace one over n. On a CPU
-    torch's top-k costs per row and per entry; the two short ones are cheaper from n of about 1,024 on.
+    Long rows go in two stages over g blocks of n / g slots, block b holding slots b, b + n/g, ...
+    (strided, so the block maxima are an element-wise max of g contiguous pieces): the k largest
+    entries lie in the k blocks with the largest maxima (any other block has k blocks, each with an
+    entry, above its maximum), so a top-k over n / g block maxima and one over k * g candidates
+    replace one over n. On a CPU torch's top-k costs per row and per entry; the two short ones are
+    cheaper from n of about 1,024 on.
     """
     n = s.shape[-1]
-    g = 2 ** round(math.log2(max(1.0, math.sqrt(n / max(k, 1)))))
+    g = 2 ** int(math.log2(max(1.0, math.sqrt(n / max(k, 1)))))
     if n % g or n // g < 4 * k or g < 4:
         return s.topk(k, dim=-1, sorted=False)
     lead, nb = s.shape[:-1], n // g
-    s = s.contiguous()
-    _, block = s.view(*lead, nb, g).amax(-1).topk(k, dim=-1, sorted=False)    # (..., k) best blocks
-    rows = torch.arange(s.numel() // n, device=s.device).view(*lead, 1) * nb
-    cand = rows_of(s.view(-1, g), block + rows).flatten(-2)                  # (..., k * g)
-    best, j = cand.topk(k, dim=-1, sorted=False)
-    return best, block.gather(-1, j // g) * g + j % g
+    _, block = s.reshape(*lead, g, nb).amax(-2).topk(k, dim=-1, sorted=False)           # (..., k) in [0, nb)
+    slot = (block.unsqueeze(-2) + torch.arange(0, n, nb, device=s.device).view(g, 1)).flatten(-2)  # (..., g*k)
+    best, j = s.gather(-1, slot).topk(k, dim=-1, sorted=False)
+    return best, slot.gather(-1, j)
 
 
 def rows_of(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

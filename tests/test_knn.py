@@ -11,7 +11,7 @@ import torch
 from longmem import State
 from longmem.config import MemoryConfig, RunConfig
 from longmem.models import MemoryLM
-from longmem.models.memory.knn import KNNMemory, faiss_search, resolve_knn_layers, torch_search
+from longmem.models.memory.knn import KNNMemory, faiss_search, resolve_knn_layers, topk, torch_search
 from longmem.models.memory.knn_persist import load_knn_memory, read_knn_metadata, save_knn_memory
 
 from conftest import REPO_ROOT, spread_weights, tiny_config
@@ -38,6 +38,12 @@ def brute_force(q, keys, count, k):
     return s.topk(k, dim=-1)
 
 
+def by_score(s, i):
+    """Search results in descending score order (the search returns them in no particular order)."""
+    s, order = s.sort(dim=-1, descending=True, stable=True)
+    return s, i.gather(-1, order)
+
+
 # -- search ------------------------------------------------------------------
 @pytest.mark.parametrize("chunk", [5, 16, 1000])
 def test_torch_search_equals_brute_force(chunk):
@@ -45,11 +51,27 @@ def test_torch_search_equals_brute_force(chunk):
     B, H, T, C, Dh, k = 3, 2, 6, 40, 8, 7
     q, keys = torch.randn(B, H, T, Dh, generator=g), torch.randn(B, H, C, Dh, generator=g)
     count = torch.tensor([40, 23, 9])
-    s, i = torch_search(q, keys, count, k=k, chunk=chunk)
+    s, i = by_score(*torch_search(q, keys, count, k=k, chunk=chunk))
     bs, bi = brute_force(q, keys, count, k)
     torch.testing.assert_close(s, bs, atol=1e-5, rtol=0)
     assert torch.equal(i, bi)                                            # continuous data: no ties
     assert bool((i < count.view(B, 1, 1, 1)).all())
+
+
+@pytest.mark.parametrize("n, k", [(1024, 8), (4096, 32), (960, 5)])
+def test_block_topk_equals_topk(n, k):
+    # the two-stage top-k over blocks (long rows) must return exactly the k largest, ties and -inf included
+    g = torch.Generator().manual_seed(n)
+    s = torch.randint(-40, 40, (3, 5, n), generator=g).float()           # many exact ties
+    s[0, :, n // 3:] = float("-inf")                                      # a partly filled ring
+    s[1, 0, :] = float("-inf")
+    got, idx = topk(s, k)
+    want, _ = s.topk(k, dim=-1)
+    assert torch.equal(got.sort(-1, descending=True).values, want)
+    assert torch.equal(s.gather(-1, idx), got)                            # each index holds its score
+    finite = torch.isfinite(got)
+    for row, ok in zip(idx.view(-1, k), finite.view(-1, k)):             # no finite entry twice
+        assert len(set(row[ok].tolist())) == int(ok.sum())
 
 
 def test_torch_search_with_ties_and_short_lanes():
@@ -59,7 +81,7 @@ def test_torch_search_with_ties_and_short_lanes():
     q = torch.randint(-2, 3, (B, H, T, Dh), generator=g).float()
     keys = torch.randint(-1, 2, (B, H, C, Dh), generator=g).float()
     count = torch.tensor([30, 3])                                        # lane 1 holds fewer than k
-    s, i = torch_search(q, keys, count, k=k, chunk=7)
+    s, i = by_score(*torch_search(q, keys, count, k=k, chunk=7))
     bs, _ = brute_force(q, keys, count, k)
     assert torch.equal(s, bs)
     full = q @ keys.transpose(-1, -2)
@@ -81,7 +103,7 @@ def test_faiss_flat_equals_torch():
     q, keys = torch.randn(B, H, T, Dh, generator=g), torch.randn(B, H, C, Dh, generator=g)
     count = torch.tensor([50, 5])
     s, i = faiss_search(q, keys, count, k=k, index="flat")
-    ts, ti = torch_search(q, keys, count, k=k)
+    ts, ti = by_score(*torch_search(q, keys, count, k=k))
     torch.testing.assert_close(s, ts, atol=1e-4, rtol=0)
     assert torch.equal(i, ti)
 

@@ -51,3 +51,18 @@ def test_distinct_values():
         assert sorted(row[1:10:2]) == list(range(6, 11))              # each value exactly once
     with pytest.raises(ValueError, match="distinct"):
         task.sample(batch_size=1, n_pairs=6, filler=0, generator=torch.Generator())
+
+
+def test_queries_drawn_with_replacement():
+    task = RecallTask(n_keys=8, n_values=8, n_filler=3)
+    b = task.sample(batch_size=2, n_pairs=3, filler=5, n_queries=10, generator=torch.Generator().manual_seed(3))
+    assert b.tokens.shape == (2, 2 * 3 + 5 + 2 * 10)
+    for row in range(2):
+        tok, tgt, dist = b.tokens[row].tolist(), b.targets[row].tolist(), b.distance[row].tolist()
+        stated = dict(zip(tok[0:6:2], tok[1:6:2]))
+        answers = [t for t in range(len(tok)) if tgt[t] != IGNORE_INDEX]
+        assert len(answers) == 10 and answers[0] == 11
+        for t in answers:                                              # every query asks a stated pair
+            assert tgt[t] == tok[t + 1] == stated[tok[t]] and tok[t - dist[t]] == tok[t]
+    with pytest.raises(ValueError, match="n_queries"):
+        task.sample(batch_size=1, n_pairs=3, filler=0, n_queries=0, generator=torch.Generator())

@@ -2,7 +2,8 @@
 
 A sequence is ``k1 v1 k2 v2 ... kP vP`` (P distinct keys, random values), then
 ``filler`` random filler tokens, then the same pairs again in a shuffled order as
-queries ``k v``. Only the answers count: the target after each query key is its
+queries ``k v`` (or ``n_queries`` queries drawn with replacement from the pairs: a denser
+training signal). Only the answers count: the target after each query key is its
 value, every other target is ignored (-100). Keys, values and filler use disjoint
 token ranges, so the filler never looks like a key and chance is 1 / n_values.
 
@@ -47,12 +48,16 @@ class RecallTask:
     def chance(self) -> float:
         return 1.0 / self.n_values
 
-    def sample(self, *, batch_size: int, n_pairs: int, filler: int, generator: torch.Generator) -> RecallBatch:
-        """``batch_size`` sequences of ``4 * n_pairs + filler`` tokens."""
+    def sample(self, *, batch_size: int, n_pairs: int, filler: int, generator: torch.Generator,
+               n_queries: int | None = None) -> RecallBatch:
+        """``batch_size`` sequences of ``2 * n_pairs + filler + 2 * n_queries`` tokens; ``n_queries``
+        None asks every pair once (in a random order), a number asks that many pairs drawn with replacement."""
         if not 0 < n_pairs <= self.n_keys:
             raise ValueError(f"n_pairs must be in 1..{self.n_keys} (distinct keys), got {n_pairs}")
         if filler < 0:
             raise ValueError(f"filler must be >= 0, got {filler}")
+        if n_queries is not None and n_queries <= 0:
+            raise ValueError(f"n_queries must be positive (or None: every pair once), got {n_queries}")
         B, P, F = batch_size, n_pairs, filler
         keys = torch.rand(B, self.n_keys, generator=generator).argsort(-1)[:, :P]            # (B, P) distinct
         if self.distinct_values:
@@ -63,13 +68,17 @@ class RecallTask:
             values = self.n_keys + torch.randint(0, self.n_values, (B, P), generator=generator)  # (B, P)
         stated = torch.stack([keys, values], dim=-1).reshape(B, 2 * P)                       # k1 v1 k2 v2 ...
         fill = self.n_keys + self.n_values + torch.randint(0, self.n_filler, (B, F), generator=generator)
-        order = torch.rand(B, P, generator=generator).argsort(-1)                            # (B, P) query order
-        asked = torch.stack([keys.gather(1, order), values.gather(1, order)], dim=-1).reshape(B, 2 * P)
-        tokens = torch.cat([stated, fill, asked], dim=1)                                     # (B, 4P + F)
+        if n_queries is None:
+            order = torch.rand(B, P, generator=generator).argsort(-1)                        # (B, Q=P) query order
+        else:
+            order = torch.randint(0, P, (B, n_queries), generator=generator)                 # (B, Q) with repeats
+        Q = order.shape[1]
+        asked = torch.stack([keys.gather(1, order), values.gather(1, order)], dim=-1).reshape(B, 2 * Q)
+        tokens = torch.cat([stated, fill, asked], dim=1)                                     # (B, 2P + F + 2Q)
         N = tokens.shape[1]
         targets = torch.full((B, N), IGNORE_INDEX, dtype=torch.long)
         distance = torch.full((B, N), -1, dtype=torch.long)
-        q_pos = 2 * P + F + 2 * torch.arange(P)                                              # query key positions
+        q_pos = 2 * P + F + 2 * torch.arange(Q)                                              # query key positions
         targets[:, q_pos] = values.gather(1, order)
         distance[:, q_pos] = q_pos - 2 * order                                               # statement at 2 * i
         return RecallBatch(tokens=tokens, targets=targets, distance=distance)

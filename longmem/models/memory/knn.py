@@ -39,8 +39,9 @@ def torch_search(queries: torch.Tensor, keys: torch.Tensor, count: torch.Tensor,
     """Exact top-k inner-product search.
 
     queries: (B, H, T, Dh); keys: (B, H, C, Dh); count: (B,) slots [0, count) are valid.
-    Returns scores (B, H, T, k) descending and indices (B, H, T, k) into C; where a lane
-    holds fewer than k entries the missing ones have score -inf and index 0.
+    Returns scores (B, H, T, k) and indices (B, H, T, k) into C, in no particular order (the
+    attention over them does not need one); where a lane holds fewer than k entries the missing
+    ones have score -inf and index 0.
     """
     B, H, T, _ = queries.shape
     C = keys.shape[2]
@@ -53,7 +54,7 @@ def torch_search(queries: torch.Tensor, keys: torch.Tensor, count: torch.Tensor,
         if c1 > full:
             slot = torch.arange(c0, c1, device=queries.device)
             s.masked_fill_((slot[None, :] >= count[:, None])[:, None, None, :], float("-inf"))
-        ts, ti = s.topk(min(k, c1 - c0), dim=-1)                     # (B, H, T, <=k)
+        ts, ti = topk(s, min(k, c1 - c0))                            # (B, H, T, <=k)
         cand_s.append(ts)
         cand_i.append(ti + c0)
         if len(cand_s) == 16:
@@ -71,8 +72,35 @@ def _merge(cand_s: list[torch.Tensor], cand_i: list[torch.Tensor], k: int):
     s, i = torch.cat(cand_s, dim=-1), torch.cat(cand_i, dim=-1)     # (B, H, T, m)
     if len(cand_s) == 1 and s.shape[-1] <= k:
         return [s], [i]
-    best_s, j = s.topk(min(k, s.shape[-1]), dim=-1)
+    best_s, j = s.topk(min(k, s.shape[-1]), dim=-1, sorted=False)
     return [best_s], [i.gather(-1, j)]
+
+
+def topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k over the last dimension, in no particular order.
+
+    Long rows go in two stages over g blocks of n / g slots, block b holding slots b, b + n/g, ...
+    (strided, so the block maxima are an element-wise max of g contiguous pieces): the k largest
+    entries lie in the k blocks with the largest maxima (any other block has k blocks, each with an
+    entry, above its maximum), so a top-k over n / g block maxima and one over k * g candidates
+    replace one over n. On a CPU torch's top-k costs per row and per entry; the two short ones are
+    cheaper from n of about 1,024 on.
+    """
+    n = s.shape[-1]
+    g = 2 ** int(math.log2(max(1.0, math.sqrt(n / max(k, 1)))))
+    if n % g or n // g < 4 * k or g < 4:
+        return s.topk(k, dim=-1, sorted=False)
+    lead, nb = s.shape[:-1], n // g
+    _, block = s.reshape(*lead, g, nb).amax(-2).topk(k, dim=-1, sorted=False)           # (..., k) in [0, nb)
+    slot = (block.unsqueeze(-2) + torch.arange(0, n, nb, device=s.device).view(g, 1)).flatten(-2)  # (..., g*k)
+    best, j = s.gather(-1, slot).topk(k, dim=-1, sorted=False)
+    return best, slot.gather(-1, j)
+
+
+def rows_of(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for a 2-D table: whole rows copied (an embedding lookup, several times
+    faster on a CPU than ``gather`` with an expanded index or ``index_select``). (..., ) -> (..., D)."""
+    return F.embedding(index, table)
 
 
 class FaissIndex:
@@ -194,15 +222,14 @@ class KNNMemory(nn.Module):
             return y
         B, H, T, Dh = q.shape
         k = min(self.k, keys.shape[2])
-        _, idx = search(q.detach(), keys, count, k=k, backend=self.backend, index=self.index, chunk=self.chunk)
-        flat = idx.reshape(B, H, T * k, 1).expand(-1, -1, -1, Dh)      # (B, H, T*k, Dh)
-        kr = keys.gather(2, flat).view(B, H, T, k, Dh)                 # (B, H, T, k, Dh)
-        vr = values.gather(2, flat).view(B, H, T, k, Dh)
+        found, idx = search(q.detach(), keys, count, k=k, backend=self.backend, index=self.index, chunk=self.chunk)
+        flat = idx + (torch.arange(B * H, device=q.device) * keys.shape[2]).view(B, H, 1, 1)  # (B, H, T, k)
+        kr = rows_of(keys.reshape(-1, Dh), flat)                       # (B, H, T, k, Dh)
+        vr = rows_of(values.reshape(-1, Dh), flat)
         # scores recomputed with gradient into the queries (the search itself is not differentiable)
         s = torch.einsum("bhtd,bhtkd->bhtk", q, kr)                    # (B, H, T, k)
         s = s * (self.log_scale[j].exp().view(1, H, 1, 1) if self.normalize else 1.0 / math.sqrt(Dh))
-        slot_ok = torch.arange(k, device=q.device).view(1, 1, 1, k) < count.view(B, 1, 1, 1)
-        s = s.masked_fill(~slot_ok, torch.finfo(s.dtype).min)
+        s = s.masked_fill(found == float("-inf"), torch.finfo(s.dtype).min)   # lanes holding fewer than k
         y_mem = torch.einsum("bhtk,bhtkd->bhtd", s.softmax(-1), vr)   # (B, H, T, Dh)
         y_mem = torch.where((count > 0).view(B, 1, 1, 1), y_mem, y)   # an empty lane falls back to local
         g = torch.sigmoid(self.gate[j]).view(1, H, 1, 1)

@@ -118,8 +118,8 @@ def test_user_errors_exit_2(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "r")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
-    assert main(["train", "--out", str(tmp_path / "r"), "--memory.kind", "tokens"]) == 2
-    assert "not implemented" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r"), "--memory.kind", "tokenz"]) == 2
+    assert "accepted: none, xl, knn, tokens" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "r"), "stray"]) == 2
     assert "stray" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

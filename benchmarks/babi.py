@@ -68,14 +68,14 @@ def lm_kinds() -> list[str]:
 def memn2n_config(path: Path, *, seed: int, quick: bool) -> RunConfig:
     overrides = {"data.path": str(path), "train.progress": "false", "train.threads": "1", "train.seed": str(seed)}
     if quick:
-        overrides.update({"train.max_steps": "2000", "task.linear_start_steps": "563", "train.lr_halve_every": "500"})
+        overrides.update({"train.max_steps": "600", "task.linear_start_steps": "150", "train.lr_halve_every": "150"})
     return RunConfig.load(CONFIG_PATH).override(overrides)
 
 
 def lm_config(path: Path, *, kind: str, quick: bool) -> RunConfig:
     overrides = {"data.path": str(path), "memory.kind": kind, "train.progress": "false", "train.threads": "1"}
     if quick:
-        overrides.update({"train.max_steps": "100", "train.eval_every": "0"})
+        overrides.update({"train.max_steps": "30", "train.eval_every": "0", "task.n_test": "8"})
     return RunConfig.load(LM_CONFIG_PATH).override(overrides)
 
 
@@ -134,7 +134,7 @@ def run(quick: bool) -> str:
                        f"seed {r['seed']}: reused from `$LONGMEM_BABI_RUNS`" for r in results)
     lines += [
         f"MemN2N ({m.hops} hops, d={m.d_model}, memory {m.memory_size} sentences, position + temporal encoding, "
-        f"adjacent tying, random noise {k.time_noise}), `configs/babi.yaml`{' (quick: 2000 steps)' if quick else ''}: "
+        f"adjacent tying, random noise {k.time_noise}), `configs/babi.yaml`{' (quick: 600 steps)' if quick else ''}: "
         f"{t.optimizer.upper()} with batch {cfg.data.batch_size} for {t.max_steps} steps "
         f"({t.max_steps * cfg.data.batch_size / 18000:.0f} epochs of the 20 × 900 training questions; 10% of each "
         f"task held out for validation), linear start at lr {k.linear_start_lr} for at most "
@@ -168,7 +168,8 @@ def train_lm(path: Path, runs: Path, *, kind: str, quick: bool) -> dict:
     out = runs / f"lm-{kind}"
     seconds = _train_or_reuse(cfg, out, desc=f"{kind} babi")
     t0 = time.perf_counter()
-    res = eval_probe(load_run(out), "babi", lengths=[], depths=[], n=LM_TEST_PER_TASK, show_progress=False)
+    res = eval_probe(load_run(out), "babi", lengths=[], depths=[], n=5 if quick else LM_TEST_PER_TASK,
+                     show_progress=False)
     return {"res": res, "seconds": seconds, "eval_seconds": time.perf_counter() - t0, "config": load_run(out).config}
 
 

@@ -28,7 +28,7 @@ CONFIGS = {
 FULL, QUICK = (10_000, 50_000, 200_000), (1_000, 3_000, 10_000)
 # wall-clock bound per configuration: on a busy CPU the stream stops there and the last row
 # says how far it got (marked), so the benchmark takes minutes, not hours
-LIMIT_S = {True: 40, False: 900}
+LIMIT_S = {True: 20, False: 900}
 
 
 def _model(kind: str, mem_len: int, segment_len: int):

@@ -157,9 +157,9 @@ def plot(results: dict) -> Path | None:
 
 def run(quick: bool) -> str:
     """The ``longmem bench`` module: every kind on passkey (and recall in the full run); ``quick`` is a
-    smoke run (20 steps, 2 examples per cell, up to 8 segments) whose accuracies mean nothing."""
+    smoke run (10 steps, 1 example per cell, up to 8 segments) whose accuracies mean nothing."""
     import tempfile
-    steps, n, lengths = (20, 2, [1024]) if quick else (1000, 16, LENGTHS)
+    steps, n, lengths = (10, 1, [1024]) if quick else (1000, 16, LENGTHS)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for task in (["passkey"] if quick else ["passkey", "recall"]):

@@ -191,11 +191,12 @@ def lm_notes(lms: dict) -> list[str]:
     cfg = next(iter(lms.values()))["config"]
     m, t = cfg.model, cfg.train
     times = ", ".join(f"{k} {v['seconds'] / 60:.1f} min" if v["seconds"] else f"{k} reused" for k, v in lms.items())
-    return [f"LM columns: `configs/babi-lm.yaml` with `--memory.kind` xl / knn ({m.n_layers} layers, d={m.d_model}, "
+    n = next(iter(lms.values()))["res"]["n"]
+    return [f"LM columns: `configs/babi-lm.yaml` with `--memory.kind` {' / '.join(lms)} ({m.n_layers} layers, d={m.d_model}, "
             f"segment {m.segment_len}, memory {m.memory.mem_len}, characters, {t.max_steps} steps of "
             f"{cfg.data.batch_size} stories, loss on the answer only; training {times} on 1 CPU thread), each "
-            f"story read segment by segment with the memory carried, scored on the first {LM_TEST_PER_TASK} test "
-            f"questions of each task (`longmem eval RUN --task babi --n {LM_TEST_PER_TASK}`); an answer counts "
+            f"story read segment by segment with the memory carried, scored on the first {n} test "
+            f"questions of each task (`longmem eval RUN --task babi --n {n}`); an answer counts "
             f"when all its characters are the greedy choice. MemN2N columns use all 1,000 test questions per task. "
-            f"Memory tokens: {'trained' if 'tokens' in lms else 'not built on this branch (kind tokens is not implemented yet)'}.",
+            f"Memory tokens: {'trained (RMT, one segment of backpropagation)' if 'tokens' in lms else 'not run'}.",
             ""]

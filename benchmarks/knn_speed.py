@@ -3,13 +3,13 @@ vs memory size for the exact torch search and faiss approximate indexes (with re
 plus the exact search's achieved memory bandwidth against a measured copy bandwidth."""
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
 from longmem import MemoryConfig, MemoryLM, ModelConfig
+from longmem.bench import train_rates
 from longmem.models.memory.knn import FaissIndex, torch_search
 
 WIDTH = dict(vocab_size=256, d_model=128, n_layers=4, n_heads=4)
@@ -44,28 +44,9 @@ def train_throughput(*, quick: bool, capacities=None) -> dict:
     runs = {"xl": _model("xl")}
     for c in capacities:
         runs[f"knn_{c}"] = _model("knn", capacity=c)
-    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in runs.items()}
-    states = {name: _full_memory(m, BATCH) for name, m in runs.items()}
-    rates = {name: [] for name in runs}
-
-    def run_steps(name: str) -> float:
-        model, opt, state = runs[name], opts[name], states[name]
-        t0 = time.perf_counter()
-        for s in range(steps):
-            out = model(data[s, :, :-1], state=state, targets=data[s, :, 1:])
-            opt.zero_grad()
-            out.loss.backward()
-            opt.step()
-            state = out.state.detach()
-        states[name] = state                   # the ring stays full: it only ever overwrites
-        return steps * BATCH * SEG / (time.perf_counter() - t0)
-
-    for name in runs:
-        run_steps(name)                        # warm-up
-    for _ in range(repeats):
-        for name in runs:
-            rates[name].append(run_steps(name))
-    return {name: statistics.median(v) for name, v in rates.items()}
+    # the memory starts full and stays full: the ring only ever overwrites
+    return train_rates({name: (m, torch.optim.AdamW(m.parameters(), lr=1e-4), _full_memory(m, BATCH))
+                        for name, m in runs.items()}, data, repeats=repeats)
 
 
 def copy_bandwidth(n_bytes: int = 512 * 2**20, repeats: int = 5) -> float:

@@ -4,12 +4,12 @@ recomputes a context of L tokens for every predicted token (the baseline of
 Transformer-XL's Table 9, Dai et al. 2019)."""
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
 
 from longmem import MemoryConfig, MemoryLM, ModelConfig
+from longmem.bench import train_rates
 
 WIDTH = dict(vocab_size=256, d_model=128, n_layers=4, n_heads=4)
 
@@ -23,33 +23,13 @@ def train_throughput(*, quick: bool) -> dict:
     """Training tokens/s of none vs xl (mem_len = segment_len), interleaved repeats, medians."""
     seg, batch = 128, 8
     steps, repeats = (4, 3) if quick else (10, 5)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (steps, batch, seg + 1), generator=g)
     runs = {}
     for kind in ("none", "xl"):
         model = _model(segment_len=seg, kind=kind, mem_len=seg if kind == "xl" else 0)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        runs[kind] = [model, opt, None]
-    g = torch.Generator().manual_seed(0)
-    data = torch.randint(0, 256, (steps, batch, seg + 1), generator=g)
-    rates = {k: [] for k in runs}
-
-    def run_steps(kind: str) -> float:
-        model, opt, state = runs[kind]
-        t0 = time.perf_counter()
-        for s in range(steps):
-            out = model(data[s, :, :-1], state=state, targets=data[s, :, 1:])
-            opt.zero_grad()
-            out.loss.backward()
-            opt.step()
-            state = out.state.detach()
-        runs[kind][2] = state
-        return steps * batch * seg / (time.perf_counter() - t0)
-
-    for kind in runs:                      # warm-up, fills the XL memory
-        run_steps(kind)
-    for _ in range(repeats):
-        for kind in runs:
-            rates[kind].append(run_steps(kind))
-    med = {k: statistics.median(v) for k, v in rates.items()}
+        runs[kind] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4), None)
+    med = train_rates(runs, data, repeats=repeats)          # warm-up fills the XL memory
     return {"segment_len": seg, "batch": batch, "tokens_per_s": med, "ratio_xl_over_none": med["xl"] / med["none"]}
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import platform
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -15,6 +16,34 @@ from longmem.training.checkpoint import atomic_write_text
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 SUITE = ("xl_speed", "shakespeare", "profiles", "rmt_probes", "knn_speed", "knn_recall", "gen_memory",
          "serve_load", "babi", "seq2seq_passage")
+
+
+def train_rates(runs: dict, data: torch.Tensor, *, repeats: int) -> dict[str, float]:
+    """Median training tokens/s of each ``name -> (model, optimizer, state)``, measured side by side:
+    every run steps once through ``data`` (steps, B, T + 1) to warm up (and fill its memory), then
+    the runs take turns ``repeats`` times. Each run's memory state is carried from turn to turn."""
+    runs = {name: list(r) for name, r in runs.items()}
+    steps, batch, seg = data.shape[0], data.shape[1], data.shape[2] - 1
+
+    def turn(name: str) -> float:
+        model, opt, state = runs[name]
+        t0 = time.perf_counter()
+        for s in range(steps):
+            out = model(data[s, :, :-1], state=state, targets=data[s, :, 1:])
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            state = out.state.detach()
+        runs[name][2] = state
+        return steps * batch * seg / (time.perf_counter() - t0)
+
+    for name in runs:
+        turn(name)
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name in runs:
+            rates[name].append(turn(name))
+    return {name: statistics.median(v) for name, v in rates.items()}
 
 
 def _load(name: str, folder: Path):

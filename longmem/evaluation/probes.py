@@ -33,16 +33,19 @@ def _bounds(n: int, seg: int) -> list[tuple[int, int]]:
     return [(0, first)] + [(a, a + seg) for a in range(first, n, seg)]
 
 
+def _segments(probes: list[Probe], idx: list[int], model) -> list[tuple[int, int]]:
+    """The segments the model reads for the batch ``idx``: all of them, or for a model without memory
+    only those holding a position that predicts an answer token."""
+    bounds = _bounds(len(probes[idx[0]]) - 1, model.config.segment_len)
+    if _stateless(model):
+        asked = np.any([probes[i].answer[1:] > 0 for i in idx], axis=0)
+        bounds = [(a, b) for a, b in bounds if asked[a:b].any()]
+    return bounds
+
+
 def n_segments(probes: list[Probe], model, *, batch_size: int) -> int:
     """Model calls :func:`score_probes` makes (for a progress bar)."""
-    total = 0
-    for idx in _batches(probes, batch_size):
-        bounds = _bounds(len(probes[idx[0]]) - 1, model.config.segment_len)
-        if _stateless(model):
-            asked = np.any([probes[i].answer[1:] > 0 for i in idx], axis=0)
-            bounds = [(a, b) for a, b in bounds if asked[a:b].any()]
-        total += len(bounds)
-    return total
+    return sum(len(_segments(probes, idx, model)) for idx in _batches(probes, batch_size))
 
 
 def _batches(probes: list[Probe], batch_size: int) -> list[list[int]]:
@@ -60,7 +63,6 @@ def score_probes(model, probes: list[Probe], *, batch_size: int = 8, progress_ba
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    seg = model.config.segment_len
     out: list[list[dict]] = [[] for _ in probes]
     for idx in _batches(probes, batch_size):
         n = len(probes[idx[0]])
@@ -74,10 +76,8 @@ def score_probes(model, probes: list[Probe], *, batch_size: int = 8, progress_ba
         loss = [[0.0] * k for k in n_answers]
         count = [[0] * k for k in n_answers]
         state = None
-        for a, b in _bounds(n - 1, seg):
+        for a, b in _segments(probes, idx, model):
             rows, cols = torch.nonzero(target_ans[:, a:b], as_tuple=True)
-            if _stateless(model) and len(rows) == 0:
-                continue
             res = model(tokens[:, a:b], state=state)
             state = res.state
             if progress_bar is not None:

@@ -1,6 +1,13 @@
 """Evaluation tasks on a run directory (``longmem eval``)."""
 from __future__ import annotations
 
+import random
+
+import numpy as np
+
+from longmem.data.tasks import probes as P
+from longmem.evaluation.probes import n_segments, score_probes, summarize
+
 from longmem.data.cache import cache_dir_for
 from longmem.data.corpus import load_corpus, split_documents
 from longmem.data.stream import encode_documents, n_eval_batches
@@ -34,11 +41,10 @@ def _probe_stories(run: Run, babi_path: str | None) -> list:
     trained on bAbI, else generated stories of tasks 1-3."""
     from longmem.data.tasks.sources import babi_examples, task_name
     cfg = run.config
-    if babi_path is None and cfg.model.arch != "memn2n" and task_name(cfg) in ("babi", "haystack"):
+    if babi_path is None and task_name(cfg) in ("babi", "haystack"):
         return babi_examples(cfg, "test")
-    tasks = cfg.task.babi_tasks if babi_path is None and cfg.model.arch == "memn2n" else ""
-    other = cfg.override({"data.path": babi_path or "", "data.hf_dataset": "", "task.babi_tasks": tasks})
-    return babi_examples(other, "test")
+    return babi_examples(cfg.override({"data.path": babi_path or "", "data.hf_dataset": "", "task.babi_tasks": ""}),
+                         "test")
 
 
 def _distractor(run: Run, path: str | None) -> str:
@@ -60,12 +66,6 @@ def eval_probe(run: Run, task: str, *, lengths: list[int], depths: list[float], 
     """Answer accuracy of a language-model run on a probe, per cell of the sweep:
     passkey and recall per (length, depth); haystack per (length, bAbI task); babi per bAbI task.
     ``n`` examples per cell (babi: per task, 0 = all)."""
-    import random
-
-    import numpy as np
-
-    from longmem.data.tasks import probes as P
-    from longmem.evaluation.probes import n_segments, score_probes, summarize
     if run.config.model.arch not in ("transformer", "lstm"):
         raise ValueError(f"--task {task} scores a language model (transformer or lstm); this is a "
                          f"{run.config.model.arch} run")

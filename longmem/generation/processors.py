@@ -13,10 +13,12 @@ penalties, temperature, then the truncations (top-k, top-p, min-p).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from longmem.config import _help
 
 
 @dataclass
@@ -151,10 +153,6 @@ class LogitBias:
         add = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
         add.index_add_(0, self.ids.to(logits.device), self.values.to(logits.device, logits.dtype))
         return logits + add                                                         # (B, V) + (V,)
-
-
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass

@@ -109,15 +109,10 @@ def distractor_text(path: str = "") -> str:
     return "\n\n".join(docs)[:DISTRACTOR_CHARS]
 
 
-def probe_stories(cfg: RunConfig, split: str) -> list[BabiExample]:
-    """The bAbI examples a babi/haystack probe draws from (data.path, else generated tasks 1-3)."""
-    return babi_examples(cfg, split)
-
-
 def probe_fit_texts(cfg: RunConfig) -> list[str]:
     """What a probe run's tokenizer is fitted on: every character its examples may write."""
     name = task_name(cfg)
-    stories = probe_stories(cfg, "train") if name in ("babi", "haystack") else []
+    stories = babi_examples(cfg, "train") if name in ("babi", "haystack") else []
     source = distractor_text(cfg.task.distractor)[:1_000_000] if name == "haystack" else ""
     return fit_text(stories, source)
 
@@ -133,7 +128,7 @@ def probe_maker(cfg: RunConfig, tokenizer, split: str, *, stories: list[BabiExam
         raise ValueError(f"task.name={name!r} is not a probe ({', '.join(PROBES)})")
     seed = f"{name}/{split}/{cfg.data.seed}"
     if name in ("babi", "haystack") and stories is None:
-        stories = probe_stories(cfg, split)
+        stories = babi_examples(cfg, split)          # data.path, else generated tasks 1-3
     if name == "haystack" and source is None:
         source = np.asarray(tokenizer.encode(distractor_text(t.distractor)), dtype=np.int64)
 

@@ -87,6 +87,17 @@ def _train(args, overrides) -> int:
     return 0
 
 
+def _load_run(args, overrides):
+    """The run of ``args.run`` with ``overrides``, torch's CPU threads set to its ``train.threads``
+    (0 leaves torch's default; ``--train.threads N`` picks another count for this command)."""
+    import torch
+    from longmem.runs import load_run
+    run = load_run(args.run, overrides=overrides)
+    if run.config.train.threads > 0:
+        torch.set_num_threads(run.config.train.threads)
+    return run
+
+
 # -- eval ----------------------------------------------------------------------
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
@@ -120,8 +131,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 def _eval(args, overrides) -> int:
     from longmem.evaluation.suite import eval_ppl
-    from longmem.runs import load_run
-    run = load_run(args.run, overrides=overrides)
+    run = _load_run(args, overrides)
     arch = run.config.model.arch
     if args.task == "text" and arch != "seq2seq":
         raise ValueError(f"--task text scores the decoded targets of a seq2seq run; this is a {arch} run")
@@ -241,9 +251,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 def _generate(args, overrides) -> int:
     from longmem.generation.generate import TextStream
-    from longmem.runs import load_run
     sampling = _sampling(args)
-    run = load_run(args.run, overrides=overrides)
+    run = _load_run(args, overrides)
     if run.config.model.arch in ("seq2seq", "memn2n"):
         from longmem.generation.tasks import task_generate
         print(task_generate(run.model, run.tokenizer, args.prompt, max_new_tokens=sampling.max_new_tokens,
@@ -269,11 +278,10 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
 
 def _chat(args, overrides) -> int:
     from longmem.generation.chat import run_chat
-    from longmem.runs import load_run
     sampling = _sampling(args)
     if not args.stop:
         sampling.stop = ["\n"]
-    run = load_run(args.run, overrides=overrides)
+    run = _load_run(args, overrides)
     run_chat(run, session=args.session, sessions_dir=args.sessions_dir, sampling=sampling,
              turn_format=args.turn_format, attention_sink=args.attention_sink)
     return 0
@@ -292,14 +300,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 def _serve(args, overrides) -> int:
     import dataclasses
-    from longmem.runs import load_run
     from longmem.serving.config import ServeConfig
     try:
         from longmem.serving.server import serve
     except ImportError as e:
         raise ValueError(str(e)) from None
     cfg = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
-    run = load_run(args.run, overrides=overrides)
+    run = _load_run(args, overrides)
     serve(run, cfg)
     return 0
 
@@ -335,7 +342,8 @@ def _bench(args, overrides) -> int:
 
 COMMANDS = [
     Command("train", "train a model and write a run directory", _train_args, _train, takes_overrides=True),
-    Command("eval", "evaluate a run (perplexity; --memory.mem_len N changes the memory)", _eval_args, _eval,
+    Command("eval", "evaluate a run (perplexity; --memory.mem_len N changes the memory; CPU threads: the run's "
+            "train.threads, or --train.threads N)", _eval_args, _eval,
             takes_overrides=True),
     Command("generate", "stream text from a run", _generate_args, _generate, takes_overrides=True),
     Command("chat", "talk with a run; the memory of each --session is kept on disk", _chat_args, _chat,

@@ -158,3 +158,20 @@ def test_parse_overrides():
         parse_overrides(["--train.lr"])
     with pytest.raises(ValueError, match="valid keys"):
         parse_overrides(["--verbose"])
+
+
+def test_commands_reading_a_run_use_its_thread_count(run_dir):
+    import argparse
+
+    from longmem.cli import _load_run
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    try:
+        run = _load_run(argparse.Namespace(run=str(run_dir)), {"train.threads": str(want)})
+        assert run.config.train.threads == want
+        assert torch.get_num_threads() == want
+        torch.set_num_threads(before)
+        _load_run(argparse.Namespace(run=str(run_dir)), {"train.threads": "0"})    # 0: torch's default kept
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)

@@ -3,10 +3,12 @@
 Every memory kind (none | xl | knn | tokens) trains the same small model the same way with
 ``longmem train`` on a probe task (``task.name passkey`` or ``recall``, loss on answer tokens
 only): examples of 4 segments of 128 tokens (``task.length 512``), backpropagation through the
-4 segments (``train.bptt_segments 4``), examples growing 1 -> 2 -> 4 segments
-(``train.curriculum 1,2,4``). Each run is then scored with ``longmem eval``'s probe sweep at
-8, 32 and 128 segments (1K, 4K, 16K tokens; 2x, 8x, 32x the training length), needle depths
-0, 0.5 and 1, the context fed segment by segment through the memory.
+4 segments (``train.bptt_segments 4``), examples growing 1 -> 2 -> 4 segments by stages of equal steps
+(``train.curriculum 1,2,4,4,4,4``: 1/6 of the steps on one segment, where the model first learns to
+copy the key at all, 1/6 on two, the rest on four). Each run is then scored with ``longmem eval``'s
+probe sweep at 4, 8, 32 and 128 segments (512 tokens to 16K; 1x to 32x the training length), needle
+depths 0, 0.5 and 1, the context fed segment by segment through the memory. The kNN store holds one
+training example (512 entries: a lane is reset per example) and, at test, the longest context (16,384).
 
 Each training run is a child process, so its wall time and peak resident memory (``wait4``)
 are its own. Results go to a JSON file (one entry per task and kind, kept between
@@ -34,18 +36,21 @@ LENGTHS = [1024, 4096, 16384]
 DEPTHS = [0.0, 0.5, 1.0]
 MODEL = {"model.d_model": 128, "model.n_layers": 2, "model.n_heads": 4, "model.segment_len": SEG,
          "data.tokenizer": "char", "data.batch_size": 16}
+CURRICULUM = "1,2,4,4,4,4"
+STEPS, LR = 6000, 3e-3
+TEST_OVERRIDES = {"knn": {"memory.knn_capacity": str(max(LENGTHS))}}    # the store holds every test token
 KINDS = {
     "none": {"memory.kind": "none"},
     "xl": {"memory.kind": "xl", "memory.mem_len": SEG},
-    "knn": {"memory.kind": "knn", "memory.mem_len": 0, "memory.knn_capacity": 4096},
+    "knn": {"memory.kind": "knn", "memory.mem_len": 0, "memory.knn_capacity": 4 * SEG},
     "tokens": {"memory.kind": "tokens", "memory.n_mem_tokens": 8, "memory.mem_len": 0},
 }
 
 
-def train_args(task: str, kind: str, *, steps: int, lr: float, out: Path) -> list[str]:
+def train_args(task: str, kind: str, *, steps: int, lr: float, out: Path, curriculum: str = CURRICULUM) -> list[str]:
     over = {**MODEL, **KINDS[kind], "task.name": task, "task.length": 4 * SEG, "task.n_test": 32,
-            "task.n_pairs": 4, "train.bptt_segments": 4, "train.curriculum": "1,2,4", "train.max_steps": steps,
-            "train.lr": lr, "train.min_lr": lr / 10, "train.warmup_steps": 30, "train.weight_decay": 0.0,
+            "task.n_pairs": 4, "train.bptt_segments": 4, "train.curriculum": curriculum, "train.max_steps": steps,
+            "train.lr": lr, "train.min_lr": lr / 10, "train.warmup_steps": 50, "train.weight_decay": 0.0,
             "train.eval_every": 0, "train.log_every": 25, "train.threads": 1, "train.progress": "false"}
     return ["train", "--out", str(out), *[x for k, v in over.items() for x in (f"--{k}", str(v))]]
 
@@ -63,25 +68,27 @@ def load_results() -> dict:
     return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
 
 
-def bench(task: str, kind: str, *, steps: int, lr: float, n: int, runs: Path, lengths=LENGTHS) -> dict:
+def bench(task: str, kind: str, *, steps: int, lr: float, n: int, runs: Path, lengths=LENGTHS,
+          curriculum: str = CURRICULUM) -> dict:
     import torch
 
     from longmem.evaluation.suite import eval_probe
     from longmem.runs import load_run
     torch.set_num_threads(1)
     out = runs / f"{task}-{kind}"
-    args = train_args(task, kind, steps=steps, lr=lr, out=out)
+    args = train_args(task, kind, steps=steps, lr=lr, out=out, curriculum=curriculum)
     print(f"== {task} {kind}: longmem {' '.join(args)}", flush=True)
     code, wall, rss = run_child(args)
     if code != 0:
         raise SystemExit(f"training {task}/{kind} failed with exit code {code}")
-    run = load_run(out)
+    run = load_run(out, overrides=TEST_OVERRIDES.get(kind))
     start = time.perf_counter()
     res = eval_probe(run, task, lengths=[4 * SEG, *lengths], depths=DEPTHS, n=n, seed=0, batch_size=8,
                      show_progress=False)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     final = [m for m in metrics if "val_accuracy" in m][-1]
-    entry = {"task": task, "kind": kind, "steps": steps, "lr": lr, "train_seconds": round(wall, 1),
+    entry = {"task": task, "kind": kind, "steps": steps, "lr": lr, "curriculum": curriculum,
+             "test_overrides": TEST_OVERRIDES.get(kind, {}), "train_seconds": round(wall, 1),
              "train_peak_rss_mib": round(rss, 1), "eval_seconds": round(time.perf_counter() - start, 1),
              "val_accuracy_512": final["val_accuracy"], "command": "python -m longmem " + " ".join(args),
              "results": res["results"]}
@@ -157,14 +164,14 @@ def plot(results: dict) -> Path | None:
 
 def run(quick: bool) -> str:
     """The ``longmem bench`` module: every kind on passkey (and recall in the full run); ``quick`` is a
-    smoke run (10 steps, 1 example per cell, up to 8 segments) whose accuracies mean nothing."""
+    smoke run (12 steps, 1 example per cell, up to 8 segments) whose accuracies mean nothing."""
     import tempfile
-    steps, n, lengths = (10, 1, [1024]) if quick else (1000, 16, LENGTHS)
+    steps, n, lengths = (12, 1, [1024]) if quick else (STEPS, 16, LENGTHS)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for task in (["passkey"] if quick else ["passkey", "recall"]):
             for kind in KINDS:
-                results[f"{task}/{kind}"] = bench(task, kind, steps=steps, lr=3e-3, n=n, runs=Path(tmp),
+                results[f"{task}/{kind}"] = bench(task, kind, steps=steps, lr=LR, n=n, runs=Path(tmp),
                                                   lengths=lengths)
     figure = plot(results)
     head = ["## Long-range probes: every memory kind" + (" (quick smoke run)" if quick else ""), "",
@@ -177,8 +184,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=["passkey", "recall"], default="passkey")
     p.add_argument("--kinds", default="tokens,xl,knn,none", help="memory kinds, comma-separated")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps per training run")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per training run")
+    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--curriculum", default=CURRICULUM, help="segments per example, stage by stage (equal steps)")
     p.add_argument("--n", type=int, default=16, help="examples per (length, depth) cell")
     p.add_argument("--runs", default="runs/rmt_bench", help="where the training runs go")
     p.add_argument("--report", action="store_true", help="print the markdown of the stored results and plot them")
@@ -190,7 +198,8 @@ def main() -> None:
     for kind in args.kinds.split(","):
         if kind not in KINDS:
             raise SystemExit(f"unknown kind {kind!r}; accepted: {', '.join(KINDS)}")
-        entry = bench(args.task, kind, steps=args.steps, lr=args.lr, n=args.n, runs=ROOT / args.runs)
+        entry = bench(args.task, kind, steps=args.steps, lr=args.lr, n=args.n, runs=ROOT / args.runs,
+                      curriculum=args.curriculum)
         results = load_results()
         results[f"{args.task}/{kind}"] = entry
         RESULTS.write_text(json.dumps(results, indent=1))

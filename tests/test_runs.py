@@ -15,10 +15,10 @@ from longmem.training.checkpoint import save_weights
 from conftest import spread_weights
 
 
-def write_run(path: Path, *, tokenizer=None) -> MemoryLM:
+def write_run(path: Path, *, tokenizer=None, memory: dict | None = None) -> MemoryLM:
     cfg = RunConfig().override({"model.vocab_size": "256", "model.d_model": "16", "model.n_layers": "2",
-                                "model.n_heads": "2", "model.segment_len": "8", "memory.kind": "xl",
-                                "memory.mem_len": "8"})
+                                "model.n_heads": "2", "model.segment_len": "8",
+                                **(memory or {"memory.kind": "xl", "memory.mem_len": "8"})})
     model = spread_weights(MemoryLM(cfg.model)).eval()
     path.mkdir()
     cfg.save(path / CONFIG)
@@ -51,6 +51,19 @@ def test_load_run_with_longer_memory(tmp_path):
         load_run(tmp_path / "run", overrides={"memory.kind": "none", "memory.mem_len": "0"})
     with pytest.raises(ValueError, match="train.max_steps"):
         load_run(tmp_path / "run", overrides={"train.foo": "1"})
+
+
+def test_load_run_with_a_larger_knn_store(tmp_path):
+    """The store's size and search are evaluation settings: a run trained with a small store reads
+    longer contexts with a larger one; the weights are the same."""
+    model = write_run(tmp_path / "run", memory={"memory.kind": "knn", "memory.mem_len": "0",
+                                                "memory.knn_capacity": "16", "memory.knn_k": "4"})
+    run = load_run(tmp_path / "run", overrides={"memory.knn_capacity": "64", "memory.knn_k": "8"})
+    assert (run.model.knn.capacity, run.model.knn.k) == (64, 8) == (run.config.memory.knn_capacity,
+                                                                   run.config.memory.knn_k)
+    assert all(torch.equal(a, b) for a, b in zip(run.model.state_dict().values(), model.state_dict().values()))
+    state = run.model(torch.randint(0, 256, (1, 48))).state
+    assert int(state.knn.count().max()) == 48                        # 48 entries kept: more than the 16 trained
 
 
 def test_load_run_refuses_to_silently_ignore_architecture_overrides(tmp_path):

@@ -195,10 +195,25 @@ def test_activation_checkpointing_gives_the_same_gradients(rmt):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_generation_refuses_memory_tokens_clearly(rmt):
+def test_generation_token_by_token_equals_one_call_in_bounded_memory(rmt):
+    """The decoder feeds memory tokens a token at a time: the logits equal one call over the whole text
+    (the memory written once per full segment, as in training), and the state never holds more than
+    the memory and one unfinished segment."""
     from longmem.generation.decoding import Decoder
-    with pytest.raises(ValueError, match="memory.kind='tokens'"):
-        Decoder(rmt())
+    from longmem.generation.session import state_nbytes
+    model = rmt(mem_len=4).eval()
+    dec = Decoder(model)
+    x = tokens(B, 5 * SEG + 3)
+    with torch.no_grad():
+        whole = model(x).logits
+    memory, sizes = None, []
+    for t in range(x.shape[1]):
+        logits, memory = dec.feed(x[:, t:t + 1], memory)
+        torch.testing.assert_close(logits, whole[:, t], atol=1e-4, rtol=1e-4)
+        sizes.append(state_nbytes(memory))
+        assert memory.tokens.pending.shape[1] == (t + 1) % SEG
+    assert max(sizes[SEG:]) == max(sizes[2 * SEG:])                 # bounded: no growth after the first segments
+    assert dec.cache_positions() == 4 + SEG - 1
 
 
 def test_curriculum_grows_the_task_examples_and_the_bptt_window(tmp_path, monkeypatch, one_thread):

@@ -14,6 +14,9 @@ V vocabulary.
   the first ``S`` positions stay in the cache for good and the rest slides
   (StreamingLLM, Xiao et al. 2023): positions are assigned inside the cache, so
   a token's position never exceeds ``W - 1`` however long the output grows.
+- ``kind="tokens"``: the state is the memory (R vectors) plus the unfinished
+  segment's tokens (< W), recomputed with each new token until the segment is
+  full and the memory written, as in training.
 - ``recompute=True`` (kind none only) is the slow reference: the last ``W``
   tokens are recomputed for every new token.
 """
@@ -87,15 +90,13 @@ class Decoder:
         self.model = model
         self.window = W = model.config.segment_len
         self.recompute = recompute
-        if getattr(model, "tokens", None) is not None:
-            # memory tokens are written once per full segment; feeding a token at a time would write them
-            # after every token, which the model never saw in training
-            raise ValueError("generation does not support memory.kind='tokens' yet (the memory tokens are "
-                             "written once per segment); use a model with memory.kind none, xl or knn")
         xl = getattr(model, "xl", None)
-        # "xl": the model's own state carries the past (XL with mem_len > 0, kNN, the LSTM baseline)
+        # "xl": the model's own state carries the past (XL with mem_len > 0, kNN, memory tokens, the LSTM);
+        # memory tokens are written once per full segment: the unfinished one waits in the state (pending)
+        # and is recomputed with each new token, so a token at a time equals one call over the whole text
+        self.memory_tokens = getattr(model, "tokens", None) is not None
         stateful = getattr(model, "recurrent", False) or getattr(model, "knn", None) is not None or (
-            xl is not None and xl.mem_len > 0)
+            xl is not None and xl.mem_len > 0) or self.memory_tokens
         self.kind = "xl" if stateful else "none"
         if recompute and self.kind != "none":
             raise ValueError("recompute=True is the no-memory reference; XL models always decode with their state")
@@ -121,7 +122,8 @@ class Decoder:
         """The most past positions one lane keeps (the bound on memory)."""
         if self.kind == "xl":
             xl = getattr(self.model, "xl", None)
-            return xl.mem_len if xl is not None else 0
+            pending = self.window - 1 if self.memory_tokens else 0          # the unfinished segment
+            return (xl.mem_len if xl is not None else 0) + pending
         return self.window if self.recompute else self.window - 1
 
     @torch.no_grad()

@@ -69,7 +69,9 @@ def load_results() -> dict:
 
 
 def bench(task: str, kind: str, *, steps: int, lr: float, n: int, runs: Path, lengths=LENGTHS,
-          curriculum: str = CURRICULUM) -> dict:
+          curriculum: str = CURRICULUM, reuse: bool = False) -> dict:
+    """Train ``kind`` on ``task`` in a child process (or, with ``reuse``, score the finished run already
+    in ``runs``: its wall time and peak memory are then unknown) and score it at every length."""
     import torch
 
     from longmem.evaluation.suite import eval_probe
@@ -77,10 +79,15 @@ def bench(task: str, kind: str, *, steps: int, lr: float, n: int, runs: Path, le
     torch.set_num_threads(1)
     out = runs / f"{task}-{kind}"
     args = train_args(task, kind, steps=steps, lr=lr, out=out, curriculum=curriculum)
-    print(f"== {task} {kind}: longmem {' '.join(args)}", flush=True)
-    code, wall, rss = run_child(args)
-    if code != 0:
-        raise SystemExit(f"training {task}/{kind} failed with exit code {code}")
+    if reuse and (out / "model.safetensors").is_file():
+        print(f"== {task} {kind}: scoring the finished run {out}", flush=True)
+        wall = rss = None
+        args = ["(reused run; see its config.yaml)"]
+    else:
+        print(f"== {task} {kind}: longmem {' '.join(args)}", flush=True)
+        code, wall, rss = run_child(args)
+        if code != 0:
+            raise SystemExit(f"training {task}/{kind} failed with exit code {code}")
     run = load_run(out, overrides=TEST_OVERRIDES.get(kind))
     start = time.perf_counter()
     res = eval_probe(run, task, lengths=[4 * SEG, *lengths], depths=DEPTHS, n=n, seed=0, batch_size=8,
@@ -88,8 +95,8 @@ def bench(task: str, kind: str, *, steps: int, lr: float, n: int, runs: Path, le
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     final = [m for m in metrics if "val_accuracy" in m][-1]
     entry = {"task": task, "kind": kind, "steps": steps, "lr": lr, "curriculum": curriculum,
-             "test_overrides": TEST_OVERRIDES.get(kind, {}), "train_seconds": round(wall, 1),
-             "train_peak_rss_mib": round(rss, 1), "eval_seconds": round(time.perf_counter() - start, 1),
+             "test_overrides": TEST_OVERRIDES.get(kind, {}), "train_seconds": wall and round(wall, 1),
+             "train_peak_rss_mib": rss and round(rss, 1), "eval_seconds": round(time.perf_counter() - start, 1),
              "val_accuracy_512": final["val_accuracy"], "command": "python -m longmem " + " ".join(args),
              "results": res["results"]}
     print(json.dumps({k: v for k, v in entry.items() if k != "results"}), flush=True)
@@ -123,7 +130,9 @@ def report(results: dict) -> str:
         for e in entries:
             acc = accuracy_by_length(e)
             cells = " | ".join(f"{acc[n]:.3f}" for n in lengths)
-            lines.append(f"| {e['kind']} | {cells} | {e['train_seconds']:.0f} s | {e['train_peak_rss_mib']:.0f} MiB |")
+            wall, rss = e["train_seconds"], e["train_peak_rss_mib"]
+            lines.append(f"| {e['kind']} | {cells} | {'n/a' if wall is None else f'{wall:.0f} s'} | "
+                         f"{'n/a' if rss is None else f'{rss:.0f} MiB'} |")
         lines += ["", f"Per depth ({task}; rows: memory and depth):", "",
                   f"| memory | depth | {' | '.join(f'{n // SEG} seg' for n in lengths)} |",
                   "|---|---:|" + "---:|" * len(lengths)]
@@ -189,6 +198,8 @@ def main() -> None:
     p.add_argument("--curriculum", default=CURRICULUM, help="segments per example, stage by stage (equal steps)")
     p.add_argument("--n", type=int, default=16, help="examples per (length, depth) cell")
     p.add_argument("--runs", default="runs/rmt_bench", help="where the training runs go")
+    p.add_argument("--reuse", action="store_true", help="score a finished run already in --runs instead of "
+                   "training it again (its wall time and peak memory are then not measured)")
     p.add_argument("--report", action="store_true", help="print the markdown of the stored results and plot them")
     args = p.parse_args()
     if args.report:
@@ -199,7 +210,7 @@ def main() -> None:
         if kind not in KINDS:
             raise SystemExit(f"unknown kind {kind!r}; accepted: {', '.join(KINDS)}")
         entry = bench(args.task, kind, steps=args.steps, lr=args.lr, n=args.n, runs=ROOT / args.runs,
-                      curriculum=args.curriculum)
+                      curriculum=args.curriculum, reuse=args.reuse)
         results = load_results()
         results[f"{args.task}/{kind}"] = entry
         RESULTS.write_text(json.dumps(results, indent=1))

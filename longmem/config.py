@@ -92,6 +92,11 @@ class ModelConfig:
     segment_len: int = _help("tokens processed per segment; longer calls are split", default=128)
     dropout: float = _help("dropout on embeddings, attention weights and residual branches", default=0.0)
     rope_base: float = _help("rotary embedding base (Su et al. 2021)", default=10000.0)
+    smear_keys: bool = _help("transformer: mix each attention key with the previous position's key, a learned "
+                             "share per head (smeared keys, Olsson et al. 2022): one layer can then match "
+                             "\"the token after an earlier occurrence of this one\", and copying / associative "
+                             "recall is learned many times faster; kNN memory stores the smeared keys",
+                             default=False)
     hops: int = _help("memn2n: memory hops K (Sukhbaatar et al. 2015 §2.2)", default=3)
     memory_size: int = _help("memn2n: most recent sentences kept in memory", default=50)
     memory: MemoryConfig = field(default_factory=MemoryConfig, metadata={"help": "memory settings"})

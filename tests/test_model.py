@@ -122,11 +122,12 @@ def test_memory_is_detached(make_model):
 
 
 # -- tier 2: recurrence invariants ---------------------------------------------
+@pytest.mark.parametrize("smear_keys", [False, True])
 @pytest.mark.parametrize("piece", [1, 3, 8, 17])
-def test_xl_pieces_with_memory_equal_one_full_causal_pass(make_model, piece):
+def test_xl_pieces_with_memory_equal_one_full_causal_pass(make_model, piece, smear_keys):
     n = 40
-    model = make_model(kind="xl", mem_len=n, segment_len=8)
-    reference = make_model(kind="none", mem_len=0, segment_len=64)   # one causal pass over everything
+    model = make_model(kind="xl", mem_len=n, segment_len=8, smear_keys=smear_keys)
+    reference = make_model(kind="none", mem_len=0, segment_len=64, smear_keys=smear_keys)   # one causal pass
     reference.load_state_dict(model.state_dict())
     x = tokens(3, n)
     with torch.no_grad():
@@ -184,8 +185,10 @@ def test_lanes_are_independent(make_model):
     assert (a[1] - b[1]).abs().max() > 1e-2
 
 
-def test_reset_lane_equals_fresh_model(make_model):
-    model = make_model(kind="xl", mem_len=16, segment_len=8)
+@pytest.mark.parametrize("smear_keys", [False, True])
+def test_reset_lane_equals_fresh_model(make_model, smear_keys):
+    # smeared keys: the first token after a reset must not take the stale last key of the memory as its predecessor
+    model = make_model(kind="xl", mem_len=16, segment_len=8, smear_keys=smear_keys)
     with torch.no_grad():
         _, state = run_pieces(model, tokens(B, 24), 8)          # fill the memory
         assert bool((state.xl.valid == 16).all())
@@ -199,6 +202,26 @@ def test_reset_lane_equals_fresh_model(make_model):
         assert out.state.xl.valid.tolist() == [8, 16]
         # and the reset lane keeps behaving like the fresh model afterwards
         close(model(nxt, state=out.state).logits[0], model(nxt, state=fresh.state).logits[0])
+
+
+def test_smeared_keys_mix_in_the_previous_key(make_model):
+    plain = make_model(kind="xl", mem_len=16, segment_len=8)
+    smeared = make_model(kind="xl", mem_len=16, segment_len=8, smear_keys=True)
+    smeared.load_state_dict(plain.state_dict(), strict=False)        # the same weights, plus the mixing logits
+    x = tokens(B, 24)
+    with torch.no_grad():
+        for block in smeared.blocks:
+            block.attn.smear.fill_(0.0)                              # half this key, half the previous one
+        assert (smeared(x).logits - plain(x).logits).abs().max() > 1e-2
+        for block in smeared.blocks:
+            block.attn.smear.fill_(50.0)                             # sigmoid = 1: the key alone
+        close(smeared(x).logits, plain(x).logits, atol=1e-5)
+        keys = torch.randn(1, 2, 4, 3)
+        from longmem.models.attention import smear
+        mixed = smear(keys, torch.tensor([0.0, 50.0]))
+        close(mixed[0, 0, 1:], (keys[0, 0, 1:] + keys[0, 0, :-1]) / 2, atol=1e-6)
+        close(mixed[0, 0, 0], keys[0, 0, 0] / 2, atol=1e-6)         # the first key has no predecessor
+        close(mixed[0, 1], keys[0, 1], atol=1e-6)
 
 
 def test_reset_with_no_state_is_a_fresh_start(make_model):

@@ -50,8 +50,23 @@ class Rotary(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+def smear(k: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """Smeared keys (Olsson et al. 2022, "In-context learning and induction heads" §"smeared keys"):
+    each key mixed with the key of the position before it, ``sigmoid(mix) k_s + (1 - sigmoid(mix)) k_{s-1}``
+    per head. A key then also says which token came before it, so one layer can find "the token after
+    the earlier occurrence of this one" (an induction head) without first learning a previous-token
+    head in another layer: associative recall is learned in hundreds of steps instead of thousands.
+
+    k: (B, H, S, Dh) keys of the context [memory; segment] before rotary positions; mix: (H,) logits.
+    The first key of the context has no predecessor (zeros); neither has the first token after a reset,
+    since empty memory slots hold zeros (a reset zeroes them) and so have zero keys."""
+    prev = F.pad(k, (0, 0, 1, 0))[:, :, :-1]                               # (B, H, S, Dh): k_{s-1}
+    a = torch.sigmoid(mix).view(1, -1, 1, 1).to(k.dtype)
+    return a * k + (1 - a) * prev
+
+
 class Attention(nn.Module):
-    def __init__(self, *, d_model: int, n_heads: int, dropout: float):
+    def __init__(self, *, d_model: int, n_heads: int, dropout: float, smear_keys: bool = False):
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
@@ -60,6 +75,8 @@ class Attention(nn.Module):
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.dropout = dropout
         self.resid_drop = nn.Dropout(dropout)
+        # smeared keys: one mixing logit per head, 0 = half this key, half the one before
+        self.smear = nn.Parameter(torch.zeros(n_heads)) if smear_keys else None
 
     def forward(self, x: torch.Tensor, *, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 mask: torch.Tensor | None, knn=None) -> torch.Tensor:
@@ -74,6 +91,8 @@ class Attention(nn.Module):
         H, Dh = self.n_heads, self.head_dim
         q = self.q(x).view(B, T, H, Dh).transpose(1, 2)                       # (B, H, T, Dh)
         k, v = self.kv(context).view(B, S, 2, H, Dh).permute(2, 0, 3, 1, 4)   # 2 x (B, H, S, Dh)
+        if self.smear is not None:
+            k = smear(k, self.smear)                                     # (B, H, S, Dh)
         q_raw, k_raw, v_seg = q, k[:, :, S - T:], v[:, :, S - T:]           # for the kNN memory
         cos, sin = rope                                                        # (S, Dh/2)
         q = Rotary.rotate(q, cos[S - T:], sin[S - T:])
@@ -101,10 +120,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm block; keys and values come from norm([memory; x]) (Dai et al. 2019 eq. 1)."""
 
-    def __init__(self, *, d_model: int, n_heads: int, d_ff: int, dropout: float):
+    def __init__(self, *, d_model: int, n_heads: int, d_ff: int, dropout: float, smear_keys: bool = False):
         super().__init__()
         self.norm1 = RMSNorm(d_model)
-        self.attn = Attention(d_model=d_model, n_heads=n_heads, dropout=dropout)
+        self.attn = Attention(d_model=d_model, n_heads=n_heads, dropout=dropout, smear_keys=smear_keys)
         self.norm2 = RMSNorm(d_model)
         self.mlp = MLP(d_model=d_model, d_ff=d_ff, dropout=dropout)
 

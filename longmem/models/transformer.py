@@ -68,7 +68,8 @@ class MemoryLM(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            Block(d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout) for _ in range(c.n_layers))
+            Block(d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout, smear_keys=c.smear_keys)
+            for _ in range(c.n_layers))
         self.norm = RMSNorm(c.d_model)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.head.weight = self.embed.weight                       # tied embeddings (Press & Wolf 2017)

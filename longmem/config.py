@@ -261,9 +261,12 @@ class TaskConfig:
                                 "(short passages first teach the lookup); test sources are always task.source_len",
                                 default=0)
     linear_start_steps: int = _help("memn2n: at most this many first steps without the softmax in memory "
-                                    "(linear start, Sukhbaatar et al. 2015 §4.2); it ends earlier at the first "
-                                    "validation (train.eval_every) whose loss is not below the previous one",
-                                    default=0)
+                                    "(linear start, Sukhbaatar et al. 2015 §4.2); it ends earlier when the "
+                                    "validation loss stops falling (see task.linear_start_patience)", default=0)
+    linear_start_patience: int = _help("memn2n: validations (train.eval_every) in a row without a new lowest "
+                                       "linear-start validation loss that end linear start early (the paper's rule: "
+                                       "1); 0 never ends it early: all task.linear_start_steps run, as in the "
+                                       "authors' code (30 epochs for the joint model)", default=1)
     linear_start_lr: float = _help("memn2n: learning rate during linear start (0: train.lr; the paper uses "
                                    "0.005); the schedule of train.* starts when linear start ends", default=0.0)
     length: int = _help("probes (passkey, recall, haystack): tokens per training example", default=512)
@@ -282,6 +285,8 @@ class TaskConfig:
                              f"got {self.min_source_len}")
         if self.linear_start_lr < 0:
             raise ValueError(f"task.linear_start_lr must be >= 0, got {self.linear_start_lr}")
+        if self.linear_start_patience < 0:
+            raise ValueError(f"task.linear_start_patience must be >= 0, got {self.linear_start_patience}")
         if self.linear_start_steps < 0:
             raise ValueError(f"task.linear_start_steps must be >= 0, got {self.linear_start_steps}")
         if not 0.0 <= self.time_noise < 1.0:

@@ -132,3 +132,17 @@ def test_memn2n_linear_start_ends_when_validation_stops_falling_and_keeps_best_w
     assert [e["best_step"] for e in events if e.get("event") == "best"][-1] == best[2]
     res = json_out(capsys, "eval", str(out), "--task", "babi", "--json", "--split", "val")
     assert res["mean_error"] == pytest.approx(best[0], abs=1e-4) and res["loss"] == pytest.approx(best[1], rel=1e-4)
+
+
+def test_memn2n_linear_start_patience_zero_runs_every_linear_step(tmp_path):
+    # the authors' code: a fixed number of linear-start epochs, whatever the validation loss does
+    out = train(tmp_path, "--model.arch", "memn2n", "--model.d_model", "16", "--model.memory_size", "20",
+                "--task.babi_tasks", "1", "--task.n_train", "300", "--data.batch_size", "32",
+                "--train.max_steps", "40", "--train.lr", "0.01", "--train.weight_decay", "0", "--train.warmup_steps", "0",
+                "--train.eval_every", "4", "--train.log_every", "1", "--task.linear_start_steps", "32",
+                "--task.linear_start_lr", "0.05", "--task.linear_start_patience", "0")
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    linear = [e["val_linear_loss"] for e in events if "val_linear_loss" in e]
+    assert len(linear) == 8 and not any(e.get("event") == "linear_start_end" for e in events)
+    lrs = {e["step"]: e["lr"] for e in events if "lr" in e}
+    assert all(lrs[s] == pytest.approx(0.05) for s in range(1, 33)) and lrs[33] == pytest.approx(0.01, rel=1e-3)

@@ -116,7 +116,7 @@ def train_task(cfg: RunConfig, out_dir: str | Path, *, desc: str = "train") -> T
     start, val, best, loss = t_log, {}, None, float("nan")
     # linear start (memn2n): steps [0, ls_end) without the softmax; the schedule counts from ls_end
     ls_end = min(cfg.task.linear_start_steps, t.max_steps) if name == "babi" else 0
-    ls_lr, ls_val_loss = cfg.task.linear_start_lr or t.lr, None
+    ls_lr, ls_val_loss, ls_bad = cfg.task.linear_start_lr or t.lr, None, 0
     bar = progress(total=t.max_steps, desc=desc, enabled=t.progress)
     for step in range(t.max_steps):
         idx = next(batches)
@@ -160,7 +160,9 @@ def train_task(cfg: RunConfig, out_dir: str | Path, *, desc: str = "train") -> T
                 ls_loss = linear_val_loss(model)
                 model.train()
                 log({"step": step + 1, "val_linear_loss": ls_loss})
-                if ls_val_loss is not None and ls_loss >= ls_val_loss:     # stopped falling: softmax back
+                ls_bad = ls_bad + 1 if ls_val_loss is not None and ls_loss >= ls_val_loss else 0
+                patience = cfg.task.linear_start_patience
+                if patience and ls_bad >= patience:                          # stopped falling: softmax back
                     ls_end = step + 1
                     log({"step": step + 1, "event": "linear_start_end"})
                 ls_val_loss = ls_loss if ls_val_loss is None else min(ls_val_loss, ls_loss)

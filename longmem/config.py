@@ -47,6 +47,11 @@ class MemoryConfig:
     # recurrent memory tokens (RMT, Bulatov et al. 2022); used when kind="tokens", with XL alongside if mem_len > 0
     n_mem_tokens: int = _help("kind tokens: memory tokens read at the start of each segment and written at its "
                               "end; their outputs are the next segment's memory (Bulatov et al. 2022)", default=8)
+    token_gate: bool = _help("kind tokens: gated memory update, new = (1 - g) * old + g * written with a gate "
+                             "g = sigmoid(W written + b) per token and width (the Block-Recurrent Transformer's "
+                             "state gate, Hutchins et al. 2022); false: the written outputs replace the memory "
+                             "(Bulatov et al. 2022). A closed gate keeps the memory unchanged through segments "
+                             "that hold nothing worth writing", default=False)
 
     def __post_init__(self):
         if self.kind not in typing.get_args(MemoryKind):

@@ -60,9 +60,10 @@ def test_state_shape_dtype_and_fresh_flags(rmt):
         assert (model(x).logits - before).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("gate", [False, True])
 @pytest.mark.parametrize("mem_len", [0, 16])
-def test_one_call_equals_calls_of_one_segment_each(rmt, mem_len):
-    model = rmt(mem_len=mem_len)
+def test_one_call_equals_calls_of_one_segment_each(rmt, mem_len, gate):
+    model = rmt(mem_len=mem_len, token_gate=gate)
     x = tokens(B, 5 * SEG + 3)                      # the last segment is partial
     with torch.no_grad():
         whole = model(x)
@@ -86,6 +87,23 @@ def test_memory_carries_the_first_segment_forward(rmt, make_model):
         n_a, n_b = none(x).logits, none(y).logits
     assert (a[:, 3 * SEG:] - b[:, 3 * SEG:]).abs().max() > 1e-2       # three segments later
     torch.testing.assert_close(n_a[:, SEG:], n_b[:, SEG:], atol=1e-6, rtol=0)
+
+
+def test_gated_update_open_replaces_and_closed_keeps_the_memory(rmt):
+    plain, gated = rmt(), rmt(token_gate=True)
+    gated.load_state_dict(plain.state_dict(), strict=False)          # the same weights, plus the gate
+    x = tokens(B, 3 * SEG)
+    with torch.no_grad():
+        gated.tokens.gate.weight.zero_()
+        gated.tokens.gate.bias.fill_(50.0)                           # g = 1: the written outputs replace it
+        torch.testing.assert_close(gated(x).logits, plain(x).logits, atol=1e-5, rtol=0)
+        gated.tokens.gate.bias.fill_(-50.0)                          # g = 0: the memory never changes
+        out = gated(x)
+        torch.testing.assert_close(out.state.tokens.mem, gated.tokens.initial.expand(B, R, -1), atol=1e-6, rtol=0)
+        fresh = gated(x[:, 2 * SEG:]).logits                         # the last segment read from a fresh state
+        torch.testing.assert_close(out.logits[:, 2 * SEG:], fresh, atol=1e-5, rtol=0)
+        gated.tokens.gate.bias.fill_(0.0)                            # half-open: differs from both
+        assert (gated(x).logits[:, SEG:] - plain(x).logits[:, SEG:]).abs().max() > 1e-3
 
 
 def test_lanes_are_independent(rmt):

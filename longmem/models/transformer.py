@@ -80,7 +80,7 @@ class MemoryLM(nn.Module):
                    if c.memory.kind in ("xl", "knn", "tokens") else None)
         self.knn = KNNMemory(config=c.memory, n_layers=c.n_layers, n_heads=c.n_heads,
                              head_dim=c.d_model // c.n_heads) if c.memory.kind == "knn" else None
-        self.tokens = (TokenMemory(n_tokens=c.memory.n_mem_tokens, d_model=c.d_model)
+        self.tokens = (TokenMemory(n_tokens=c.memory.n_mem_tokens, d_model=c.d_model, gate=c.memory.token_gate)
                        if c.memory.kind == "tokens" else None)
         self.apply(self._init_weights)
         for block in self.blocks:                                  # GPT-2 scaled init of residual outputs
@@ -154,7 +154,7 @@ class MemoryLM(nn.Module):
         h = self.norm(x)                                            # (B, L, D)
         logits = self.head(h[:, R:R + T])                           # (B, T, V)
         if self.tokens is not None:                                 # the write positions become the memory
-            state = replace(state, tokens=self.tokens.write(h[:, R + T:]))
+            state = replace(state, tokens=self.tokens.write(h[:, R + T:], previous=mem))
         if xl is not None:
             state = replace(state, xl=self.xl.write(xl, layer_inputs))
         if knn is not None:                                         # written after the segment: never retrieves itself

@@ -30,11 +30,16 @@ from longmem.models.memory.state import TokensState
 class TokenMemory(nn.Module):
     """init / read / write for the tokens part of the state; owns the learned initial memory."""
 
-    def __init__(self, *, n_tokens: int, d_model: int):
+    def __init__(self, *, n_tokens: int, d_model: int, gate: bool = False):
         super().__init__()
         self.n_tokens = n_tokens
         # unit scale, like the final-norm outputs that replace it after the first segment
         self.initial = nn.Parameter(torch.randn(n_tokens, d_model))
+        # gated update (Hutchins et al. 2022): g = sigmoid(W written + b); W starts at 0 and b at 0, half-open
+        self.gate = nn.Linear(d_model, d_model) if gate else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
 
     def init(self, batch_size: int, *, device, dtype) -> TokensState:
         mem = torch.zeros(batch_size, self.n_tokens, self.initial.shape[1], device=device, dtype=dtype)
@@ -52,9 +57,12 @@ class TokenMemory(nn.Module):
         fresh = state.fresh.view(-1, 1, 1)
         return torch.where(fresh, self.initial.to(dtype), state.mem.to(dtype))
 
-    @staticmethod
-    def write(outputs: torch.Tensor) -> TokensState:
-        """The write positions' outputs (B, R, D) as the next memory (graph kept), nothing pending."""
+    def write(self, outputs: torch.Tensor, *, previous: torch.Tensor) -> TokensState:
+        """The next memory (graph kept), nothing pending: the write positions' outputs (B, R, D), or with the
+        gate their mix with ``previous`` (B, R, D), the memory this segment read."""
         B, device = outputs.shape[0], outputs.device
+        if self.gate is not None:
+            g = torch.sigmoid(self.gate(outputs))                           # (B, R, D)
+            outputs = previous + g * (outputs - previous)
         return TokensState(mem=outputs, fresh=torch.zeros(B, dtype=torch.bool, device=device),
                            pending=torch.zeros(B, 0, dtype=torch.long, device=device))

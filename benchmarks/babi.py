@@ -36,6 +36,7 @@ LM_KINDS = {"xl": "Transformer-XL", "knn": "kNN", "tokens": "memory tokens"}
 LM_TEST_PER_TASK = 100    # a language model scores a story segment by segment: the first 100 test questions per task
 PAPER_JOINT = 12.4        # Sukhbaatar et al. 2015, best joint MemN2N on bAbI 1k (mean error, %)
 TARGET = 13.0
+TOKENS_BPTT = 4           # backpropagation through 4 segments for the memory-tokens column
 
 
 def data_dir() -> Path:
@@ -74,6 +75,8 @@ def memn2n_config(path: Path, *, seed: int, quick: bool) -> RunConfig:
 
 def lm_config(path: Path, *, kind: str, quick: bool) -> RunConfig:
     overrides = {"data.path": str(path), "memory.kind": kind, "train.progress": "false", "train.threads": "1"}
+    if kind == "tokens":                   # memory tokens learn to write only through several segments
+        overrides["train.bptt_segments"] = str(TOKENS_BPTT)
     if quick:
         overrides.update({"train.max_steps": "30", "train.eval_every": "0", "task.n_test": "8"})
     return RunConfig.load(LM_CONFIG_PATH).override(overrides)
@@ -198,5 +201,5 @@ def lm_notes(lms: dict) -> list[str]:
             f"story read segment by segment with the memory carried, scored on the first {n} test "
             f"questions of each task (`longmem eval RUN --task babi --n {n}`); an answer counts "
             f"when all its characters are the greedy choice. MemN2N columns use all 1,000 test questions per task. "
-            f"Memory tokens: {'trained (RMT, one segment of backpropagation)' if 'tokens' in lms else 'not run'}.",
+            f"Memory tokens: {f'trained (RMT, backpropagation through {TOKENS_BPTT} segments)' if 'tokens' in lms else 'not run'}.",
             ""]

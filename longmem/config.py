@@ -52,6 +52,10 @@ class MemoryConfig:
                              "state gate, Hutchins et al. 2022); false: the written outputs replace the memory "
                              "(Bulatov et al. 2022). A closed gate keeps the memory unchanged through segments "
                              "that hold nothing worth writing", default=False)
+    token_noise: float = _help("kind tokens, training only: Gaussian noise of this standard deviation added to the "
+                               "memory read at each segment (the memory has unit RMS); a memory that must survive "
+                               "noise learns to restore itself at every write, so it drifts less over many segments "
+                               "than the few it was trained on. 0: off", default=0.0)
 
     def __post_init__(self):
         if self.kind not in typing.get_args(MemoryKind):
@@ -64,6 +68,8 @@ class MemoryConfig:
         if self.kind == "none" and self.mem_len:
             raise ValueError("memory.mem_len > 0 needs memory.kind='xl', 'knn' or 'tokens' "
                              "(kind 'none' keeps no memory)")
+        if self.token_noise < 0:
+            raise ValueError(f"memory.token_noise must be >= 0, got {self.token_noise}")
         if self.n_mem_tokens <= 0:
             raise ValueError(f"memory.n_mem_tokens must be positive, got {self.n_mem_tokens}")
         if isinstance(self.knn_layers, int) and not isinstance(self.knn_layers, bool):

@@ -106,6 +106,20 @@ def test_gated_update_open_replaces_and_closed_keeps_the_memory(rmt):
         assert (gated(x).logits[:, SEG:] - plain(x).logits[:, SEG:]).abs().max() > 1e-3
 
 
+def test_memory_noise_only_in_training(rmt):
+    model = rmt()
+    x = tokens(B, 3 * SEG)
+    with torch.no_grad():
+        clean = model(x).logits                                      # eval mode
+        model.tokens.noise = 0.5
+        torch.testing.assert_close(model(x).logits, clean, atol=0, rtol=0)   # no noise at evaluation
+        model.train()
+        a, b = model(x).logits, model(x).logits
+        assert (a - b).abs().max() > 1e-3                            # noise in training
+        model.tokens.noise = 0.0
+        torch.testing.assert_close(model(x).logits, clean, atol=1e-6, rtol=0)
+
+
 def test_lanes_are_independent(rmt):
     model = rmt(mem_len=8)
     x = tokens(B, 4 * SEG)

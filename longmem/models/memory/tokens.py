@@ -30,9 +30,9 @@ from longmem.models.memory.state import TokensState
 class TokenMemory(nn.Module):
     """init / read / write for the tokens part of the state; owns the learned initial memory."""
 
-    def __init__(self, *, n_tokens: int, d_model: int, gate: bool = False):
+    def __init__(self, *, n_tokens: int, d_model: int, gate: bool = False, noise: float = 0.0):
         super().__init__()
-        self.n_tokens = n_tokens
+        self.n_tokens, self.noise = n_tokens, noise
         # unit scale, like the final-norm outputs that replace it after the first segment
         self.initial = nn.Parameter(torch.randn(n_tokens, d_model))
         # gated update (Hutchins et al. 2022): g = sigmoid(W written + b); W starts at 0 and b at 0, half-open
@@ -52,10 +52,14 @@ class TokenMemory(nn.Module):
                              f"{tuple(self.initial.shape)} (memory.n_mem_tokens, model.d_model)")
 
     def read(self, state: TokensState, *, dtype: torch.dtype) -> torch.Tensor:
-        """(B, R, D): the learned initial memory in fresh lanes, the carried one elsewhere."""
+        """(B, R, D): the learned initial memory in fresh lanes, the carried one elsewhere (plus noise in
+        training when ``noise`` > 0)."""
         self.check(state)
         fresh = state.fresh.view(-1, 1, 1)
-        return torch.where(fresh, self.initial.to(dtype), state.mem.to(dtype))
+        mem = torch.where(fresh, self.initial.to(dtype), state.mem.to(dtype))
+        if self.training and self.noise > 0:                             # memory-noise training (token_noise)
+            mem = mem + self.noise * torch.randn_like(mem)
+        return mem
 
     def write(self, outputs: torch.Tensor, *, previous: torch.Tensor) -> TokensState:
         """The next memory (graph kept), nothing pending: the write positions' outputs (B, R, D), or with the

@@ -123,6 +123,9 @@ class ModelConfig:
         if self.arch != "transformer" and self.memory.kind != "none":
             raise ValueError(f"model.arch={self.arch!r} has its own memory; memory.kind must be 'none', "
                              f"got {self.memory.kind!r}")
+        if self.smear_keys and self.arch != "transformer":
+            raise ValueError(f"model.smear_keys is a transformer (MemoryLM) option; model.arch={self.arch!r} has "
+                             f"no smeared keys")
         if self.arch in ("lstm", "memn2n"):                       # no attention heads to check
             self.d_ff = self.d_ff or 4 * self.d_model
             if not 0.0 <= self.dropout < 1.0:

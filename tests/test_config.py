@@ -23,6 +23,7 @@ def test_defaults_and_derived_fields():
     (dict(dropout=1.0), "dropout"),
     (dict(n_layers=0), "n_layers"),
     (dict(segment_len=0), "segment_len"),
+    (dict(arch="lstm", smear_keys=True), "smear_keys"),
 ])
 def test_model_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -118,6 +119,8 @@ def test_tokens_memory_and_bptt_options_from_the_command_line(tmp_path):
     ("train.curriculum", "1,two,4", "positive segment counts"),
     ("train.curriculum", "1,0", "positive segment counts"),
     ("memory.n_mem_tokens", "-1", "n_mem_tokens"),
+    ("memory.token_noise", "-0.1", "token_noise"),
+    ("task.linear_start_patience", "-1", "linear_start_patience"),
 ])
 def test_bptt_and_tokens_options_are_validated(key, value, match):
     with pytest.raises(ValueError, match=match):

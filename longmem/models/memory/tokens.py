@@ -7,7 +7,8 @@ one causal mask, the decoder-only layout of the paper (§3, fig. 1c): the R read
 tokens come first so every segment token can attend to them, the R write tokens
 come last so they can attend to the whole segment. Both carry the current memory.
 The final-norm outputs at the write positions are the next segment's memory
-(the paper takes GPT-2's last hidden states, after its final layer norm). A lane
+(the paper takes GPT-2's last hidden states, after its final layer norm), or with
+``memory.token_gate`` their gated mix with the memory read (Hutchins et al. 2022). A lane
 starts from a learned initial memory, and again after a reset.
 
 The memory is written once per full segment. A call that ends inside a segment keeps

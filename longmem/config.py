@@ -110,6 +110,15 @@ class ModelConfig:
                              default=False)
     hops: int = _help("memn2n: memory hops K (Sukhbaatar et al. 2015 §2.2)", default=3)
     memory_size: int = _help("memn2n: most recent sentences kept in memory", default=50)
+    pe_formula: Literal["code", "paper"] = _help(
+        "memn2n position encoding: code: l_kj = 1 + 4 (k - (d+1)/2)(j - (J+1)/2) / (d J), the authors' released "
+        "code (word weights average 1) | paper: (1 - j/J) - (k/d)(1 - 2j/J) as printed in §4.1 (about half the "
+        "code's weights; bAbI task 16 stays at half its answers wrong with it, BENCHMARKS.md); J is each "
+        "sentence's own length", default="code")
+    attend_empty: bool = _help(
+        "memn2n: the attention softmax also counts the empty slots up to memory_size, at score 0 (the authors' "
+        "code: an empty slot holds the zero nil embedding), so a hop can attend to nothing; off: softmax over "
+        "the story's sentences only", default=True)
     memory: MemoryConfig = field(default_factory=MemoryConfig, metadata={"help": "memory settings"})
 
     def __post_init__(self):
@@ -123,6 +132,8 @@ class ModelConfig:
         if self.arch != "transformer" and self.memory.kind != "none":
             raise ValueError(f"model.arch={self.arch!r} has its own memory; memory.kind must be 'none', "
                              f"got {self.memory.kind!r}")
+        if self.pe_formula not in ("code", "paper"):
+            raise ValueError(f"model.pe_formula={self.pe_formula!r}; accepted: code, paper")
         if self.smear_keys and self.arch != "transformer":
             raise ValueError(f"model.smear_keys is a transformer (MemoryLM) option; model.arch={self.arch!r} has "
                              f"no smeared keys")

@@ -144,19 +144,25 @@ def test_seq2seq_overfits_a_tiny_copy_set():
 
 
 # -- MemN2N ---------------------------------------------------------------------------------------------
-def test_position_encoding_matches_the_paper_formula():
-    pe = position_encoding(torch.tensor([4]), 4, 3)[0]             # (J, D)
+def test_position_encoding_matches_the_paper_and_the_code_formulas():
     J, d = 4, 3
+    paper = position_encoding(torch.tensor([J]), J, d, "paper")[0]   # (J, D)
+    code = position_encoding(torch.tensor([J]), J, d, "code")[0]
     for j in range(1, J + 1):
         for k in range(1, d + 1):
-            assert pe[j - 1, k - 1].item() == pytest.approx((1 - j / J) - (k / d) * (1 - 2 * j / J))
+            assert paper[j - 1, k - 1].item() == pytest.approx((1 - j / J) - (k / d) * (1 - 2 * j / J))
+            assert code[j - 1, k - 1].item() == pytest.approx(1 + 4 * (k - (d + 1) / 2) * (j - (J + 1) / 2) / (d * J))
+    assert code.mean().item() == pytest.approx(1.0, abs=1e-6) and paper.mean().item() == pytest.approx(0.5, abs=0.05)
+    with pytest.raises(ValueError, match="code, paper"):
+        ModelConfig(arch="memn2n", pe_formula="papr")
 
 
-def test_memn2n_bags_equal_explicit_position_encoding_and_tying():
-    model = MemN2N(ModelConfig(arch="memn2n", vocab_size=30, d_model=8, hops=2))
+@pytest.mark.parametrize("formula", ["code", "paper"])
+def test_memn2n_bags_equal_explicit_position_encoding_and_tying(formula):
+    model = MemN2N(ModelConfig(arch="memn2n", vocab_size=30, d_model=8, hops=2, pe_formula=formula))
     words = torch.tensor([[3, 4, 5, 0, 0], [7, 1, 0, 0, 0]])
     tables = model.embed.weight.view(30, 3, 8)                     # C^0, C^1, C^2
-    pe = position_encoding((words != 0).sum(-1), 5, 8) * (words != 0)[..., None]
+    pe = position_encoding((words != 0).sum(-1), 5, 8, formula) * (words != 0)[..., None]
     expected = torch.stack([(tables[:, k][words] * pe).sum(-2) for k in range(3)], dim=1)
     torch.testing.assert_close(model.encode(words), expected, atol=1e-6, rtol=0)
     # word order matters through position encoding
@@ -177,7 +183,20 @@ def test_memn2n_shapes_and_attention_sums_to_one_per_hop():
     out = model(**batch)
     B, M = batch["story"].shape[:2]
     assert out.logits.shape == (16, tok.vocab_size) and out.attention.shape == (16, 3, M)
-    torch.testing.assert_close(out.attention.sum(-1), torch.ones(16, 3))
+    # the weights over the memory_size slots, the empty ones (up to 20) included, sum to 1 per hop
+    torch.testing.assert_close(out.attention.sum(-1) + out.empty, torch.ones(16, 3))
+    assert out.empty.min() > 0 and out.empty.max() < 1
+    # one empty slot at score 0 weighs as one more sentence that reads zero
+    story, n, q = batch["story"][:1], batch["n_memories"][:1], batch["question"][:1]
+    scores = torch.bmm(model.encode(story)[:, :, 0] + model.temporal(n - 1 - torch.arange(story.shape[1]).clamp(
+        max=int(n - 1)))[None, :, :16], model.encode(q)[:, 0, :, None])[0, :int(n), 0]
+    expected_empty = (20 - n.item()) / ((20 - n.item()) + scores.exp().sum())
+    assert model(story[:, :int(n)], n, q).empty[0, 0].item() == pytest.approx(expected_empty.item(), rel=1e-4)
+    closed = MemN2N(ModelConfig(**{**vars(model.config), "attend_empty": False}))
+    closed.load_state_dict(model.state_dict())
+    out_closed = closed(**batch)
+    torch.testing.assert_close(out_closed.attention.sum(-1), torch.ones(16, 3))
+    assert out_closed.empty.abs().max() == 0
     empty = torch.arange(M)[None, :] >= batch["n_memories"][:, None]
     assert empty.any() and out.attention.masked_select(empty[:, None, :].expand(-1, 3, -1)).abs().max() == 0
     assert model(**batch, linear=True).attention.sum(-1).sub(1).abs().max() > 1e-3   # linear start: no softmax

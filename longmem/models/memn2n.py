@@ -8,12 +8,18 @@ over K hops:
 
     m_i = sum_j l_j * A^k x_ij + T_A^k(i)        (position encoding + temporal encoding, §4.1)
     c_i = sum_j l_j * C^k x_ij + T_C^k(i)
-    p   = softmax(u^k . m_i)                      (over the valid slots; no softmax in linear start, §4.2)
+    p   = softmax(u^k . m_i)                      (no softmax in linear start, §4.2)
     u^{k+1} = u^k + sum_i p_i c_i
     answer logits = W u^{K+1}
 
 Adjacent weight tying (§2.2): A^{k+1} = C^k, B = A^1, W^T = C^K, so there are
 K + 1 embedding matrices (and K + 1 temporal tables) in all.
+
+Two details follow the authors' released code rather than the paper's text (``model.pe_formula`` and
+``model.attend_empty`` switch back; BENCHMARKS.md measures both): the position encoding
+l_kj = 1 + 4 (k - (d+1)/2)(j - (J+1)/2) / (d J), whose word weights average 1, where the printed
+formula's average 1/2; and the softmax counts the empty slots up to ``memory_size`` at score 0 (there an
+empty slot is the zero "nil" embedding), so a hop can put its weight on nothing, which yes/no questions use.
 """
 from __future__ import annotations
 
@@ -31,11 +37,27 @@ from longmem.config import ModelConfig
 class QAOutput:
     logits: torch.Tensor           # (B, V) answer scores over the vocabulary
     loss: torch.Tensor | None      # mean cross-entropy against the answers
-    attention: torch.Tensor        # (B, K, M) weights over memory slots per hop (0 on empty slots)
+    attention: torch.Tensor        # (B, K, M) weights over the story's slots per hop (0 on padding)
+    empty: torch.Tensor            # (B, K) weight on the empty slots up to memory_size (model.attend_empty)
 
 
-def position_encoding(lengths: torch.Tensor, n_words: int, dim: int) -> torch.Tensor:
-    """l_kj = (1 - j/J) - (k/d)(1 - 2j/J) (§4.1), with J each sentence's own length.
+def pe_terms(j: torch.Tensor, J: torch.Tensor, dim: int, formula: str = "code") -> tuple[torch.Tensor, torch.Tensor]:
+    """Position encoding as l_kj = a_j + (k/d) g_j: (a, g) for word positions ``j`` (1-based) of
+    sentences of ``J`` words (broadcast together).
+
+    paper (§4.1): l_kj = (1 - j/J) - (k/d)(1 - 2j/J), so a = 1 - j/J, g = 2j/J - 1.
+    code (the authors' release): l_kj = 1 + 4 (k - (d+1)/2)(j - (J+1)/2) / (d J); with
+    c = (j - (J+1)/2) / J that is a = 1 - 2 c (d+1)/d, g = 4 c."""
+    if formula == "paper":
+        return 1 - j / J, 2 * j / J - 1
+    if formula == "code":
+        c = (j - (J + 1) / 2) / J
+        return 1 - 2 * c * (dim + 1) / dim, 4 * c
+    raise ValueError(f"unknown position encoding formula {formula!r}; accepted: code, paper")
+
+
+def position_encoding(lengths: torch.Tensor, n_words: int, dim: int, formula: str = "code") -> torch.Tensor:
+    """l_kj for every word position and dimension, with J each sentence's own length.
 
     lengths: (...,) words per sentence -> (..., n_words, dim). Using the true
     length (not the padded one) makes a sentence's embedding independent of the
@@ -43,7 +65,8 @@ def position_encoding(lengths: torch.Tensor, n_words: int, dim: int) -> torch.Te
     J = lengths.clamp(min=1).to(torch.float32)[..., None, None]                    # (..., 1, 1)
     j = torch.arange(1, n_words + 1, device=lengths.device, dtype=torch.float32)[:, None]  # (J, 1)
     k = torch.arange(1, dim + 1, device=lengths.device, dtype=torch.float32) / dim          # (D,)
-    return (1 - j / J) - k * (1 - 2 * j / J)                                       # (..., J, D)
+    a, g = pe_terms(j, J, dim, formula)
+    return a + k * g                                                               # (..., J, D)
 
 
 class MemN2N(nn.Module):
@@ -69,17 +92,17 @@ class MemN2N(nn.Module):
     def encode(self, words: torch.Tensor) -> torch.Tensor:
         """words (..., J), 0-padded -> (..., K+1, D): sum_j l_j * C^k x_j for every table k.
 
-        Position encoding splits as l_kj = a_j + beta_k g_j with a_j = 1 - j/J, g_j = 2j/J - 1 and
-        beta_k = k/d, so the encoding is one weighted bag of words (``embedding_bag``) over the table
-        [C; beta * C] with the words twice, and never builds an (N, J, (K+1) D) tensor."""
+        Position encoding splits as l_kj = a_j + beta_k g_j with beta_k = k/d (``pe_terms``), so the
+        encoding is one weighted bag of words (``embedding_bag``) over the table [C; beta * C] with the
+        words twice, and never builds an (N, J, (K+1) D) tensor."""
         K1, D = self.config.hops + 1, self.config.d_model
         lead, J = words.shape[:-1], words.shape[-1]
         w = words.reshape(-1, J)                                      # (N, J)
         present = (w != 0).to(self.embed.weight.dtype)                 # (N, J)
         length = present.sum(-1, keepdim=True).clamp(min=1)           # (N, 1) each sentence's own J
         j = torch.arange(1, J + 1, device=w.device, dtype=present.dtype)
-        a = (1 - j / length) * present                                # (N, J)
-        g = (2 * j / length - 1) * present                            # (N, J)
+        a, g = pe_terms(j, length, D, self.config.pe_formula)
+        a, g = a * present, g * present                               # (N, J) each
         E = self.embed.weight                                          # (V, (K+1) D)
         table = torch.cat([E, E * self.beta], dim=0)                   # (2V, (K+1) D)
         bags = F.embedding_bag(torch.cat([w, w + E.shape[0]], dim=1), table,
@@ -107,16 +130,25 @@ class MemN2N(nn.Module):
         # backpropagate a zero-filled (B, M, K+1, D) gradient (a third of the step's time)
         mem = mem.unbind(dim=2)                                       # K+1 x (B, M, D)
         u = self.encode(question)[:, 0]                               # (B, D), B = C^0
-        attention = []
+        # the memory_size - n empty slots score 0 and read 0: one extra logit log(memory_size - n)
+        # stands for all of them (-inf when the memory is full, or when attend_empty is off)
+        n_empty = (self.config.memory_size - n_memories).clamp(min=0) if self.config.attend_empty \
+            else torch.zeros_like(n_memories)
+        empty_logit = n_empty.to(u.dtype).log()[:, None]              # (B, 1)
+        attention, empty = [], []
         for k in range(1, K + 1):
             scores = torch.bmm(mem[k - 1], u[:, :, None])[..., 0]     # (B, M), A^k = C^{k-1}
             if linear:
-                p = scores.masked_fill(~valid, 0.0)
+                p, p_empty = scores.masked_fill(~valid, 0.0), torch.zeros_like(empty_logit)
             else:
-                p = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
+                logits = torch.cat([scores.masked_fill(~valid, float("-inf")), empty_logit], dim=-1)
+                p = torch.softmax(logits, dim=-1).nan_to_num(0.0)     # a story of 0 sentences: all 0
+                p, p_empty = p[:, :-1], p[:, -1:]
             attention.append(p)
+            empty.append(p_empty[:, 0])
             u = u + torch.bmm(p[:, None, :], mem[k])[:, 0]            # (B, D), output C^k
         W = self.embed.weight[:, K * D:]                               # (V, D), W^T = C^K
         logits = self.drop(u) @ W.T                                    # (B, V)
         loss = F.cross_entropy(logits.float(), answer) if answer is not None else None
-        return QAOutput(logits=logits, loss=loss, attention=torch.stack(attention, dim=1))
+        return QAOutput(logits=logits, loss=loss, attention=torch.stack(attention, dim=1),
+                        empty=torch.stack(empty, dim=1))

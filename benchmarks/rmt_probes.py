@@ -147,7 +147,8 @@ def report(results: dict) -> str:
             for depth in DEPTHS:
                 cells = {r["length"]: r["accuracy"] for r in e["results"] if r["depth"] == depth}
                 lines.append(f"| {e['kind']} | {depth} | " + " | ".join(f"{cells[n]:.3f}" for n in lengths) + " |")
-        lines += ["", "Commands:", ""] + [f"- {e['kind']}: `{e['command']}`" for e in entries] + [""]
+        lines += ["", "Commands:", ""] + [f"- {e['kind']}: `{e['command'].replace(str(ROOT) + '/', '')}`"
+                                          for e in entries] + [""]
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@
 Target: mean error <= 13% over the 20 tasks (End-To-End Memory Networks, Sukhbaatar
 et al. 2015, report about 12.4% for their best joint model with position encoding,
 linear start, random noise and 3 hops, picked as the best of 10 runs by validation
-error). Here: ``configs/babi.yaml`` (the paper's recipe) trained through the same
+error). Here: ``configs/babi.yaml`` (the authors' joint recipe) trained through the same
 ``longmem train`` path as the CLI once per seed in ``LONGMEM_BABI_SEEDS`` (default
 0,1,2); the run with the lowest validation error is reported, with every seed's test
 error beside it.
@@ -136,12 +136,15 @@ def run(quick: bool) -> str:
     timing = ", ".join(f"seed {r['seed']}: {r['seconds'] / 60:.1f} min" if r["seconds"] else
                        f"seed {r['seed']}: reused from `$LONGMEM_BABI_RUNS`" for r in results)
     lines += [
-        f"MemN2N ({m.hops} hops, d={m.d_model}, memory {m.memory_size} sentences, position + temporal encoding, "
-        f"adjacent tying, random noise {k.time_noise}), `configs/babi.yaml`{' (quick: 600 steps)' if quick else ''}: "
+        f"MemN2N ({m.hops} hops, d={m.d_model}, memory {m.memory_size} sentences, position ({m.pe_formula} formula) "
+        f"+ temporal encoding, adjacent tying, {'softmax over the empty slots too, ' if m.attend_empty else ''}random "
+        f"noise {k.time_noise}), `configs/babi.yaml`{' (quick: 600 steps)' if quick else ''}: "
         f"{t.optimizer.upper()} with batch {cfg.data.batch_size} for {t.max_steps} steps "
         f"({t.max_steps * cfg.data.batch_size / 18000:.0f} epochs of the 20 × 900 training questions; 10% of each "
-        f"task held out for validation), linear start at lr {k.linear_start_lr} for at most "
-        f"{k.linear_start_steps} steps (ended when the validation loss stopped falling), then lr {t.lr} halved "
+        f"task held out for validation), linear start at lr {k.linear_start_lr} for "
+        + (f"{k.linear_start_steps} steps" if k.linear_start_patience == 0 else
+           f"at most {k.linear_start_steps} steps (ended when the validation loss stopped falling)")
+        + f", then lr {t.lr} halved "
         f"every {t.lr_halve_every} steps, gradient norm clipped at {t.grad_clip}; the weights of each run's best "
         f"validation epoch are kept. On 1 CPU thread ({timing}).",
         "",

@@ -67,7 +67,9 @@ def _train(args, overrides) -> int:
         bad = [k for k in overrides if not k.startswith("train.")]
         if bad:
             raise ValueError(f"only train.* settings can change on resume, not {', '.join(bad)}")
-        cfg = RunConfig.load(Path(args.resume) / CONFIG).override(overrides)
+        from longmem.runs import legacy_defaults
+        written = Path(args.resume) / CONFIG
+        cfg = legacy_defaults(RunConfig.load(written), written).override(overrides)
         out = args.resume
     else:
         if not args.out:

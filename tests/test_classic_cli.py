@@ -146,3 +146,12 @@ def test_memn2n_linear_start_patience_zero_runs_every_linear_step(tmp_path):
     assert len(linear) == 8 and not any(e.get("event") == "linear_start_end" for e in events)
     lrs = {e["step"]: e["lr"] for e in events if "lr" in e}
     assert all(lrs[s] == pytest.approx(0.05) for s in range(1, 33)) and lrs[33] == pytest.approx(0.01, rel=1e-3)
+    # a run written before model.pe_formula / model.attend_empty existed loads as it was trained
+    assert (load_run(out).config.model.pe_formula, load_run(out).config.model.attend_empty) == ("code", True)
+    import yaml
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    del cfg["model"]["pe_formula"], cfg["model"]["attend_empty"]
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    old = load_run(out)
+    assert (old.config.model.pe_formula, old.config.model.attend_empty) == ("paper", False)
+    assert (old.model.config.pe_formula, old.model.config.attend_empty) == ("paper", False)

@@ -48,8 +48,8 @@ KINDS = {
     # the block that learns the lookup locally retrieves (BENCHMARKS.md, kNN recall)
     "knn": {"memory.kind": "knn", "memory.mem_len": 0, "memory.knn_capacity": 4 * SEG, "memory.knn_layers": "[0]"},
     # gated update (0.83 at the training length against 0.15 with the plain, replacing one) and memory noise in
-    # training (0.3: 0.46 at 32 segments against 0.00 without; 0.5: 0.69 at 128 segments, but 0.04 with another
-    # training seed); BENCHMARKS.md has the ablations
+    # training (0.3: 0.46 at 32 segments against 0.00 without; 0.5: 0.69 at 128 segments, but 0.04 and 0.27 with
+    # two other training seeds); BENCHMARKS.md has the ablations
     "tokens": {"memory.kind": "tokens", "memory.n_mem_tokens": 8, "memory.mem_len": 0, "memory.token_gate": "true",
                "memory.token_noise": 0.5},
 }

@@ -27,7 +27,7 @@ from longmem.data.tasks.babi import encode_babi
 from longmem.data.tasks.sources import babi_examples
 from longmem.evaluation.qa import evaluate_babi
 from longmem.evaluation.suite import eval_probe
-from longmem.runs import CONFIG, METRICS, WEIGHTS, legacy_defaults, load_run
+from longmem.runs import CONFIG, METRICS, WEIGHTS, load_run, load_run_config
 from longmem.training.trainer import train
 
 CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "babi.yaml"
@@ -86,7 +86,7 @@ def _finished(out: Path, cfg: RunConfig) -> bool:
     """A run in ``out`` trained with exactly ``cfg`` (the vocabulary size is set by training) to its last step."""
     if not (out / WEIGHTS).is_file() or not (out / CONFIG).is_file() or not (out / METRICS).is_file():
         return False
-    done = legacy_defaults(RunConfig.load(out / CONFIG), out / CONFIG)
+    done = load_run_config(out)
     want = cfg.to_dict()
     want["model"]["vocab_size"] = done.model.vocab_size
     steps = [e.get("step", 0) for e in map(json.loads, (out / METRICS).read_text().splitlines())]

@@ -59,7 +59,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _train(args, overrides) -> int:
     from longmem.config import RunConfig
-    from longmem.runs import CONFIG
+    from longmem.runs import load_run_config
     from longmem.training.trainer import TrainingStopped, train
     if args.resume:
         if args.config or (args.out and args.out != args.resume):
@@ -67,9 +67,7 @@ def _train(args, overrides) -> int:
         bad = [k for k in overrides if not k.startswith("train.")]
         if bad:
             raise ValueError(f"only train.* settings can change on resume, not {', '.join(bad)}")
-        from longmem.runs import legacy_defaults
-        written = Path(args.resume) / CONFIG
-        cfg = legacy_defaults(RunConfig.load(written), written).override(overrides)
+        cfg = load_run_config(args.resume).override(overrides)
         out = args.resume
     else:
         if not args.out:

@@ -368,8 +368,9 @@ class RunConfig:
         from longmem.training.checkpoint import atomic_write_text
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
-    @classmethod
-    def load(cls, path: str | Path) -> "RunConfig":
+    @staticmethod
+    def read(path: str | Path) -> dict:
+        """The YAML mapping in ``path`` as written (before ``from_dict`` fills defaults and checks it)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
@@ -377,7 +378,11 @@ class RunConfig:
             d = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             raise ValueError(f"{path} is not valid YAML: {e}") from None
-        return cls.from_dict(d or {})
+        return d or {}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        return cls.from_dict(cls.read(path))
 
     def override(self, overrides: dict[str, str]) -> "RunConfig":
         """A new config with dotted overrides applied (``{"train.lr": "3e-4"}``); values are YAML scalars."""

@@ -1,11 +1,8 @@
 """A run directory (``config.yaml``, ``model.safetensors``, ``tokenizer.json``) and loading it back."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-
-import yaml
 
 from longmem.config import RunConfig
 from longmem.data.tokenizer import Tokenizer, load_tokenizer
@@ -29,18 +26,20 @@ class Run:
 
 
 # model settings added after runs were written with their old behaviour: (arch, key) -> the value those runs
-# were trained with. A config.yaml without the key gets that value, not today's default.
+# were trained with. A run's config.yaml without the key gets that value, not today's default.
 LEGACY_MODEL = {("memn2n", "pe_formula"): "paper", ("memn2n", "attend_empty"): False}
 
 
-def legacy_defaults(config: RunConfig, path: Path) -> RunConfig:
-    """``config`` read from ``path`` with the settings its file lacks set as the run was trained (LEGACY_MODEL)."""
-    written = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
-    missing = {key: value for (arch, key), value in LEGACY_MODEL.items()
-               if arch == config.model.arch and key not in written}
-    if not missing:
-        return config
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, **missing))
+def load_run_config(run: str | Path) -> RunConfig:
+    """The config of the run directory ``run``, settings its file lacks set as the run was trained (LEGACY_MODEL);
+    a config given to ``train --config`` is read with ``RunConfig.load`` instead, today's defaults filling gaps."""
+    d = RunConfig.read(Path(run) / CONFIG)
+    model = d.get("model")
+    if isinstance(model, dict):
+        for (arch, key), value in LEGACY_MODEL.items():
+            if model.get("arch") == arch:
+                model.setdefault(key, value)
+    return RunConfig.from_dict(d)
 
 
 def load_run(path: str | Path, *, overrides: dict[str, str] | None = None) -> Run:
@@ -52,7 +51,7 @@ def load_run(path: str | Path, *, overrides: dict[str, str] | None = None) -> Ru
     for name in (CONFIG, WEIGHTS, TOKENIZER):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not a finished run: {name} is missing")
-    config = legacy_defaults(RunConfig.load(path / CONFIG), path / CONFIG)
+    config = load_run_config(path)
     tokenizer = load_tokenizer(path / TOKENIZER)
     if tokenizer.vocab_size != config.model.vocab_size:
         raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model expects "

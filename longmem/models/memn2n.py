@@ -139,13 +139,13 @@ class MemN2N(nn.Module):
         for k in range(1, K + 1):
             scores = torch.bmm(mem[k - 1], u[:, :, None])[..., 0]     # (B, M), A^k = C^{k-1}
             if linear:
-                p, p_empty = scores.masked_fill(~valid, 0.0), torch.zeros_like(empty_logit)
+                p, p_empty = scores.masked_fill(~valid, 0.0), torch.zeros_like(empty_logit[:, 0])
             else:
                 logits = torch.cat([scores.masked_fill(~valid, float("-inf")), empty_logit], dim=-1)
                 p = torch.softmax(logits, dim=-1).nan_to_num(0.0)     # a story of 0 sentences: all 0
-                p, p_empty = p[:, :-1], p[:, -1:]
+                p, p_empty = p[:, :-1], p[:, -1]
             attention.append(p)
-            empty.append(p_empty[:, 0])
+            empty.append(p_empty)
             u = u + torch.bmm(p[:, None, :], mem[k])[:, 0]            # (B, D), output C^k
         W = self.embed.weight[:, K * D:]                               # (V, D), W^T = C^K
         logits = self.drop(u) @ W.T                                    # (B, V)

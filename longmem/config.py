@@ -52,6 +52,11 @@ class MemoryConfig:
                              "state gate, Hutchins et al. 2022); false: the written outputs replace the memory "
                              "(Bulatov et al. 2022). A closed gate keeps the memory unchanged through segments "
                              "that hold nothing worth writing", default=False)
+    token_gate_stretch: float = _help("kind tokens with token_gate: the gate stretched by e and clipped, "
+                                      "g = clamp((1 + 2e) sigmoid(W written + b) - e, 0, 1) (the hard-concrete "
+                                      "stretch, Louizos et al. 2018), so it can close exactly and a memory kept "
+                                      "through filler segments does not drift at all; 0: the plain sigmoid, "
+                                      "which only approaches 0", default=0.0)
     token_noise: float = _help("kind tokens, training only: Gaussian noise of this standard deviation added to the "
                                "memory read at each segment (the memory has unit RMS); a memory that must survive "
                                "noise learns to restore itself at every write, so it drifts less over many segments "
@@ -70,6 +75,10 @@ class MemoryConfig:
                              "(kind 'none' keeps no memory)")
         if self.token_noise < 0:
             raise ValueError(f"memory.token_noise must be >= 0, got {self.token_noise}")
+        if self.token_gate_stretch < 0:
+            raise ValueError(f"memory.token_gate_stretch must be >= 0, got {self.token_gate_stretch}")
+        if self.token_gate_stretch > 0 and not self.token_gate:
+            raise ValueError("memory.token_gate_stretch > 0 needs memory.token_gate true (it shapes the gate)")
         if self.n_mem_tokens <= 0:
             raise ValueError(f"memory.n_mem_tokens must be positive, got {self.n_mem_tokens}")
         if isinstance(self.knn_layers, int) and not isinstance(self.knn_layers, bool):

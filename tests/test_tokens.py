@@ -106,6 +106,23 @@ def test_gated_update_open_replaces_and_closed_keeps_the_memory(rmt):
         assert (gated(x).logits[:, SEG:] - plain(x).logits[:, SEG:]).abs().max() > 1e-3
 
 
+def test_stretched_gate_closes_and_opens_exactly(rmt):
+    """A moderate gate logit (-3) leaves the plain sigmoid gate 5% open, so the memory drifts; stretched
+    (token_gate_stretch 0.1) the same logit closes it exactly, and +3 opens it exactly (replacement)."""
+    plain, gated = rmt(), rmt(token_gate=True)
+    gated.load_state_dict(plain.state_dict(), strict=False)
+    x = tokens(B, 3 * SEG)
+    initial = gated.tokens.initial.expand(B, R, -1)
+    with torch.no_grad():
+        gated.tokens.gate.weight.zero_()
+        gated.tokens.gate.bias.fill_(-3.0)
+        assert (gated(x).state.tokens.mem - initial).abs().max() > 1e-2         # sigmoid(-3) = 0.047
+        gated.tokens.stretch = 0.1
+        torch.testing.assert_close(gated(x).state.tokens.mem, initial, atol=0, rtol=0)
+        gated.tokens.gate.bias.fill_(3.0)
+        torch.testing.assert_close(gated(x).logits, plain(x).logits, atol=1e-5, rtol=0)
+
+
 def test_memory_noise_only_in_training(rmt):
     model = rmt()
     x = tokens(B, 3 * SEG)

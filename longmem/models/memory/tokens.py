@@ -31,12 +31,14 @@ from longmem.models.memory.state import TokensState
 class TokenMemory(nn.Module):
     """init / read / write for the tokens part of the state; owns the learned initial memory."""
 
-    def __init__(self, *, n_tokens: int, d_model: int, gate: bool = False, noise: float = 0.0):
+    def __init__(self, *, n_tokens: int, d_model: int, gate: bool = False, stretch: float = 0.0,
+                 noise: float = 0.0):
         super().__init__()
-        self.n_tokens, self.noise = n_tokens, noise
+        self.n_tokens, self.noise, self.stretch = n_tokens, noise, stretch
         # unit scale, like the final-norm outputs that replace it after the first segment
         self.initial = nn.Parameter(torch.randn(n_tokens, d_model))
-        # gated update (Hutchins et al. 2022): g = sigmoid(W written + b); W starts at 0 and b at 0, half-open
+        # gated update (Hutchins et al. 2022): g = sigmoid(W written + b); b starts at 0 (half-open), W small
+        # (zeroed here, then given the model's normal(0.02) init of every linear layer)
         self.gate = nn.Linear(d_model, d_model) if gate else None
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
@@ -68,6 +70,8 @@ class TokenMemory(nn.Module):
         B, device = outputs.shape[0], outputs.device
         if self.gate is not None:
             g = torch.sigmoid(self.gate(outputs))                           # (B, R, D)
+            if self.stretch > 0:                                            # exactly 0 (keep) or 1 (replace)
+                g = ((1 + 2 * self.stretch) * g - self.stretch).clamp(0.0, 1.0)
             outputs = previous + g * (outputs - previous)
         return TokensState(mem=outputs, fresh=torch.zeros(B, dtype=torch.bool, device=device),
                            pending=torch.zeros(B, 0, dtype=torch.long, device=device))

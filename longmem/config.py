@@ -57,6 +57,12 @@ class MemoryConfig:
                                       "stretch, Louizos et al. 2018), so it can close exactly and a memory kept "
                                       "through filler segments does not drift at all; 0: the plain sigmoid, "
                                       "which only approaches 0", default=0.0)
+    token_gate_penalty: float = _help("kind tokens with token_gate, training only: this weight times the mean "
+                                      "gate of every lane and written segment is added to the summed loss "
+                                      "(which is divided by the number of targets): writing costs, so the gate "
+                                      "closes in segments with nothing worth keeping (with token_gate_stretch, "
+                                      "exactly) and the memory does not drift through them. 0: off",
+                                      default=0.0)
     token_noise: float = _help("kind tokens, training only: Gaussian noise of this standard deviation added to the "
                                "memory read at each segment (the memory has unit RMS); a memory that must survive "
                                "noise learns to restore itself at every write, so it drifts less over many segments "
@@ -79,6 +85,10 @@ class MemoryConfig:
             raise ValueError(f"memory.token_gate_stretch must be >= 0, got {self.token_gate_stretch}")
         if self.token_gate_stretch > 0 and not self.token_gate:
             raise ValueError("memory.token_gate_stretch > 0 needs memory.token_gate true (it shapes the gate)")
+        if self.token_gate_penalty < 0:
+            raise ValueError(f"memory.token_gate_penalty must be >= 0, got {self.token_gate_penalty}")
+        if self.token_gate_penalty > 0 and not self.token_gate:
+            raise ValueError("memory.token_gate_penalty > 0 needs memory.token_gate true (it charges the gate)")
         if self.n_mem_tokens <= 0:
             raise ValueError(f"memory.n_mem_tokens must be positive, got {self.n_mem_tokens}")
         if isinstance(self.knn_layers, int) and not isinstance(self.knn_layers, bool):

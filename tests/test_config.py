@@ -122,6 +122,8 @@ def test_tokens_memory_and_bptt_options_from_the_command_line(tmp_path):
     ("memory.token_noise", "-0.1", "token_noise"),
     ("memory.token_gate_stretch", "-0.1", "token_gate_stretch must be >= 0"),
     ("memory.token_gate_stretch", "0.1", "needs memory.token_gate true"),
+    ("memory.token_gate_penalty", "-1", "token_gate_penalty must be >= 0"),
+    ("memory.token_gate_penalty", "0.1", "needs memory.token_gate true"),
     ("task.linear_start_patience", "-1", "linear_start_patience"),
 ])
 def test_bptt_and_tokens_options_are_validated(key, value, match):

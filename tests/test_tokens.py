@@ -123,6 +123,46 @@ def test_stretched_gate_closes_and_opens_exactly(rmt):
         torch.testing.assert_close(gated(x).logits, plain(x).logits, atol=1e-5, rtol=0)
 
 
+def test_gate_penalty_charges_the_mean_gate_of_full_segments_in_training(rmt):
+    model = rmt(token_gate=True)
+    model.tokens.stretch = 0.1
+    model.config.memory.token_gate_penalty = 0.5
+    x = tokens(B, 3 * SEG + 3)                                       # 3 written segments, one partial
+    with torch.no_grad():
+        model.tokens.gate.weight.zero_()
+        model.tokens.gate.bias.fill_(-1.0)                           # 1.2 sigmoid(-1) - 0.1 = 0.2227 everywhere
+        assert model(x).penalty is None                              # not at evaluation
+        model.train()
+        penalty = model(x).penalty
+    g = 1.2 * torch.sigmoid(torch.tensor(-1.0)) - 0.1
+    torch.testing.assert_close(penalty, 0.5 * B * 3 * g)
+
+
+def test_closed_stretched_gate_learns_to_open_and_penalty_stops_pushing(rmt):
+    """Straight through: with the gate clipped shut the loss still reaches the gate (it can reopen);
+    the penalty, on the clipped gate, has no gradient there, and pushes a half-open gate closed."""
+    model = rmt(token_gate=True)
+    model.tokens.stretch = 0.1
+    model.train()
+    x = tokens(B, 3 * SEG)
+    with torch.no_grad():
+        model.tokens.gate.weight.mul_(0.01)
+        model.tokens.gate.bias.fill_(-5.0)                           # clipped to 0 whatever the written outputs
+    out = model(x)
+    torch.testing.assert_close(out.state.tokens.mem[0], model.tokens.initial.detach(), atol=0, rtol=0)
+    out.logits[:, SEG:].logsumexp(-1).sum().backward()
+    assert model.tokens.gate.bias.grad.abs().max() > 0
+    model.zero_grad()
+    model.config.memory.token_gate_penalty = 1.0
+    model(x).penalty.backward()
+    assert model.tokens.gate.bias.grad is None or model.tokens.gate.bias.grad.abs().max() == 0
+    with torch.no_grad():
+        model.tokens.gate.bias.fill_(0.0)
+    model.zero_grad()
+    model(x).penalty.backward()
+    assert (model.tokens.gate.bias.grad > 0).all()                   # descent lowers the gate
+
+
 def test_memory_noise_only_in_training(rmt):
     model = rmt()
     x = tokens(B, 3 * SEG)

@@ -32,6 +32,8 @@ class LMOutput:
     logits: torch.Tensor           # (B, N, V)
     loss: torch.Tensor | None      # mean cross-entropy over targets != IGNORE_INDEX
     state: State                   # memory after this call
+    # training regularizer, a sum to add to the summed cross-entropy (memory.token_gate_penalty); None: none
+    penalty: torch.Tensor | None = None
 
 
 def start_call(tokens: torch.Tensor, state: State | None, reset: torch.Tensor | None, *, init_state,
@@ -122,19 +124,23 @@ class MemoryLM(nn.Module):
         P = state.tokens.pending.shape[1] if self.tokens is not None else 0
         if P:                                                       # the unfinished segment of the last call
             tokens = torch.cat([state.tokens.pending.to(tokens.device), tokens], dim=1)   # (B, P + N)
-        logits = []
+        logits, penalty = [], None
         for start in range(0, tokens.shape[1], T):                  # segment by segment, memory carried
             seg = tokens[:, start:start + T]
-            seg_logits, new_state = self._segment(seg, state)
+            seg_logits, new_state, gate = self._segment(seg, state)
             if self.tokens is not None and seg.shape[1] < T:        # memory tokens write full segments only
-                new_state = replace(state, tokens=replace(state.tokens, pending=seg))
+                new_state, gate = replace(state, tokens=replace(state.tokens, pending=seg)), None
+            if gate is not None and self.training and self.config.memory.token_gate_penalty > 0:
+                seg_penalty = self.config.memory.token_gate_penalty * gate.sum()
+                penalty = seg_penalty if penalty is None else penalty + seg_penalty
             state = new_state
             logits.append(seg_logits)
         logits = torch.cat(logits, dim=1) if len(logits) > 1 else logits[0]   # (B, P + N, V)
         logits = logits[:, P:]                                      # (B, N, V)
-        return LMOutput(logits=logits, loss=lm_loss(logits, targets), state=state)
+        return LMOutput(logits=logits, loss=lm_loss(logits, targets), state=state, penalty=penalty)
 
-    def _segment(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def _segment(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
+        """Logits (B, T, V), the state after the segment and, with the tokens gate, its mean per lane (B,)."""
         B, T = tokens.shape
         x = self.drop(self.embed(tokens))                           # (B, T, D)
         R = 0
@@ -155,10 +161,12 @@ class MemoryLM(nn.Module):
                       knn=knn.hook(i) if knn is not None else None)
         h = self.norm(x)                                            # (B, L, D)
         logits = self.head(h[:, R:R + T])                           # (B, T, V)
+        gate = None
         if self.tokens is not None:                                 # the write positions become the memory
-            state = replace(state, tokens=self.tokens.write(h[:, R + T:], previous=mem))
+            written, gate = self.tokens.write(h[:, R + T:], previous=mem)
+            state = replace(state, tokens=written)
         if xl is not None:
             state = replace(state, xl=self.xl.write(xl, layer_inputs))
         if knn is not None:                                         # written after the segment: never retrieves itself
             state = replace(state, knn=knn.written())
-        return logits, state
+        return logits, state, gate

@@ -289,7 +289,7 @@ def forward_window(model, batches: list, state: State | None, *, device, amp_dty
                    checkpoint: bool = False) -> tuple[torch.Tensor, State]:
     """Run consecutive segments of the lanes with the graph kept through the memory: backpropagation
     through segments (Bulatov et al. 2022 §3). Returns the summed cross-entropy over the targets of
-    all ``batches`` and the state after the last one (not detached: the caller truncates).
+    all ``batches`` (plus the model's training penalty, e.g. ``memory.token_gate_penalty``) and the state after the last one (not detached: the caller truncates).
 
     ``checkpoint`` recomputes each segment's activations in the backward pass (activation
     checkpointing), so the memory held grows with the window only by the segments' inputs and states.
@@ -304,6 +304,8 @@ def forward_window(model, batches: list, state: State | None, *, device, amp_dty
                 out = model(inputs, state=state, reset=reset)
         total = total + F.cross_entropy(out.logits.float().flatten(0, 1), batch.targets.to(device).flatten(),
                                         ignore_index=IGNORE_INDEX, reduction="sum")
+        if out.penalty is not None:                                 # a regularizer of the memory (a sum too)
+            total = total + out.penalty.float()
         state = out.state
     return total, state
 

@@ -242,6 +242,9 @@ class TrainConfig:
                             "separated (e.g. '1,2,4,8'); a stage's bptt window is min(stage, bptt_segments) and a "
                             "task stream's examples are stage * segment_len tokens; empty: no curriculum",
                             default="")
+    penalty_start: int = _help("the model's training penalties (memory.token_gate_penalty) count from this step "
+                               "on: the task is learned with the memory written freely first, then writing is "
+                               "made to cost. 0: from the start", default=0)
 
     def __post_init__(self):
         if self.max_steps <= 0:
@@ -249,7 +252,7 @@ class TrainConfig:
         if self.lr <= 0 or self.min_lr < 0:
             raise ValueError("train.lr must be positive and train.min_lr non-negative")
         for name in ("warmup_steps", "lr_halve_every", "eval_every", "eval_segments", "checkpoint_every",
-                     "patience", "log_every", "threads"):
+                     "patience", "log_every", "threads", "penalty_start"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("grad_accum", "keep_last", "bptt_segments"):

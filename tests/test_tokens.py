@@ -327,3 +327,22 @@ def test_curriculum_grows_the_task_examples_and_the_bptt_window(tmp_path, monkey
     res = train(cfg, tmp_path / "run")
     assert res.steps == 4
     assert seen == [(128, True), (128, True), (256, True), (256, False), (256, True), (256, False)]
+
+
+def test_forward_window_adds_the_gate_penalty_only_when_asked(rmt):
+    """The trainer's window loss is the summed cross-entropy, plus the model's penalty from
+    train.penalty_start on."""
+    model = rmt(token_gate=True)
+    model.config.memory.token_gate_penalty = 0.5
+    model.train()
+    batches = _segments(3)
+    kw = dict(device=torch.device("cpu"), amp_dtype=None)
+    with torch.no_grad():
+        plain, _ = forward_window(model, batches, None, penalty=False, **kw)
+        charged, _ = forward_window(model, batches, None, **kw)
+        whole = model(torch.cat([b.inputs for b in batches], dim=1))          # one call over the 3 segments
+    ce = torch.nn.functional.cross_entropy(whole.logits[:, 2 * SEG:].flatten(0, 1), batches[2].targets.flatten(),
+                                           reduction="sum")
+    torch.testing.assert_close(plain, ce, atol=1e-4, rtol=0)
+    assert whole.penalty > 0                                     # three segments of a half-open gate charged
+    torch.testing.assert_close(charged - plain, whole.penalty, atol=1e-4, rtol=0)

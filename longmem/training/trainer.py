@@ -211,7 +211,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
                 ctx = ddp.no_sync() if dist.enabled and not sync else contextlib.nullcontext()
                 with ctx:
                     loss_sum_micro, state = forward_window(ddp, batches, state, device=device, amp_dtype=amp_dtype,
-                                                           checkpoint=t.bptt_checkpoint)
+                                                           checkpoint=t.bptt_checkpoint,
+                                                           penalty=step >= t.penalty_start)
                     loss = loss_sum_micro * dist.world / max(n_global, 1.0)
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                 state = state.detach()                          # truncated: nothing flows beyond the window
@@ -286,10 +287,10 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
 
 
 def forward_window(model, batches: list, state: State | None, *, device, amp_dtype,
-                   checkpoint: bool = False) -> tuple[torch.Tensor, State]:
+                   checkpoint: bool = False, penalty: bool = True) -> tuple[torch.Tensor, State]:
     """Run consecutive segments of the lanes with the graph kept through the memory: backpropagation
     through segments (Bulatov et al. 2022 §3). Returns the summed cross-entropy over the targets of
-    all ``batches`` (plus the model's training penalty, e.g. ``memory.token_gate_penalty``) and the state after the last one (not detached: the caller truncates).
+    all ``batches`` (plus, with ``penalty``, the model's training penalty, e.g. ``memory.token_gate_penalty``) and the state after the last one (not detached: the caller truncates).
 
     ``checkpoint`` recomputes each segment's activations in the backward pass (activation
     checkpointing), so the memory held grows with the window only by the segments' inputs and states.
@@ -304,7 +305,7 @@ def forward_window(model, batches: list, state: State | None, *, device, amp_dty
                 out = model(inputs, state=state, reset=reset)
         total = total + F.cross_entropy(out.logits.float().flatten(0, 1), batch.targets.to(device).flatten(),
                                         ignore_index=IGNORE_INDEX, reduction="sum")
-        if out.penalty is not None:                                 # a regularizer of the memory (a sum too)
+        if penalty and out.penalty is not None:                     # a regularizer of the memory (a sum too)
             total = total + out.penalty.float()
         state = out.state
     return total, state

@@ -58,11 +58,11 @@ class MemoryConfig:
                                       "through filler segments does not drift at all; 0: the plain sigmoid, "
                                       "which only approaches 0", default=0.0)
     token_gate_penalty: float = _help("kind tokens with token_gate, training only: this weight times the mean "
-                                      "gate sigmoid (before any stretch) of every lane and written segment is "
-                                      "added to the summed loss (which is divided by the number of targets): "
-                                      "writing costs, so the gate closes in segments with nothing worth keeping "
-                                      "(with token_gate_stretch, exactly) and the memory does not drift through "
-                                      "them. 0: off",
+                                      "gate of every lane and written segment is added to the summed loss "
+                                      "(which is divided by the number of targets): writing costs, so the gate "
+                                      "closes in segments with nothing worth keeping and the memory does not "
+                                      "drift through them. With token_gate_stretch e the stretched gate g is "
+                                      "charged g + e/2 down to g = -e/2: shut exactly, with a margin. 0: off",
                                       default=0.0)
     token_noise: float = _help("kind tokens, training only: Gaussian noise of this standard deviation added to the "
                                "memory read at each segment (the memory has unit RMS); a memory that must survive "

@@ -67,20 +67,23 @@ class TokenMemory(nn.Module):
     def write(self, outputs: torch.Tensor, *, previous: torch.Tensor) -> tuple[TokensState, torch.Tensor | None]:
         """The next memory (graph kept), nothing pending: the write positions' outputs (B, R, D), or with the
         gate their mix with ``previous`` (B, R, D), the memory this segment read; and the gate's mean per
-        lane (B,) before stretching (None without a gate), what ``memory.token_gate_penalty`` charges.
+        lane (B,) (None without a gate), what ``memory.token_gate_penalty`` charges.
 
-        The stretched gate is clipped to [0, 1] in the forward pass; the mix backpropagates as if it were not
-        (straight through), so a closed gate still learns to open when the loss asks for it. The penalty
-        charges the sigmoid itself, which is never 0: it keeps pushing a closed gate (ever more gently) away
-        from the edge, so a small change of the written outputs over many segments does not reopen it."""
+        The stretched gate g is clipped to [0, 1] in the forward pass; the mix backpropagates as if it were not
+        (straight through), so a shut gate still learns to open when the loss asks for it. The charge is
+        g + e/2 down to g = -e/2, half-way to the stretch's floor (e = ``stretch``): a gate is pushed shut with
+        a margin, so the small changes of the written outputs over many segments do not reopen it, and is
+        then left alone, free to reopen. Without a stretch the charge is the sigmoid."""
         B, device = outputs.shape[0], outputs.device
         mean = None
         if self.gate is not None:
             g = torch.sigmoid(self.gate(outputs))                           # (B, R, D)
-            mean = g.mean(dim=(1, 2))
             if self.stretch > 0:                                            # exactly 0 (keep) or 1 (replace)
                 g = (1 + 2 * self.stretch) * g - self.stretch
+                mean = (g.clamp(min=-self.stretch / 2) + self.stretch / 2).mean(dim=(1, 2))
                 g = g + (g.clamp(0.0, 1.0) - g).detach()
+            else:
+                mean = g.mean(dim=(1, 2))
             outputs = previous + g * (outputs - previous)
         return TokensState(mem=outputs, fresh=torch.zeros(B, dtype=torch.bool, device=device),
                            pending=torch.zeros(B, 0, dtype=torch.long, device=device)), mean

@@ -7,8 +7,7 @@ only): examples of 4 segments of 128 tokens (``task.length 512``), backpropagati
 (``train.curriculum 1,2,4,4``: 1/4 of the steps on one segment, where the model first learns to
 copy the key at all, 1/4 on two, the rest on four). Every model has smeared keys; the kNN memory
 retrieves in block 0 and the memory tokens are updated through a stretched gate (``memory.token_gate``,
-``memory.token_gate_stretch``) charged for opening over the last third of the steps
-(``memory.token_gate_penalty``, ``train.penalty_start``). Each run is then scored with ``longmem eval``'s
+``memory.token_gate_stretch``) charged for opening (``memory.token_gate_penalty``). Each run is then scored with ``longmem eval``'s
 probe sweep at 4, 8, 32 and 128 segments (512 tokens to 16K; 1x to 32x the training length), needle
 depths 0, 0.5 and 1, the context fed segment by segment through the memory. The kNN store holds one
 training example (512 entries: a lane is reset per example) and, at test, the longest context (16,384).
@@ -49,12 +48,11 @@ KINDS = {
     # the block that learns the lookup locally retrieves (BENCHMARKS.md, kNN recall)
     "knn": {"memory.kind": "knn", "memory.mem_len": 0, "memory.knn_capacity": 4 * SEG, "memory.knn_layers": "[0]"},
     # gated update (0.83 at the training length against 0.15 with the plain, replacing one), stretched so it can
-    # shut exactly, and charged for opening once the task is learned (train.penalty_start, PENALTY_FROM of the
-    # steps): the memory then stays put through filler; BENCHMARKS.md has the ablations
+    # shut exactly and charged for opening, so it shuts in filler and the memory stays put; BENCHMARKS.md has
+    # the ablations
     "tokens": {"memory.kind": "tokens", "memory.n_mem_tokens": 8, "memory.mem_len": 0, "memory.token_gate": "true",
-               "memory.token_gate_stretch": 0.1, "memory.token_gate_penalty": 0.01},
+               "memory.token_gate_stretch": 0.1, "memory.token_gate_penalty": 0.002},
 }
-PENALTY_FROM = 2 / 3        # of the training steps: the last half of the four-segment stage
 
 
 def train_args(task: str, kind: str, *, steps: int, lr: float, out: Path, curriculum: str = CURRICULUM) -> list[str]:
@@ -62,8 +60,6 @@ def train_args(task: str, kind: str, *, steps: int, lr: float, out: Path, curric
             "task.n_pairs": 4, "train.bptt_segments": 4, "train.curriculum": curriculum, "train.max_steps": steps,
             "train.lr": lr, "train.min_lr": lr / 10, "train.warmup_steps": 50, "train.weight_decay": 0.0,
             "train.eval_every": 0, "train.log_every": 25, "train.threads": 1, "train.progress": "false"}
-    if "memory.token_gate_penalty" in KINDS[kind]:
-        over["train.penalty_start"] = int(steps * PENALTY_FROM)
     return ["train", "--out", str(out), *[x for k, v in over.items() for x in (f"--{k}", str(v))]]
 
 

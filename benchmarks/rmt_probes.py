@@ -198,6 +198,42 @@ def run(quick: bool) -> str:
     return "\n".join(head) + report(results) + (f"\n![probes](benchmarks/{figure.name})\n" if figure else "")
 
 
+def gate_trace(run_dir: Path, *, segments: int = 128, depth: float = 0.5, seed: int = 0) -> str:
+    """What a gated tokens run writes through one passkey example of ``segments`` segments: per segment, the
+    mean gate (``TokenMemory.gates``; 0: the memory kept as it was) and the cosine of the memory with the one before and
+    with the one after the first segment. Markdown."""
+    import random
+
+    import torch
+
+    from longmem.data.tasks.probes import passkey
+    from longmem.runs import load_run
+    model = (run := load_run(run_dir)).model.eval()
+    if model.tokens is None or model.tokens.gate is None:
+        raise SystemExit(f"{run_dir} has no gated memory tokens (memory.kind tokens, memory.token_gate true)")
+    probe = passkey(run.tokenizer, length=segments * SEG, depth=depth, rng=random.Random(seed))
+    x = torch.as_tensor(probe.tokens).view(1, -1)[:, :segments * SEG]
+    write, gates = model.tokens.write, []
+
+    def traced(outputs, *, previous):                           # records each write's mean gate
+        gates.append(float(model.tokens.gates(outputs)[0].mean()))
+        return write(outputs, previous=previous)
+    model.tokens.write = traced
+    mems, state = [], None
+    with torch.no_grad():
+        for start in range(0, x.shape[1], SEG):                   # a segment per call: one write each
+            state = model(x[:, start:start + SEG], state=state).state
+            mems.append(state.tokens.mem.flatten())
+    cos = torch.nn.functional.cosine_similarity
+    lines = [f"gates of {run_dir}, passkey of {segments} segments, depth {depth}:", "",
+             "| segment | mean gate | cos(previous memory) | cos(memory after segment 1) |", "|---:|---:|---:|---:|"]
+    for i in range(1, len(mems)):
+        if i < 4 or i % 10 == 0 or gates[i] > 0.05:
+            lines.append(f"| {i} | {gates[i]:.4f} | {float(cos(mems[i], mems[i - 1], dim=0)):.6f} | "
+                         f"{float(cos(mems[i], mems[1], dim=0)):.4f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=["passkey", "recall"], default="passkey")
@@ -210,7 +246,12 @@ def main() -> None:
     p.add_argument("--reuse", action="store_true", help="score a finished run already in --runs instead of "
                    "training it again (its wall time and peak memory are then not measured)")
     p.add_argument("--report", action="store_true", help="print the markdown of the stored results and plot them")
+    p.add_argument("--gates", metavar="RUN", help="trace the gate and memory of a gated tokens RUN through a "
+                   "128-segment passkey (needle at depth 0.5) and exit")
     args = p.parse_args()
+    if args.gates:
+        print(gate_trace(Path(args.gates)))
+        return
     if args.report:
         print(report(load_results()))
         print(plot(load_results()))

@@ -64,26 +64,30 @@ class TokenMemory(nn.Module):
             mem = mem + self.noise * torch.randn_like(mem)
         return mem
 
-    def write(self, outputs: torch.Tensor, *, previous: torch.Tensor) -> tuple[TokensState, torch.Tensor | None]:
-        """The next memory (graph kept), nothing pending: the write positions' outputs (B, R, D), or with the
-        gate their mix with ``previous`` (B, R, D), the memory this segment read; and the gate's mean per
-        lane (B,) (None without a gate), what ``memory.token_gate_penalty`` charges.
+    def gates(self, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate (B, R, D) that mixes the written ``outputs`` (B, R, D) into the memory, and its charge per
+        lane (B,), what ``memory.token_gate_penalty`` weighs. Needs ``memory.token_gate``.
 
         The stretched gate g is clipped to [0, 1] in the forward pass; the mix backpropagates as if it were not
         (straight through), so a shut gate still learns to open when the loss asks for it. The charge is
         g + e/2 down to g = -e/2, half-way to the stretch's floor (e = ``stretch``): a gate is pushed shut with
         a margin, so the small changes of the written outputs over many segments do not reopen it, and is
-        then left alone, free to reopen. Without a stretch the charge is the sigmoid."""
+        then left alone, free to reopen. Without a stretch the gate is the sigmoid, and so is the charge."""
+        g = torch.sigmoid(self.gate(outputs))                               # (B, R, D)
+        if self.stretch <= 0:
+            return g, g.mean(dim=(1, 2))
+        g = (1 + 2 * self.stretch) * g - self.stretch                       # exactly 0 (keep) or 1 (replace)
+        charge = (g.clamp(min=-self.stretch / 2) + self.stretch / 2).mean(dim=(1, 2))
+        return g + (g.clamp(0.0, 1.0) - g).detach(), charge
+
+    def write(self, outputs: torch.Tensor, *, previous: torch.Tensor) -> tuple[TokensState, torch.Tensor | None]:
+        """The next memory (graph kept), nothing pending: the write positions' outputs (B, R, D), or with the
+        gate their mix with ``previous`` (B, R, D), the memory this segment read; and the gate's charge per
+        lane (B,) (None without a gate)."""
         B, device = outputs.shape[0], outputs.device
-        mean = None
+        charge = None
         if self.gate is not None:
-            g = torch.sigmoid(self.gate(outputs))                           # (B, R, D)
-            if self.stretch > 0:                                            # exactly 0 (keep) or 1 (replace)
-                g = (1 + 2 * self.stretch) * g - self.stretch
-                mean = (g.clamp(min=-self.stretch / 2) + self.stretch / 2).mean(dim=(1, 2))
-                g = g + (g.clamp(0.0, 1.0) - g).detach()
-            else:
-                mean = g.mean(dim=(1, 2))
+            g, charge = self.gates(outputs)
             outputs = previous + g * (outputs - previous)
         return TokensState(mem=outputs, fresh=torch.zeros(B, dtype=torch.bool, device=device),
-                           pending=torch.zeros(B, 0, dtype=torch.long, device=device)), mean
+                           pending=torch.zeros(B, 0, dtype=torch.long, device=device)), charge

@@ -62,7 +62,8 @@ class MemoryConfig:
                                       "(which is divided by the number of targets): writing costs, so the gate "
                                       "closes in segments with nothing worth keeping and the memory does not "
                                       "drift through them. With token_gate_stretch e the stretched gate g is "
-                                      "charged g + e/2 down to g = -e/2: shut exactly, with a margin. 0: off",
+                                      "charged g + e/2 down to g = -e/2: shut exactly, with a margin. The "
+                                      "logged training loss includes the charge; validation loss does not. 0: off",
                                       default=0.0)
     token_noise: float = _help("kind tokens, training only: Gaussian noise of this standard deviation added to the "
                                "memory read at each segment (the memory has unit RMS); a memory that must survive "

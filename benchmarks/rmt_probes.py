@@ -7,9 +7,9 @@ only): examples of 4 segments of 128 tokens (``task.length 512``), backpropagati
 (``train.curriculum 1,2,4,4``: 1/4 of the steps on one segment, where the model first learns to
 copy the key at all, 1/4 on two, the rest on four). Every model has smeared keys; the kNN memory
 retrieves in block 0 and the memory tokens are updated through a stretched gate (``memory.token_gate``,
-``memory.token_gate_stretch``) charged for opening (``memory.token_gate_penalty``). Each run is then scored with ``longmem eval``'s
-probe sweep at 4, 8, 32 and 128 segments (512 tokens to 16K; 1x to 32x the training length), needle
-depths 0, 0.5 and 1, the context fed segment by segment through the memory. The kNN store holds one
+``memory.token_gate_stretch``) charged for opening (``memory.token_gate_penalty``). Each run is then
+scored with ``longmem eval``'s probe sweep at 4, 8, 32 and 128 segments (512 tokens to 16K; 1x to 32x
+the training length), needle depths 0, 0.5 and 1, the context fed segment by segment through the memory. The kNN store holds one
 training example (512 entries: a lane is reset per example) and, at test, the longest context (16,384).
 
 Each training run is a child process, so its wall time and peak resident memory (``wait4``)
@@ -200,8 +200,8 @@ def run(quick: bool) -> str:
 
 def gate_trace(run_dir: Path, *, segments: int = 128, depth: float = 0.5, seed: int = 0) -> str:
     """What a gated tokens run writes through one passkey example of ``segments`` segments: per segment, the
-    mean gate (``TokenMemory.gates``; 0: the memory kept as it was) and the cosine of the memory with the one before and
-    with the one after the first segment. Markdown."""
+    mean gate (``TokenMemory.gates``; 0: the memory kept as it was) and the cosine of the memory with the one
+    before and with the one after the first segment. Markdown."""
     import random
 
     import torch

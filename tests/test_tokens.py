@@ -126,7 +126,7 @@ def test_stretched_gate_closes_and_opens_exactly(rmt):
 def test_gate_penalty_charges_the_mean_gate_of_full_segments_in_training(rmt):
     model = rmt(token_gate=True)
     model.tokens.stretch = 0.1
-    model.config.memory.token_gate_penalty = 0.5
+    model.tokens.penalty = 0.5
     x = tokens(B, 3 * SEG + 3)                                       # 3 written segments, one partial
     with torch.no_grad():
         model.tokens.gate.weight.zero_()
@@ -152,7 +152,7 @@ def test_shut_stretched_gate_learns_to_open_and_penalty_keeps_a_margin(rmt):
     torch.testing.assert_close(out.state.tokens.mem[0], model.tokens.initial.detach(), atol=0, rtol=0)
     out.logits[:, SEG:].logsumexp(-1).sum().backward()
     assert model.tokens.gate.bias.grad.abs().max() > 0
-    model.config.memory.token_gate_penalty = 1.0
+    model.tokens.penalty = 1.0
     # bias 0: open (g = 0.5); -2.5: shut (g = -0.009) inside the margin; -5: shut (g = -0.092) below it
     for bias, pushed in ((0.0, True), (-2.5, True), (-5.0, False)):
         with torch.no_grad():
@@ -333,7 +333,7 @@ def test_forward_window_adds_the_gate_penalty_only_when_asked(rmt):
     """The trainer's window loss is the summed cross-entropy, plus the model's penalty from
     train.penalty_start on."""
     model = rmt(token_gate=True)
-    model.config.memory.token_gate_penalty = 0.5
+    model.tokens.penalty = 0.5
     model.train()
     batches = _segments(3)
     kw = dict(device=torch.device("cpu"), amp_dtype=None)

@@ -83,7 +83,7 @@ class MemoryLM(nn.Module):
         self.knn = KNNMemory(config=c.memory, n_layers=c.n_layers, n_heads=c.n_heads,
                              head_dim=c.d_model // c.n_heads) if c.memory.kind == "knn" else None
         self.tokens = (TokenMemory(n_tokens=c.memory.n_mem_tokens, d_model=c.d_model, gate=c.memory.token_gate,
-                                  stretch=c.memory.token_gate_stretch,
+                                  stretch=c.memory.token_gate_stretch, penalty=c.memory.token_gate_penalty,
                                   noise=c.memory.token_noise)
                        if c.memory.kind == "tokens" else None)
         self.apply(self._init_weights)
@@ -127,11 +127,10 @@ class MemoryLM(nn.Module):
         logits, penalty = [], None
         for start in range(0, tokens.shape[1], T):                  # segment by segment, memory carried
             seg = tokens[:, start:start + T]
-            seg_logits, new_state, gate = self._segment(seg, state)
+            seg_logits, new_state, seg_penalty = self._segment(seg, state)
             if self.tokens is not None and seg.shape[1] < T:        # memory tokens write full segments only
-                new_state, gate = replace(state, tokens=replace(state.tokens, pending=seg)), None
-            if gate is not None and self.training and self.config.memory.token_gate_penalty > 0:
-                seg_penalty = self.config.memory.token_gate_penalty * gate.sum()
+                new_state, seg_penalty = replace(state, tokens=replace(state.tokens, pending=seg)), None
+            if seg_penalty is not None:
                 penalty = seg_penalty if penalty is None else penalty + seg_penalty
             state = new_state
             logits.append(seg_logits)
@@ -140,7 +139,7 @@ class MemoryLM(nn.Module):
         return LMOutput(logits=logits, loss=lm_loss(logits, targets), state=state, penalty=penalty)
 
     def _segment(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
-        """Logits (B, T, V), the state after the segment and, with the tokens gate, its mean per lane (B,)."""
+        """Logits (B, T, V), the state after the segment and the training penalty of its memory write (or None)."""
         B, T = tokens.shape
         x = self.drop(self.embed(tokens))                           # (B, T, D)
         R = 0
@@ -161,12 +160,12 @@ class MemoryLM(nn.Module):
                       knn=knn.hook(i) if knn is not None else None)
         h = self.norm(x)                                            # (B, L, D)
         logits = self.head(h[:, R:R + T])                           # (B, T, V)
-        gate = None
+        penalty = None
         if self.tokens is not None:                                 # the write positions become the memory
-            written, gate = self.tokens.write(h[:, R + T:], previous=mem)
+            written, penalty = self.tokens.write(h[:, R + T:], previous=mem)
             state = replace(state, tokens=written)
         if xl is not None:
             state = replace(state, xl=self.xl.write(xl, layer_inputs))
         if knn is not None:                                         # written after the segment: never retrieves itself
             state = replace(state, knn=knn.written())
-        return logits, state, gate
+        return logits, state, penalty

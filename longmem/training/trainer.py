@@ -290,7 +290,8 @@ def forward_window(model, batches: list, state: State | None, *, device, amp_dty
                    checkpoint: bool = False, penalty: bool = True) -> tuple[torch.Tensor, State]:
     """Run consecutive segments of the lanes with the graph kept through the memory: backpropagation
     through segments (Bulatov et al. 2022 §3). Returns the summed cross-entropy over the targets of
-    all ``batches`` (plus, with ``penalty``, the model's training penalty, e.g. ``memory.token_gate_penalty``) and the state after the last one (not detached: the caller truncates).
+    all ``batches`` (plus, with ``penalty``, the model's training penalty, e.g. ``memory.token_gate_penalty``)
+    and the state after the last one (not detached: the caller truncates).
 
     ``checkpoint`` recomputes each segment's activations in the backward pass (activation
     checkpointing), so the memory held grows with the window only by the segments' inputs and states.

@@ -32,16 +32,15 @@ class TokenMemory(nn.Module):
     """init / read / write for the tokens part of the state; owns the learned initial memory."""
 
     def __init__(self, *, n_tokens: int, d_model: int, gate: bool = False, stretch: float = 0.0,
-                 noise: float = 0.0):
+                 penalty: float = 0.0, noise: float = 0.0):
         super().__init__()
-        self.n_tokens, self.noise, self.stretch = n_tokens, noise, stretch
+        self.n_tokens, self.noise, self.stretch, self.penalty = n_tokens, noise, stretch, penalty
         # unit scale, like the final-norm outputs that replace it after the first segment
         self.initial = nn.Parameter(torch.randn(n_tokens, d_model))
-        # gated update (Hutchins et al. 2022): g = sigmoid(W written + b); b starts at 0 (half-open), W small
-        # (zeroed here, then given the model's normal(0.02) init of every linear layer)
+        # gated update (Hutchins et al. 2022): g = sigmoid(W written + b); b starts at 0 (half-open), W gets the
+        # model's normal(0.02) init of every linear layer
         self.gate = nn.Linear(d_model, d_model) if gate else None
         if self.gate is not None:
-            nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
 
     def init(self, batch_size: int, *, device, dtype) -> TokensState:
@@ -82,12 +81,15 @@ class TokenMemory(nn.Module):
 
     def write(self, outputs: torch.Tensor, *, previous: torch.Tensor) -> tuple[TokensState, torch.Tensor | None]:
         """The next memory (graph kept), nothing pending: the write positions' outputs (B, R, D), or with the
-        gate their mix with ``previous`` (B, R, D), the memory this segment read; and the gate's charge per
-        lane (B,) (None without a gate)."""
+        gate their mix with ``previous`` (B, R, D), the memory this segment read; and, in training with a
+        ``penalty`` weight, the penalty of this write (a scalar: the weight times the charges summed over
+        lanes; None otherwise)."""
         B, device = outputs.shape[0], outputs.device
-        charge = None
+        penalty = None
         if self.gate is not None:
             g, charge = self.gates(outputs)
             outputs = previous + g * (outputs - previous)
+            if self.training and self.penalty > 0:
+                penalty = self.penalty * charge.sum()
         return TokensState(mem=outputs, fresh=torch.zeros(B, dtype=torch.bool, device=device),
-                           pending=torch.zeros(B, 0, dtype=torch.long, device=device)), charge
+                           pending=torch.zeros(B, 0, dtype=torch.long, device=device)), penalty

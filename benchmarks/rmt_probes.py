@@ -41,6 +41,8 @@ MODEL = {"model.d_model": 128, "model.n_layers": 2, "model.n_heads": 4, "model.s
          "model.smear_keys": "true", "data.tokenizer": "char", "data.batch_size": 16}
 CURRICULUM = "1,2,4,4"
 STEPS, LR = 3000, 3e-3
+# a kind's own training length where it differs: (steps, curriculum); --steps / --curriculum override
+RECIPES = {"tokens": (6000, "1,2,4,4,4,4,4,4")}
 TEST_OVERRIDES = {"knn": {"memory.knn_capacity": str(max(LENGTHS))}}    # the store holds every test token
 KINDS = {
     "none": {"memory.kind": "none"},
@@ -55,10 +57,11 @@ KINDS = {
 }
 
 
-def train_args(task: str, kind: str, *, steps: int, lr: float, out: Path, curriculum: str = CURRICULUM) -> list[str]:
+def train_args(task: str, kind: str, *, steps: int, lr: float, out: Path, curriculum: str = CURRICULUM,
+               seed: int = 0) -> list[str]:
     over = {**MODEL, **KINDS[kind], "task.name": task, "task.length": 4 * SEG, "task.n_test": 32,
             "task.n_pairs": 4, "train.bptt_segments": 4, "train.curriculum": curriculum, "train.max_steps": steps,
-            "train.lr": lr, "train.min_lr": lr / 10, "train.warmup_steps": 50, "train.weight_decay": 0.0,
+            "train.lr": lr, "train.min_lr": lr / 10, "train.warmup_steps": 50, "train.weight_decay": 0.0, "train.seed": seed,
             "train.eval_every": 0, "train.log_every": 25, "train.threads": 1, "train.progress": "false"}
     return ["train", "--out", str(out), *[x for k, v in over.items() for x in (f"--{k}", str(v))]]
 
@@ -77,7 +80,7 @@ def load_results() -> dict:
 
 
 def bench(task: str, kind: str, *, steps: int, lr: float, n: int, runs: Path, lengths=LENGTHS,
-          curriculum: str = CURRICULUM, reuse: bool = False) -> dict:
+          curriculum: str = CURRICULUM, seed: int = 0, reuse: bool = False) -> dict:
     """Train ``kind`` on ``task`` in a child process (or, with ``reuse``, score the finished run already
     in ``runs``: its wall time and peak memory are then unknown) and score it at every length."""
     import torch
@@ -86,7 +89,7 @@ def bench(task: str, kind: str, *, steps: int, lr: float, n: int, runs: Path, le
     from longmem.runs import load_run
     torch.set_num_threads(1)
     out = runs / f"{task}-{kind}"
-    args = train_args(task, kind, steps=steps, lr=lr, out=out, curriculum=curriculum)
+    args = train_args(task, kind, steps=steps, lr=lr, out=out, curriculum=curriculum, seed=seed)
     if reuse and (out / "model.safetensors").is_file():
         print(f"== {task} {kind}: scoring the finished run {out}", flush=True)
         wall = rss = None
@@ -102,7 +105,7 @@ def bench(task: str, kind: str, *, steps: int, lr: float, n: int, runs: Path, le
                      show_progress=False)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     final = [m for m in metrics if "val_accuracy" in m][-1]
-    entry = {"task": task, "kind": kind, "steps": steps, "lr": lr, "curriculum": curriculum,
+    entry = {"task": task, "kind": kind, "steps": steps, "lr": lr, "curriculum": curriculum, "seed": seed,
              "test_overrides": TEST_OVERRIDES.get(kind, {}), "train_seconds": wall and round(wall, 1),
              "train_peak_rss_mib": rss and round(rss, 1), "eval_seconds": round(time.perf_counter() - start, 1),
              "val_accuracy_512": final["val_accuracy"], "command": "python -m longmem " + " ".join(args),
@@ -133,13 +136,13 @@ def report(results: dict) -> str:
         lengths = sorted({r["length"] for e in entries for r in e["results"]})
         head = " | ".join(f"{n // SEG} seg ({n:,})" for n in lengths)
         lines += [f"#### {task}: accuracy (mean over depths 0, 0.5, 1) by context length", "",
-                  f"| memory | {head} | train wall | train peak RSS |",
-                  "|---|" + "---:|" * (len(lengths) + 2)]
+                  f"| memory | {head} | train steps | train wall | train peak RSS |",
+                  "|---|" + "---:|" * (len(lengths) + 3)]
         for e in entries:
             acc = accuracy_by_length(e)
             cells = " | ".join(f"{acc[n]:.3f}" for n in lengths)
             wall, rss = e["train_seconds"], e["train_peak_rss_mib"]
-            lines.append(f"| {e['kind']} | {cells} | {'n/a' if wall is None else f'{wall:.0f} s'} | "
+            lines.append(f"| {e['kind']} | {cells} | {e['steps']:,} | {'n/a' if wall is None else f'{wall:.0f} s'} | "
                          f"{'n/a' if rss is None else f'{rss:.0f} MiB'} |")
         lines += ["", f"Per depth ({task}; rows: memory and depth):", "",
                   f"| memory | depth | {' | '.join(f'{n // SEG} seg' for n in lengths)} |",
@@ -184,17 +187,18 @@ def run(quick: bool) -> str:
     """The ``longmem bench`` module: every kind on passkey (and recall in the full run); ``quick`` is a
     smoke run (12 steps, 1 example per cell, up to 8 segments) whose accuracies mean nothing."""
     import tempfile
-    steps, n, lengths = (12, 1, [1024]) if quick else (STEPS, 16, LENGTHS)
+    n, lengths = (1, [1024]) if quick else (16, LENGTHS)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for task in (["passkey"] if quick else ["passkey", "recall"]):
             for kind in KINDS:
+                steps, curriculum = (12, CURRICULUM) if quick else RECIPES.get(kind, (STEPS, CURRICULUM))
                 results[f"{task}/{kind}"] = bench(task, kind, steps=steps, lr=LR, n=n, runs=Path(tmp),
-                                                  lengths=lengths)
+                                                  lengths=lengths, curriculum=curriculum)
     figure = plot(results)
     head = ["## Long-range probes: every memory kind" + (" (quick smoke run)" if quick else ""), "",
             f"`python benchmarks/rmt_probes.py` through `longmem bench{' --quick' if quick else ''}`: "
-            f"{steps} steps per kind, {n} examples per (length, depth).", ""]
+            f"{n} examples per (length, depth).", ""]
     return "\n".join(head) + report(results) + (f"\n![probes](benchmarks/{figure.name})\n" if figure else "")
 
 
@@ -238,9 +242,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=["passkey", "recall"], default="passkey")
     p.add_argument("--kinds", default="tokens,xl,knn,none", help="memory kinds, comma-separated")
-    p.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per training run")
+    p.add_argument("--steps", type=int, help=f"optimizer steps per training run (default {STEPS}, or the kind's "
+                   f"own: {RECIPES})")
     p.add_argument("--lr", type=float, default=LR)
-    p.add_argument("--curriculum", default=CURRICULUM, help="segments per example, stage by stage (equal steps)")
+    p.add_argument("--curriculum", help=f"segments per example, stage by stage (equal steps; default {CURRICULUM}, "
+                   "or the kind's own)")
+    p.add_argument("--seed", type=int, default=0, help="the training seed (train.seed)")
     p.add_argument("--n", type=int, default=16, help="examples per (length, depth) cell")
     p.add_argument("--runs", default="runs/rmt_bench", help="where the training runs go")
     p.add_argument("--reuse", action="store_true", help="score a finished run already in --runs instead of "
@@ -259,8 +266,9 @@ def main() -> None:
     for kind in args.kinds.split(","):
         if kind not in KINDS:
             raise SystemExit(f"unknown kind {kind!r}; accepted: {', '.join(KINDS)}")
-        entry = bench(args.task, kind, steps=args.steps, lr=args.lr, n=args.n, runs=ROOT / args.runs,
-                      curriculum=args.curriculum, reuse=args.reuse)
+        steps, curriculum = RECIPES.get(kind, (STEPS, CURRICULUM))
+        entry = bench(args.task, kind, steps=args.steps or steps, lr=args.lr, n=args.n, runs=ROOT / args.runs,
+                      curriculum=args.curriculum or curriculum, seed=args.seed, reuse=args.reuse)
         results = load_results()
         results[f"{args.task}/{kind}"] = entry
         RESULTS.write_text(json.dumps(results, indent=1))

@@ -57,6 +57,12 @@ class MemoryConfig:
                                       "stretch, Louizos et al. 2018), so it can close exactly and a memory kept "
                                       "through filler segments does not drift at all; 0: the plain sigmoid, "
                                       "which only approaches 0", default=0.0)
+    token_gate_floor: float = _help("kind tokens with token_gate: a gate below this value is taken as 0 (the memory "
+                                    "element kept exactly), in training (straight through, like the clip) and "
+                                    "in evaluation; may be set at evaluation only (longmem eval RUN "
+                                    "--memory.token_gate_floor 0.05). Gates that settle a little above 0 in "
+                                    "filler segments let the memory creep over hundreds of them; 0: off",
+                                    default=0.0)
     token_gate_penalty: float = _help("kind tokens with token_gate, training only: this weight times the mean "
                                       "gate of every lane and written segment is added to the summed loss "
                                       "(which is divided by the number of targets): writing costs, so the gate "
@@ -95,6 +101,10 @@ class MemoryConfig:
             raise ValueError(f"memory.token_gate_stretch must be >= 0, got {self.token_gate_stretch}")
         if self.token_gate_stretch > 0 and not self.token_gate:
             raise ValueError("memory.token_gate_stretch > 0 needs memory.token_gate true (it shapes the gate)")
+        if not 0 <= self.token_gate_floor < 1:
+            raise ValueError(f"memory.token_gate_floor must be in [0, 1), got {self.token_gate_floor}")
+        if self.token_gate_floor > 0 and not self.token_gate:
+            raise ValueError("memory.token_gate_floor > 0 needs memory.token_gate true (it shapes the gate)")
         if self.token_gate_penalty < 0:
             raise ValueError(f"memory.token_gate_penalty must be >= 0, got {self.token_gate_penalty}")
         if self.token_gate_penalty > 0 and not self.token_gate:

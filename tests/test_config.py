@@ -121,6 +121,8 @@ def test_tokens_memory_and_bptt_options_from_the_command_line(tmp_path):
     ("memory.n_mem_tokens", "-1", "n_mem_tokens"),
     ("memory.token_noise", "-0.1", "token_noise"),
     ("memory.token_init_noise", "-0.1", "token_init_noise"),
+    ("memory.token_gate_floor", "1.0", "token_gate_floor"),
+    ("memory.token_gate_floor", "0.05", "needs memory.token_gate true"),
     ("memory.token_gate_stretch", "-0.1", "token_gate_stretch must be >= 0"),
     ("memory.token_gate_stretch", "0.1", "needs memory.token_gate true"),
     ("memory.token_gate_penalty", "-1", "token_gate_penalty must be >= 0"),

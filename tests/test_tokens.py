@@ -123,6 +123,30 @@ def test_stretched_gate_closes_and_opens_exactly(rmt):
         torch.testing.assert_close(gated(x).logits, plain(x).logits, atol=1e-5, rtol=0)
 
 
+
+def test_gate_floor_keeps_the_memory_under_small_gates_and_passes_the_gradient(rmt):
+    """memory.token_gate_floor: a gate below it is 0 (memory kept exactly), one above it is unchanged, in
+    evaluation and training; the loss still reaches a floored gate (straight through)."""
+    model = rmt(token_gate=True)
+    model.tokens.stretch = 0.1
+    x = tokens(B, 2 * SEG)
+    initial = model.tokens.initial.detach().expand(B, R, -1)
+    with torch.no_grad():
+        model.tokens.gate.weight.zero_()
+        model.tokens.gate.bias.fill_(-2.0)                           # g = 1.2 sigmoid(-2) - 0.1 = 0.0430
+        crept = model(x).state.tokens.mem
+        assert (crept - initial).abs().max() > 1e-3
+        model.tokens.floor = 0.05
+        torch.testing.assert_close(model(x).state.tokens.mem, initial, atol=0, rtol=0)
+        model.tokens.floor = 0.04
+        torch.testing.assert_close(model(x).state.tokens.mem, crept, atol=0, rtol=0)
+    model.tokens.floor = 0.05
+    model.train()
+    out = model(x)
+    torch.testing.assert_close(out.state.tokens.mem, initial.expand_as(out.state.tokens.mem), atol=0, rtol=0)
+    out.logits[:, SEG:].logsumexp(-1).sum().backward()
+    assert model.tokens.gate.bias.grad.abs().max() > 0
+
 def test_gate_penalty_charges_the_mean_gate_of_full_segments_in_training(rmt):
     model = rmt(token_gate=True)
     model.tokens.stretch = 0.1

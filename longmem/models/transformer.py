@@ -83,7 +83,8 @@ class MemoryLM(nn.Module):
         self.knn = KNNMemory(config=c.memory, n_layers=c.n_layers, n_heads=c.n_heads,
                              head_dim=c.d_model // c.n_heads) if c.memory.kind == "knn" else None
         self.tokens = (TokenMemory(n_tokens=c.memory.n_mem_tokens, d_model=c.d_model, gate=c.memory.token_gate,
-                                  stretch=c.memory.token_gate_stretch, penalty=c.memory.token_gate_penalty,
+                                  stretch=c.memory.token_gate_stretch, floor=c.memory.token_gate_floor,
+                                  penalty=c.memory.token_gate_penalty,
                                   noise=c.memory.token_noise, init_noise=c.memory.token_init_noise)
                        if c.memory.kind == "tokens" else None)
         self.apply(self._init_weights)

@@ -32,10 +32,10 @@ class TokenMemory(nn.Module):
     """init / read / write for the tokens part of the state; owns the learned initial memory."""
 
     def __init__(self, *, n_tokens: int, d_model: int, gate: bool = False, stretch: float = 0.0,
-                 penalty: float = 0.0, noise: float = 0.0, init_noise: float = 0.0):
+                 floor: float = 0.0, penalty: float = 0.0, noise: float = 0.0, init_noise: float = 0.0):
         super().__init__()
         self.n_tokens, self.noise, self.stretch, self.penalty = n_tokens, noise, stretch, penalty
-        self.init_noise = init_noise
+        self.init_noise, self.floor = init_noise, floor
         # unit scale, like the final-norm outputs that replace it after the first segment
         self.initial = nn.Parameter(torch.randn(n_tokens, d_model))
         # gated update (Hutchins et al. 2022): g = sigmoid(W written + b); b starts at 0 (half-open), W gets the
@@ -75,13 +75,19 @@ class TokenMemory(nn.Module):
         (straight through), so a shut gate still learns to open when the loss asks for it. The charge is
         g + e/2 down to g = -e/2, half-way to the stretch's floor (e = ``stretch``): a gate is pushed shut with
         a margin, so the small changes of the written outputs over many segments do not reopen it, and is
-        then left alone, free to reopen. Without a stretch the gate is the sigmoid, and so is the charge."""
+        then left alone, free to reopen. Without a stretch the gate is the sigmoid, and so is the charge.
+        A gate below ``floor`` (``memory.token_gate_floor``) is 0, straight through as well."""
         g = torch.sigmoid(self.gate(outputs))                               # (B, R, D)
         if self.stretch <= 0:
-            return g, g.mean(dim=(1, 2))
-        g = (1 + 2 * self.stretch) * g - self.stretch                       # exactly 0 (keep) or 1 (replace)
-        charge = (g.clamp(min=-self.stretch / 2) + self.stretch / 2).mean(dim=(1, 2))
-        return g + (g.clamp(0.0, 1.0) - g).detach(), charge
+            charge = g.mean(dim=(1, 2))
+            applied = g
+        else:
+            g = (1 + 2 * self.stretch) * g - self.stretch                   # exactly 0 (keep) or 1 (replace)
+            charge = (g.clamp(min=-self.stretch / 2) + self.stretch / 2).mean(dim=(1, 2))
+            applied = g.clamp(0.0, 1.0)
+        if self.floor > 0:
+            applied = torch.where(applied < self.floor, torch.zeros_like(applied), applied)
+        return g + (applied - g).detach(), charge
 
     def write(self, outputs: torch.Tensor, *, previous: torch.Tensor) -> tuple[TokensState, torch.Tensor | None]:
         """The next memory (graph kept), nothing pending: the write positions' outputs (B, R, D), or with the

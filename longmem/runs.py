@@ -11,10 +11,10 @@ from longmem.training.checkpoint import load_weights
 
 CONFIG, WEIGHTS, TOKENIZER, METRICS = "config.yaml", "model.safetensors", "tokenizer.json", "metrics.jsonl"
 # model settings that evaluation may change; everything else is fixed by the weights
-# settings that size or search the memory, not its weights: a run may be evaluated with other values
-# (e.g. a kNN store larger than in training, as Wu et al. 2022 evaluate)
+# settings that size, search or threshold the memory, not its weights: a run may be evaluated with other
+# values (e.g. a kNN store larger than in training, as Wu et al. 2022 evaluate)
 EVAL_MODEL_KEYS = ("memory.mem_len", "memory.knn_capacity", "memory.knn_k", "memory.knn_backend",
-                   "memory.knn_index", "memory.knn_chunk")
+                   "memory.knn_index", "memory.knn_chunk", "memory.token_gate_floor")
 
 
 @dataclass

@@ -75,12 +75,6 @@ class MemoryConfig:
                                "memory read at each segment (the memory has unit RMS); a memory that must survive "
                                "noise learns to restore itself at every write, so it drifts less over many segments "
                                "than the few it was trained on. 0: off", default=0.0)
-    token_init_noise: float = _help("kind tokens, training only: Gaussian noise of this standard deviation added "
-                                    "to the learned initial memory of each fresh lane (the memory has unit RMS), "
-                                    "once per example: the memory a segment writes into is never exactly the one "
-                                    "seen in training, since over many segments even a nearly shut gate lets it "
-                                    "creep; a write that must work from a perturbed memory does not depend on "
-                                    "it. 0: off", default=0.0)
 
     def __post_init__(self):
         if self.kind not in typing.get_args(MemoryKind):
@@ -95,8 +89,6 @@ class MemoryConfig:
                              "(kind 'none' keeps no memory)")
         if self.token_noise < 0:
             raise ValueError(f"memory.token_noise must be >= 0, got {self.token_noise}")
-        if self.token_init_noise < 0:
-            raise ValueError(f"memory.token_init_noise must be >= 0, got {self.token_init_noise}")
         if self.token_gate_stretch < 0:
             raise ValueError(f"memory.token_gate_stretch must be >= 0, got {self.token_gate_stretch}")
         if self.token_gate_stretch > 0 and not self.token_gate:

@@ -120,7 +120,6 @@ def test_tokens_memory_and_bptt_options_from_the_command_line(tmp_path):
     ("train.curriculum", "1,0", "positive segment counts"),
     ("memory.n_mem_tokens", "-1", "n_mem_tokens"),
     ("memory.token_noise", "-0.1", "token_noise"),
-    ("memory.token_init_noise", "-0.1", "token_init_noise"),
     ("memory.token_gate_floor", "1.0", "token_gate_floor"),
     ("memory.token_gate_floor", "0.05", "needs memory.token_gate true"),
     ("memory.token_gate_stretch", "-0.1", "token_gate_stretch must be >= 0"),

@@ -202,24 +202,6 @@ def test_memory_noise_only_in_training(rmt):
 
 
 
-def test_initial_memory_noise_once_per_example_in_training(rmt):
-    """token_init_noise perturbs the initial memory a fresh lane reads, per lane, in training only; a shut
-    gate then carries the perturbed memory unchanged: the noise is not drawn again for a carried memory."""
-    model = rmt(token_gate=True)
-    model.tokens.stretch, model.tokens.init_noise = 0.1, 0.3
-    x = tokens(B, 2 * SEG)
-    initial = model.tokens.initial.detach().expand(B, R, -1)
-    with torch.no_grad():
-        model.tokens.gate.weight.zero_()
-        model.tokens.gate.bias.fill_(-5.0)                           # shut: the memory is what was read
-        torch.testing.assert_close(model(x).state.tokens.mem, initial, atol=0, rtol=0)   # none at evaluation
-        model.train()
-        first = model(x[:, :SEG])
-        mem = first.state.tokens.mem
-        assert (mem - initial).abs().max() > 0.1 and (mem[0] - mem[1]).abs().max() > 0.1     # per lane
-        second = model(x[:, SEG:], state=first.state)
-        torch.testing.assert_close(second.state.tokens.mem, mem, atol=0, rtol=0)        # carried, not redrawn
-
 def test_lanes_are_independent(rmt):
     model = rmt(mem_len=8)
     x = tokens(B, 4 * SEG)

@@ -85,7 +85,7 @@ class MemoryLM(nn.Module):
         self.tokens = (TokenMemory(n_tokens=c.memory.n_mem_tokens, d_model=c.d_model, gate=c.memory.token_gate,
                                   stretch=c.memory.token_gate_stretch, floor=c.memory.token_gate_floor,
                                   penalty=c.memory.token_gate_penalty,
-                                  noise=c.memory.token_noise, init_noise=c.memory.token_init_noise)
+                                  noise=c.memory.token_noise)
                        if c.memory.kind == "tokens" else None)
         self.apply(self._init_weights)
         for block in self.blocks:                                  # GPT-2 scaled init of residual outputs

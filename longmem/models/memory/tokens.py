@@ -32,10 +32,10 @@ class TokenMemory(nn.Module):
     """init / read / write for the tokens part of the state; owns the learned initial memory."""
 
     def __init__(self, *, n_tokens: int, d_model: int, gate: bool = False, stretch: float = 0.0,
-                 floor: float = 0.0, penalty: float = 0.0, noise: float = 0.0, init_noise: float = 0.0):
+                 floor: float = 0.0, penalty: float = 0.0, noise: float = 0.0):
         super().__init__()
         self.n_tokens, self.noise, self.stretch, self.penalty = n_tokens, noise, stretch, penalty
-        self.init_noise, self.floor = init_noise, floor
+        self.floor = floor
         # unit scale, like the final-norm outputs that replace it after the first segment
         self.initial = nn.Parameter(torch.randn(n_tokens, d_model))
         # gated update (Hutchins et al. 2022): g = sigmoid(W written + b); b starts at 0 (half-open), W gets the
@@ -55,14 +55,11 @@ class TokenMemory(nn.Module):
                              f"{tuple(self.initial.shape)} (memory.n_mem_tokens, model.d_model)")
 
     def read(self, state: TokensState, *, dtype: torch.dtype) -> torch.Tensor:
-        """(B, R, D): the learned initial memory in fresh lanes, the carried one elsewhere (in training, plus
-        noise on the initial memory when ``init_noise`` > 0 and on every read when ``noise`` > 0)."""
+        """(B, R, D): the learned initial memory in fresh lanes, the carried one elsewhere (plus noise in
+        training when ``noise`` > 0)."""
         self.check(state)
         fresh = state.fresh.view(-1, 1, 1)
-        initial = self.initial.to(dtype)
-        if self.training and self.init_noise > 0:                        # token_init_noise: per lane
-            initial = initial + self.init_noise * torch.randn_like(state.mem, dtype=dtype)
-        mem = torch.where(fresh, initial, state.mem.to(dtype))
+        mem = torch.where(fresh, self.initial.to(dtype), state.mem.to(dtype))
         if self.training and self.noise > 0:                             # memory-noise training (token_noise)
             mem = mem + self.noise * torch.randn_like(mem)
         return mem

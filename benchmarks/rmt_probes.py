@@ -66,7 +66,8 @@ def train_args(task: str, kind: str, *, steps: int, lr: float, out: Path, curric
                seed: int = 0) -> list[str]:
     over = {**MODEL, **KINDS[kind], "task.name": task, "task.length": 4 * SEG, "task.n_test": 32,
             "task.n_pairs": 4, "train.bptt_segments": 4, "train.curriculum": curriculum, "train.max_steps": steps,
-            "train.lr": lr, "train.min_lr": lr / 10, "train.warmup_steps": 50, "train.weight_decay": 0.0, "train.seed": seed,
+            "train.lr": lr, "train.min_lr": lr / 10, "train.warmup_steps": 50, "train.weight_decay": 0.0,
+            "train.seed": seed,
             "train.eval_every": 0, "train.log_every": 25, "train.threads": 1, "train.progress": "false"}
     return ["train", "--out", str(out), *[x for k, v in over.items() for x in (f"--{k}", str(v))]]
 
@@ -98,7 +99,6 @@ def bench(task: str, kind: str, *, steps: int, lr: float, n: int, runs: Path, le
     if reuse and (out / "model.safetensors").is_file():
         print(f"== {task} {kind}: scoring the finished run {out}", flush=True)
         wall = rss = None
-        args = ["(reused run; see its config.yaml)"]
     else:
         print(f"== {task} {kind}: longmem {' '.join(args)}", flush=True)
         code, wall, rss = run_child(args)
@@ -114,6 +114,7 @@ def bench(task: str, kind: str, *, steps: int, lr: float, n: int, runs: Path, le
              "test_overrides": TEST_OVERRIDES.get(kind, {}), "train_seconds": wall and round(wall, 1),
              "train_peak_rss_mib": rss and round(rss, 1), "eval_seconds": round(time.perf_counter() - start, 1),
              "val_accuracy_512": final["val_accuracy"], "command": "python -m longmem " + " ".join(args),
+             "reused": bool(reuse and wall is None),
              "results": res["results"]}
     print(json.dumps({k: v for k, v in entry.items() if k != "results"}), flush=True)
     for r in res["results"]:
@@ -156,8 +157,9 @@ def report(results: dict) -> str:
             for depth in DEPTHS:
                 cells = {r["length"]: r["accuracy"] for r in e["results"] if r["depth"] == depth}
                 lines.append(f"| {e['kind']} | {depth} | " + " | ".join(f"{cells[n]:.3f}" for n in lengths) + " |")
-        lines += ["", "Commands:", ""] + [f"- {e['kind']}: `{e['command'].replace(str(ROOT) + '/', '')}`"
-                                          for e in entries] + [""]
+        reused = " (a run trained earlier, scored with --reuse)"
+        lines += ["", "Commands:", ""] + [f"- {e['kind']}{reused if e.get('reused') else ''}: "
+                                          f"`{e['command'].replace(str(ROOT) + '/', '')}`" for e in entries] + [""]
     return "\n".join(lines)
 
 

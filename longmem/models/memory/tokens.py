@@ -70,7 +70,7 @@ class TokenMemory(nn.Module):
 
         The stretched gate g is clipped to [0, 1] in the forward pass; the mix backpropagates as if it were not
         (straight through), so a shut gate still learns to open when the loss asks for it. The charge is
-        g + e/2 down to g = -e/2, half-way to the stretch's floor (e = ``stretch``): a gate is pushed shut with
+        g + e/2 down to g = -e/2, half-way to the stretch's lower end -e (e = ``stretch``): a gate is pushed shut with
         a margin, so the small changes of the written outputs over many segments do not reopen it, and is
         then left alone, free to reopen. Without a stretch the gate is the sigmoid, and so is the charge.
         A gate below ``floor`` (``memory.token_gate_floor``) is 0, straight through as well."""

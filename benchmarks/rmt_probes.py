@@ -62,6 +62,11 @@ KINDS = {
 }
 
 
+def recipe(kind: str) -> tuple[int, str]:
+    """(steps, curriculum) that ``kind`` trains with."""
+    return RECIPES.get(kind, (STEPS, CURRICULUM))
+
+
 def train_args(task: str, kind: str, *, steps: int, lr: float, out: Path, curriculum: str = CURRICULUM,
                seed: int = 0) -> list[str]:
     over = {**MODEL, **KINDS[kind], "task.name": task, "task.length": 4 * SEG, "task.n_test": 32,
@@ -96,7 +101,8 @@ def bench(task: str, kind: str, *, steps: int, lr: float, n: int, runs: Path, le
     torch.set_num_threads(1)
     out = runs / f"{task}-{kind}"
     args = train_args(task, kind, steps=steps, lr=lr, out=out, curriculum=curriculum, seed=seed)
-    if reuse and (out / "model.safetensors").is_file():
+    reused = reuse and (out / "model.safetensors").is_file()
+    if reused:
         print(f"== {task} {kind}: scoring the finished run {out}", flush=True)
         wall = rss = None
     else:
@@ -114,7 +120,7 @@ def bench(task: str, kind: str, *, steps: int, lr: float, n: int, runs: Path, le
              "test_overrides": TEST_OVERRIDES.get(kind, {}), "train_seconds": wall and round(wall, 1),
              "train_peak_rss_mib": rss and round(rss, 1), "eval_seconds": round(time.perf_counter() - start, 1),
              "val_accuracy_512": final["val_accuracy"], "command": "python -m longmem " + " ".join(args),
-             "reused": bool(reuse and wall is None),
+             "reused": reused,
              "results": res["results"]}
     print(json.dumps({k: v for k, v in entry.items() if k != "results"}), flush=True)
     for r in res["results"]:
@@ -199,7 +205,7 @@ def run(quick: bool) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         for task in (["passkey"] if quick else ["passkey", "recall"]):
             for kind in KINDS:
-                steps, curriculum = (12, CURRICULUM) if quick else RECIPES.get(kind, (STEPS, CURRICULUM))
+                steps, curriculum = (12, CURRICULUM) if quick else recipe(kind)
                 results[f"{task}/{kind}"] = bench(task, kind, steps=steps, lr=LR, n=n, runs=Path(tmp),
                                                   lengths=lengths, curriculum=curriculum)
     figure = plot(results)
@@ -218,10 +224,11 @@ def gate_trace(run_dir: Path, *, segments: int = 128, depth: float = 0.5, seed: 
     import torch
 
     from longmem.data.tasks.probes import passkey
-    from longmem.runs import load_run
-    model = (run := load_run(run_dir, overrides=TEST_OVERRIDES["tokens"])).model.eval()    # as it is scored
-    if model.tokens is None or model.tokens.gate is None:
+    from longmem.runs import load_run, load_run_config
+    memory = load_run_config(run_dir).model.memory
+    if memory.kind != "tokens" or not memory.token_gate:
         raise SystemExit(f"{run_dir} has no gated memory tokens (memory.kind tokens, memory.token_gate true)")
+    model = (run := load_run(run_dir, overrides=TEST_OVERRIDES["tokens"])).model.eval()    # as it is scored
     probe = passkey(run.tokenizer, length=segments * SEG, depth=depth, rng=random.Random(seed))
     x = torch.as_tensor(probe.tokens).view(1, -1)[:, :segments * SEG]
     write, gates = model.tokens.write, []
@@ -274,7 +281,7 @@ def main() -> None:
     for kind in args.kinds.split(","):
         if kind not in KINDS:
             raise SystemExit(f"unknown kind {kind!r}; accepted: {', '.join(KINDS)}")
-        steps, curriculum = RECIPES.get(kind, (STEPS, CURRICULUM))
+        steps, curriculum = recipe(kind)
         entry = bench(args.task, kind, steps=args.steps or steps, lr=args.lr, n=args.n, runs=ROOT / args.runs,
                       curriculum=args.curriculum or curriculum, seed=args.seed, reuse=args.reuse)
         results = load_results()

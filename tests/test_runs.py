@@ -66,7 +66,6 @@ def test_load_run_with_a_larger_knn_store(tmp_path):
     assert int(state.knn.count().max()) == 48                        # 48 entries kept: more than the 16 trained
 
 
-
 def test_load_run_with_a_gate_floor(tmp_path):
     """memory.token_gate_floor thresholds the trained gate: an evaluation setting, the weights are the same."""
     model = write_run(tmp_path / "run", memory={"memory.kind": "tokens", "memory.mem_len": "0",
@@ -74,6 +73,7 @@ def test_load_run_with_a_gate_floor(tmp_path):
     run = load_run(tmp_path / "run", overrides={"memory.token_gate_floor": "0.05"})
     assert run.model.tokens.floor == 0.05 == run.config.memory.token_gate_floor
     assert all(torch.equal(a, b) for a, b in zip(run.model.state_dict().values(), model.state_dict().values()))
+
 
 def test_load_run_refuses_to_silently_ignore_architecture_overrides(tmp_path):
     """An override of the architecture cannot apply to trained weights: it must be

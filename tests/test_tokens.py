@@ -123,7 +123,6 @@ def test_stretched_gate_closes_and_opens_exactly(rmt):
         torch.testing.assert_close(gated(x).logits, plain(x).logits, atol=1e-5, rtol=0)
 
 
-
 def test_gate_floor_keeps_the_memory_under_small_gates_and_passes_the_gradient(rmt):
     """memory.token_gate_floor: a gate below it is 0 (memory kept exactly), one above it is unchanged, in
     evaluation and training; the loss still reaches a floored gate (straight through)."""
@@ -146,6 +145,7 @@ def test_gate_floor_keeps_the_memory_under_small_gates_and_passes_the_gradient(r
     torch.testing.assert_close(out.state.tokens.mem, initial.expand_as(out.state.tokens.mem), atol=0, rtol=0)
     out.logits[:, SEG:].logsumexp(-1).sum().backward()
     assert model.tokens.gate.bias.grad.abs().max() > 0
+
 
 def test_gate_penalty_charges_the_mean_gate_of_full_segments_in_training(rmt):
     model = rmt(token_gate=True)
@@ -199,7 +199,6 @@ def test_memory_noise_only_in_training(rmt):
         assert (a - b).abs().max() > 1e-3                            # noise in training
         model.tokens.noise = 0.0
         torch.testing.assert_close(model(x).logits, clean, atol=1e-6, rtol=0)
-
 
 
 def test_lanes_are_independent(rmt):

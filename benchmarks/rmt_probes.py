@@ -27,6 +27,7 @@ table and plot of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -86,14 +87,19 @@ def run_child(args: list[str]) -> tuple[int, float, float]:
     return proc.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024
 
 
+def weights_sha256(run_dir: Path) -> str:
+    return hashlib.sha256((run_dir / "model.safetensors").read_bytes()).hexdigest()
+
+
 def load_results() -> dict:
     return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
 
 
 def bench(task: str, kind: str, *, steps: int, lr: float, n: int, runs: Path, lengths=LENGTHS,
-          curriculum: str = CURRICULUM, seed: int = 0, reuse: bool = False) -> dict:
+          curriculum: str = CURRICULUM, seed: int = 0, reuse: bool = False, stored: dict | None = None) -> dict:
     """Train ``kind`` on ``task`` in a child process (or, with ``reuse``, score the finished run already
-    in ``runs``: its wall time and peak memory are then unknown) and score it at every length."""
+    in ``runs``: its command, wall time and peak memory are then those of the ``stored`` entry that trained
+    these weights (``weights_sha256``), or unknown) and score it at every length."""
     import torch
 
     from longmem.evaluation.suite import eval_probe
@@ -101,27 +107,28 @@ def bench(task: str, kind: str, *, steps: int, lr: float, n: int, runs: Path, le
     torch.set_num_threads(1)
     out = runs / f"{task}-{kind}"
     args = train_args(task, kind, steps=steps, lr=lr, out=out, curriculum=curriculum, seed=seed)
+    trained = {"steps": steps, "lr": lr, "curriculum": curriculum, "seed": seed,
+               "command": "python -m longmem " + " ".join(args), "train_seconds": None, "train_peak_rss_mib": None}
     reused = reuse and (out / "model.safetensors").is_file()
     if reused:
         print(f"== {task} {kind}: scoring the finished run {out}", flush=True)
-        wall = rss = None
+        if stored and stored.get("weights_sha256") == weights_sha256(out):      # trained by this script
+            trained = {k: stored[k] for k in trained}
     else:
         print(f"== {task} {kind}: longmem {' '.join(args)}", flush=True)
         code, wall, rss = run_child(args)
         if code != 0:
             raise SystemExit(f"training {task}/{kind} failed with exit code {code}")
+        trained.update(train_seconds=round(wall, 1), train_peak_rss_mib=round(rss, 1))
     run = load_run(out, overrides=TEST_OVERRIDES.get(kind))
     start = time.perf_counter()
     res = eval_probe(run, task, lengths=[4 * SEG, *lengths], depths=DEPTHS, n=n, seed=0, batch_size=8,
                      show_progress=False)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     final = [m for m in metrics if "val_accuracy" in m][-1]
-    entry = {"task": task, "kind": kind, "steps": steps, "lr": lr, "curriculum": curriculum, "seed": seed,
-             "test_overrides": TEST_OVERRIDES.get(kind, {}), "train_seconds": wall and round(wall, 1),
-             "train_peak_rss_mib": rss and round(rss, 1), "eval_seconds": round(time.perf_counter() - start, 1),
-             "val_accuracy_512": final["val_accuracy"], "command": "python -m longmem " + " ".join(args),
-             "reused": reused,
-             "results": res["results"]}
+    entry = {"task": task, "kind": kind, **trained, "n": n, "test_overrides": TEST_OVERRIDES.get(kind, {}),
+             "eval_seconds": round(time.perf_counter() - start, 1), "val_accuracy_512": final["val_accuracy"],
+             "reused": reused, "weights_sha256": weights_sha256(out), "results": res["results"]}
     print(json.dumps({k: v for k, v in entry.items() if k != "results"}), flush=True)
     for r in res["results"]:
         print(f"   length {r['length']:>6} depth {r['depth']:.1f}: accuracy {r['accuracy']:.3f} "
@@ -148,14 +155,14 @@ def report(results: dict) -> str:
         lengths = sorted({r["length"] for e in entries for r in e["results"]})
         head = " | ".join(f"{n // SEG} seg ({n:,})" for n in lengths)
         lines += [f"#### {task}: accuracy (mean over depths 0, 0.5, 1) by context length", "",
-                  f"| memory | {head} | train steps | train wall | train peak RSS |",
-                  "|---|" + "---:|" * (len(lengths) + 3)]
+                  f"| memory | {head} | examples per cell | train steps | train wall | train peak RSS |",
+                  "|---|" + "---:|" * (len(lengths) + 4)]
         for e in entries:
             acc = accuracy_by_length(e)
             cells = " | ".join(f"{acc[n]:.3f}" for n in lengths)
-            wall, rss = e["train_seconds"], e["train_peak_rss_mib"]
-            lines.append(f"| {e['kind']} | {cells} | {e['steps']:,} | {'n/a' if wall is None else f'{wall:.0f} s'} | "
-                         f"{'n/a' if rss is None else f'{rss:.0f} MiB'} |")
+            wall = "n/a" if e["train_seconds"] is None else f"{e['train_seconds']:.0f} s"
+            rss = "n/a" if e["train_peak_rss_mib"] is None else f"{e['train_peak_rss_mib']:.0f} MiB"
+            lines.append(f"| {e['kind']} | {cells} | {e['n']} | {e['steps']:,} | {wall} | {rss} |")
         lines += ["", f"Per depth ({task}; rows: memory and depth):", "",
                   f"| memory | depth | {' | '.join(f'{n // SEG} seg' for n in lengths)} |",
                   "|---|---:|" + "---:|" * len(lengths)]
@@ -234,7 +241,7 @@ def gate_trace(run_dir: Path, *, segments: int = 128, depth: float = 0.5, seed: 
     write, gates = model.tokens.write, []
 
     def traced(outputs, *, previous):                           # records each write's mean gate
-        gates.append(float(model.tokens.gates(outputs)[0].mean()))
+        gates.append(model.tokens.gates(outputs)[0].flatten())
         return write(outputs, previous=previous)
     model.tokens.write = traced
     mems, state = [], None
@@ -247,10 +254,35 @@ def gate_trace(run_dir: Path, *, segments: int = 128, depth: float = 0.5, seed: 
              f"depth {depth}:", "",
              "| segment | mean gate | cos(previous memory) | cos(memory after segment 1) |", "|---:|---:|---:|---:|"]
     for i in range(1, len(mems)):
-        if i < 4 or i % 10 == 0 or gates[i] > 0.05:
-            lines.append(f"| {i} | {gates[i]:.4f} | {float(cos(mems[i], mems[i - 1], dim=0)):.6f} | "
+        mean = float(gates[i].mean())
+        if i < 4 or i % 10 == 0 or mean > 0.05:
+            lines.append(f"| {i} | {mean:.4f} | {float(cos(mems[i], mems[i - 1], dim=0)):.6f} | "
                          f"{float(cos(mems[i], mems[1], dim=0)):.4f} |")
+    later = torch.cat(gates[1:])                                 # every write after the first
+    lines += ["", f"writes 2-{len(gates)}: mean gate {float(later.mean()):.3f}, gate entries at 0.9 or more "
+              f"(memory dimensions replaced) {float((later >= 0.9).float().mean()):.1%}"]
     return "\n".join(lines)
+
+
+def key_errors(run_dir: Path, *, depth: float, n: int = 192) -> str:
+    """Passkey answers of a run at 4 segments, split by whether a digit repeats among the key's first four
+    (where copying the key by its previous character is ambiguous)."""
+    import random
+
+    from longmem.data.tasks.probes import passkey
+    from longmem.evaluation.probes import score_probes
+    from longmem.runs import load_run, load_run_config
+    kind = load_run_config(run_dir).model.memory.kind
+    run = load_run(run_dir, overrides=TEST_OVERRIDES.get(kind))
+    probes = [passkey(run.tokenizer, length=4 * SEG, depth=depth, rng=random.Random(f"keys/{i}")) for i in range(n)]
+    tally = {True: [0, 0], False: [0, 0]}
+    for probe, score in zip(probes, score_probes(run.model, probes, batch_size=32)):
+        count = tally[len(set(probe.answers[0]["text"].strip()[:4])) < 4]
+        count[0] += score[0]["correct"]
+        count[1] += 1
+    (a, b), (c, d) = tally[True], tally[False]
+    return (f"{run_dir}, {n} passkeys of 4 segments at depth {depth}: {a} of {b} right with a digit repeated in "
+            f"the key's first four, {c} of {d} without")
 
 
 def main() -> None:
@@ -270,7 +302,14 @@ def main() -> None:
     p.add_argument("--report", action="store_true", help="print the markdown of the stored results and plot them")
     p.add_argument("--gates", metavar="RUN", help="trace the gate and memory of a gated tokens RUN through a "
                    "128-segment passkey (needle at depth 0.5) and exit")
+    p.add_argument("--keys", metavar="RUN", help="score 192 passkeys of RUN at 4 segments, split by whether a digit "
+                   "repeats in the key, and exit")
+    p.add_argument("--keys-depth", type=float, default=0.0, help="needle depth for --keys (1: in the question's "
+                   "segment)")
     args = p.parse_args()
+    if args.keys:
+        print(key_errors(Path(args.keys), depth=args.keys_depth))
+        return
     if args.gates:
         print(gate_trace(Path(args.gates)))
         return
@@ -283,7 +322,8 @@ def main() -> None:
             raise SystemExit(f"unknown kind {kind!r}; accepted: {', '.join(KINDS)}")
         steps, curriculum = recipe(kind)
         entry = bench(args.task, kind, steps=args.steps or steps, lr=args.lr, n=args.n, runs=ROOT / args.runs,
-                      curriculum=args.curriculum or curriculum, seed=args.seed, reuse=args.reuse)
+                      curriculum=args.curriculum or curriculum, seed=args.seed, reuse=args.reuse,
+                      stored=load_results().get(f"{args.task}/{kind}"))
         results = load_results()
         results[f"{args.task}/{kind}"] = entry
         RESULTS.write_text(json.dumps(results, indent=1))

@@ -112,14 +112,15 @@ def bench(task: str, kind: str, *, steps: int, lr: float, n: int, runs: Path, le
     reused = reuse and (out / "model.safetensors").is_file()
     if reused:
         print(f"== {task} {kind}: scoring the finished run {out}", flush=True)
-        if stored and stored.get("weights_sha256") == weights_sha256(out):      # trained by this script
-            trained = {k: stored[k] for k in trained}
     else:
         print(f"== {task} {kind}: longmem {' '.join(args)}", flush=True)
         code, wall, rss = run_child(args)
         if code != 0:
             raise SystemExit(f"training {task}/{kind} failed with exit code {code}")
         trained.update(train_seconds=round(wall, 1), train_peak_rss_mib=round(rss, 1))
+    sha = weights_sha256(out)
+    if reused and stored and stored.get("weights_sha256") == sha:      # these weights were trained by this script
+        trained = {k: stored[k] for k in trained}
     run = load_run(out, overrides=TEST_OVERRIDES.get(kind))
     start = time.perf_counter()
     res = eval_probe(run, task, lengths=[4 * SEG, *lengths], depths=DEPTHS, n=n, seed=0, batch_size=8,
@@ -128,7 +129,7 @@ def bench(task: str, kind: str, *, steps: int, lr: float, n: int, runs: Path, le
     final = [m for m in metrics if "val_accuracy" in m][-1]
     entry = {"task": task, "kind": kind, **trained, "n": n, "test_overrides": TEST_OVERRIDES.get(kind, {}),
              "eval_seconds": round(time.perf_counter() - start, 1), "val_accuracy_512": final["val_accuracy"],
-             "reused": reused, "weights_sha256": weights_sha256(out), "results": res["results"]}
+             "reused": reused, "weights_sha256": sha, "results": res["results"]}
     print(json.dumps({k: v for k, v in entry.items() if k != "results"}), flush=True)
     for r in res["results"]:
         print(f"   length {r['length']:>6} depth {r['depth']:.1f}: accuracy {r['accuracy']:.3f} "
@@ -171,7 +172,7 @@ def report(results: dict) -> str:
                 cells = {r["length"]: r["accuracy"] for r in e["results"] if r["depth"] == depth}
                 lines.append(f"| {e['kind']} | {depth} | " + " | ".join(f"{cells[n]:.3f}" for n in lengths) + " |")
         reused = " (a run trained earlier, scored with --reuse)"
-        lines += ["", "Commands:", ""] + [f"- {e['kind']}{reused if e.get('reused') else ''}: "
+        lines += ["", "Commands:", ""] + [f"- {e['kind']}{reused if e['reused'] else ''}: "
                                           f"`{e['command'].replace(str(ROOT) + '/', '')}`" for e in entries] + [""]
     return "\n".join(lines)
 

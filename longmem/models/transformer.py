@@ -84,8 +84,7 @@ class MemoryLM(nn.Module):
                              head_dim=c.d_model // c.n_heads) if c.memory.kind == "knn" else None
         self.tokens = (TokenMemory(n_tokens=c.memory.n_mem_tokens, d_model=c.d_model, gate=c.memory.token_gate,
                                   stretch=c.memory.token_gate_stretch, floor=c.memory.token_gate_floor,
-                                  penalty=c.memory.token_gate_penalty,
-                                  noise=c.memory.token_noise)
+                                  penalty=c.memory.token_gate_penalty, noise=c.memory.token_noise)
                        if c.memory.kind == "tokens" else None)
         self.apply(self._init_weights)
         for block in self.blocks:                                  # GPT-2 scaled init of residual outputs

@@ -8,6 +8,8 @@ is enough to rebuild the model. On disk the memory config is a top-level
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,9 +18,12 @@ from typing import Any, Literal
 
 import yaml
 
-MemoryKind = Literal["none", "xl", "knn", "tokens"]
 Arch = Literal["transformer", "lstm", "seq2seq", "memn2n"]
-IMPLEMENTED_KINDS = ("none", "xl", "knn", "tokens")
+BUILTIN_KINDS = ("none", "xl", "knn", "tokens")
+
+# memory kinds by name -> builder(ModelConfig) -> list of memories. ``longmem.models.memory`` registers the
+# built-in kinds (and users theirs, with ``longmem.models.memory.register_kind``); config only checks names.
+MEMORY_KINDS: dict[str, Any] = {}
 
 
 def _help(text: str, **kw) -> Any:
@@ -26,99 +31,103 @@ def _help(text: str, **kw) -> Any:
 
 
 @dataclass
-class MemoryConfig:
-    kind: MemoryKind = _help("memory kind: none | xl | knn | tokens", default="none")
-    mem_len: int = _help("Transformer-XL memory: past states kept per layer and lane "
-                         "(Dai et al. 2019 §3.2); 0 disables recurrence", default=0)
-    # kNN long-term memory (Memorizing Transformers, Wu et al. 2022); used when kind="knn"
-    knn_layers: list[int] = _help("blocks that retrieve from the kNN memory (0-based, negative counts "
-                                  "from the top); empty means the block at 3/4 depth", default_factory=list)
-    knn_k: int = _help("entries retrieved per query and head (Wu et al. 2022 use 32)", default=32)
-    knn_capacity: int = _help("kNN memory entries kept per lane, layer and head; the oldest are evicted first",
-                              default=8192)
-    knn_backend: Literal["torch", "faiss"] = _help("kNN search: torch (exact, chunked matmul + top-k) | "
-                                                   "faiss (extra 'faiss'; see knn_index)", default="torch")
-    knn_index: Literal["flat", "hnsw", "ivf"] = _help("faiss index: flat (exact) | hnsw | ivf (approximate)",
-                                                      default="flat")
-    knn_normalize: bool = _help("L2-normalize queries and keys of the kNN memory (Wu et al. 2022 §3)",
-                                default=True)
-    knn_chunk: int = _help("memory entries scored per matmul in the torch search (bounds extra memory)",
-                           default=4096)
-    # recurrent memory tokens (RMT, Bulatov et al. 2022); used when kind="tokens", with XL alongside if mem_len > 0
-    n_mem_tokens: int = _help("kind tokens: memory tokens read at the start of each segment and written at its "
-                              "end; their outputs are the next segment's memory (Bulatov et al. 2022)", default=8)
-    token_gate: bool = _help("kind tokens: gated memory update, new = (1 - g) * old + g * written with a gate "
-                             "g = sigmoid(W written + b) per token and width (the Block-Recurrent Transformer's "
-                             "state gate, Hutchins et al. 2022); false: the written outputs replace the memory "
-                             "(Bulatov et al. 2022). A closed gate keeps the memory unchanged through segments "
-                             "that hold nothing worth writing", default=False)
-    token_gate_stretch: float = _help("kind tokens with token_gate: the gate stretched by e and clipped, "
-                                      "g = clamp((1 + 2e) sigmoid(W written + b) - e, 0, 1) (the hard-concrete "
-                                      "stretch, Louizos et al. 2018), so it can close exactly and a memory kept "
-                                      "through filler segments does not drift at all; 0: the plain sigmoid, "
-                                      "which only approaches 0", default=0.0)
-    token_gate_floor: float = _help("kind tokens with token_gate: a gate below this value is taken as 0 (the memory "
-                                    "element kept exactly), in training (straight through, like the clip) and "
-                                    "in evaluation; may be set at evaluation only (longmem eval RUN "
-                                    "--memory.token_gate_floor 0.05). Gates that settle a little above 0 in "
-                                    "filler segments let the memory creep over hundreds of them; 0: off",
-                                    default=0.0)
-    token_gate_penalty: float = _help("kind tokens with token_gate, training only: this weight times the mean "
-                                      "gate of every lane and written segment is added to the summed loss "
-                                      "(which is divided by the number of targets): writing costs, so the gate "
-                                      "closes in segments with nothing worth keeping and the memory does not "
-                                      "drift through them. With token_gate_stretch e the stretched gate g is "
-                                      "charged g + e/2 down to g = -e/2: shut exactly, with a margin. The "
-                                      "logged training loss includes the charge; validation loss does not. 0: off",
-                                      default=0.0)
-    token_noise: float = _help("kind tokens, training only: Gaussian noise of this standard deviation added to the "
-                               "memory read at each segment (the memory has unit RMS); a memory that must survive "
-                               "noise learns to restore itself at every write, so it drifts less over many segments "
-                               "than the few it was trained on. 0: off", default=0.0)
+class KNNConfig:
+    """kNN long-term memory (Memorizing Transformers, Wu et al. 2022); used by kind knn."""
+    layers: list[int] = _help("blocks that retrieve from the kNN memory (0-based, negative counts from the top); "
+                              "empty means the block at 3/4 depth", default_factory=list)
+    k: int = _help("entries retrieved per query and head (Wu et al. 2022 use 32)", default=32)
+    capacity: int = _help("kNN memory entries kept per lane, layer and head; the oldest are evicted first",
+                          default=8192)
+    backend: Literal["torch", "faiss"] = _help("kNN search: torch (exact, chunked matmul + top-k) | faiss (extra "
+                                               "'faiss'; see memory.knn.index)", default="torch")
+    index: Literal["flat", "hnsw", "ivf"] = _help("faiss index: flat (exact) | hnsw | ivf (approximate)",
+                                                  default="flat")
+    normalize: bool = _help("L2-normalize queries and keys of the kNN memory (Wu et al. 2022 §3)", default=True)
+    chunk: int = _help("memory entries scored per matmul in the torch search (bounds extra memory)", default=4096)
 
     def __post_init__(self):
-        if self.kind not in typing.get_args(MemoryKind):
-            raise ValueError(f"memory.kind={self.kind!r}; accepted: {', '.join(typing.get_args(MemoryKind))}")
-        if self.kind not in IMPLEMENTED_KINDS:
-            raise ValueError(f"memory.kind={self.kind!r} is not implemented yet; available: "
-                             f"{', '.join(IMPLEMENTED_KINDS)}")
+        if isinstance(self.layers, int) and not isinstance(self.layers, bool):
+            self.layers = [self.layers]
+        if (not isinstance(self.layers, (list, tuple))
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers)):
+            raise ValueError(f"memory.knn.layers must be a list of block indices like [2] or [-1], got {self.layers!r}")
+        self.layers = list(self.layers)
+        for name in ("k", "capacity", "chunk"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"memory.knn.{name} must be positive, got {getattr(self, name)}")
+        if self.backend not in ("torch", "faiss"):
+            raise ValueError(f"memory.knn.backend={self.backend!r}; accepted: torch, faiss")
+        if self.index not in ("flat", "hnsw", "ivf"):
+            raise ValueError(f"memory.knn.index={self.index!r}; accepted: flat, hnsw, ivf")
+
+
+@dataclass
+class TokensConfig:
+    """Recurrent memory tokens (RMT, Bulatov et al. 2022); used by kind tokens, with XL alongside if
+    memory.mem_len > 0."""
+    n_tokens: int = _help("memory tokens read at the start of each segment and written at its end; their outputs "
+                          "are the next segment's memory (Bulatov et al. 2022)", default=8)
+    gate: Literal["none", "sigmoid"] = _help(
+        "none: the written outputs replace the memory (Bulatov et al. 2022) | sigmoid: gated update, new = (1 - g) "
+        "old + g written with g = sigmoid(W written + b) per token and width (the Block-Recurrent Transformer's "
+        "state gate, Hutchins et al. 2022): a closed gate keeps the memory unchanged through segments that hold "
+        "nothing worth writing; its mean is the auxiliary training loss that train.aux_weight charges",
+        default="none")
+    stretch: float = _help("gate sigmoid: the gate stretched by e and clipped, g = clamp((1 + 2e) sigmoid(W written "
+                           "+ b) - e, 0, 1) (the hard-concrete stretch, Louizos et al. 2018), so it can close "
+                           "exactly and a memory kept through filler segments does not drift at all; 0: the plain "
+                           "sigmoid, which only approaches 0", default=0.0)
+    floor: float = _help("gate sigmoid: a gate below this value is taken as 0 (the memory element kept exactly), "
+                         "in training (straight through, like the clip) and in evaluation; may be set at "
+                         "evaluation only (longmem eval RUN --memory.tokens.floor 0.05); 0: off", default=0.0)
+
+    def __post_init__(self):
+        if self.n_tokens <= 0:
+            raise ValueError(f"memory.tokens.n_tokens must be positive, got {self.n_tokens}")
+        if self.gate not in ("none", "sigmoid"):
+            raise ValueError(f"memory.tokens.gate={self.gate!r}; accepted: none, sigmoid")
+        if self.stretch < 0:
+            raise ValueError(f"memory.tokens.stretch must be >= 0, got {self.stretch}")
+        if not 0 <= self.floor < 1:
+            raise ValueError(f"memory.tokens.floor must be in [0, 1), got {self.floor}")
+        for name in ("stretch", "floor"):
+            if getattr(self, name) > 0 and self.gate == "none":
+                raise ValueError(f"memory.tokens.{name} > 0 needs memory.tokens.gate sigmoid (it shapes the gate)")
+
+
+@dataclass
+class MemoryConfig:
+    kind: str = _help("memory kind: none | xl (Transformer-XL recurrence) | knn (kNN memory + XL) | tokens "
+                      "(memory tokens + XL) | sinks (attention sinks + a window of cached keys/values, no "
+                      "training) | any kind registered with longmem.models.memory.register_kind", default="none")
+    mem_len: int = _help("past positions kept per layer and lane: the Transformer-XL memory (Dai et al. 2019 "
+                         "§3.2), or the window of a key/value cache (kind sinks); 0 disables recurrence", default=0)
+    n_sinks: int = _help("first positions of each lane kept in memory for good besides the last mem_len "
+                         "(attention sinks, StreamingLLM, Xiao et al. 2023); kinds xl and sinks", default=0)
+    knn: KNNConfig = _help("kNN memory settings", default_factory=KNNConfig)
+    tokens: TokensConfig = _help("memory token settings", default_factory=TokensConfig)
+    options: dict = _help("settings of a memory kind registered outside longmem (a mapping it reads)",
+                          default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.knn, dict):
+            self.knn = KNNConfig(**self.knn)
+        if isinstance(self.tokens, dict):
+            self.tokens = TokensConfig(**self.tokens)
+        if MEMORY_KINDS and self.kind not in MEMORY_KINDS:
+            raise ValueError(f"memory.kind={self.kind!r}; accepted: {', '.join(MEMORY_KINDS)}")
         if self.mem_len < 0:
             raise ValueError(f"memory.mem_len must be >= 0, got {self.mem_len}")
         if self.kind == "none" and self.mem_len:
-            raise ValueError("memory.mem_len > 0 needs memory.kind='xl', 'knn' or 'tokens' "
+            raise ValueError("memory.mem_len > 0 needs a memory kind such as 'xl', 'knn', 'tokens' or 'sinks' "
                              "(kind 'none' keeps no memory)")
-        if self.token_noise < 0:
-            raise ValueError(f"memory.token_noise must be >= 0, got {self.token_noise}")
-        if self.token_gate_stretch < 0:
-            raise ValueError(f"memory.token_gate_stretch must be >= 0, got {self.token_gate_stretch}")
-        if self.token_gate_stretch > 0 and not self.token_gate:
-            raise ValueError("memory.token_gate_stretch > 0 needs memory.token_gate true (it shapes the gate)")
-        if not 0 <= self.token_gate_floor < 1:
-            raise ValueError(f"memory.token_gate_floor must be in [0, 1), got {self.token_gate_floor}")
-        if self.token_gate_floor > 0 and not self.token_gate:
-            raise ValueError("memory.token_gate_floor > 0 needs memory.token_gate true (it shapes the gate)")
-        if self.token_gate_penalty < 0:
-            raise ValueError(f"memory.token_gate_penalty must be >= 0, got {self.token_gate_penalty}")
-        if self.token_gate_penalty > 0 and not self.token_gate:
-            raise ValueError("memory.token_gate_penalty > 0 needs memory.token_gate true (it charges the gate)")
-        if self.n_mem_tokens <= 0:
-            raise ValueError(f"memory.n_mem_tokens must be positive, got {self.n_mem_tokens}")
-        if isinstance(self.knn_layers, int) and not isinstance(self.knn_layers, bool):
-            self.knn_layers = [self.knn_layers]
-        if (not isinstance(self.knn_layers, (list, tuple))
-                or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.knn_layers)):
-            raise ValueError(f"memory.knn_layers must be a list of block indices like [2] or [-1], "
-                             f"got {self.knn_layers!r}")
-        self.knn_layers = list(self.knn_layers)
-        for name in ("knn_k", "knn_capacity", "knn_chunk"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"memory.{name} must be positive, got {getattr(self, name)}")
-        if self.kind == "knn" and self.knn_k > self.knn_capacity:
-            raise ValueError(f"memory.knn_k={self.knn_k} exceeds memory.knn_capacity={self.knn_capacity}")
-        if self.knn_backend not in ("torch", "faiss"):
-            raise ValueError(f"memory.knn_backend={self.knn_backend!r}; accepted: torch, faiss")
-        if self.knn_index not in ("flat", "hnsw", "ivf"):
-            raise ValueError(f"memory.knn_index={self.knn_index!r}; accepted: flat, hnsw, ivf")
+        if not 0 <= self.n_sinks < max(self.mem_len, 1):
+            raise ValueError(f"memory.n_sinks must be in [0, memory.mem_len), got {self.n_sinks} "
+                             f"(memory.mem_len={self.mem_len})")
+        if self.kind == "knn" and self.knn.k > self.knn.capacity:
+            raise ValueError(f"memory.knn.k={self.knn.k} exceeds memory.knn.capacity={self.knn.capacity}")
+        if not isinstance(self.options, dict):
+            raise ValueError(f"memory.options must be a mapping, got {self.options!r}")
 
 
 @dataclass
@@ -129,11 +138,29 @@ class ModelConfig:
     vocab_size: int = _help("vocabulary size (set from the tokenizer when training)", default=256)
     d_model: int = _help("width of the residual stream", default=128)
     n_layers: int = _help("number of Transformer blocks", default=4)
-    n_heads: int = _help("attention heads per block", default=4)
-    d_ff: int = _help("hidden width of the MLP; 0 means 4 * d_model", default=0)
+    n_heads: int = _help("attention (query) heads per block", default=4)
+    n_kv_heads: int = _help("key/value heads per block (grouped-query attention, Ainslie et al. 2023): n_heads / "
+                            "n_kv_heads query heads share one; 0 means n_heads", default=0)
+    head_dim: int = _help("size of one attention head; 0 means d_model / n_heads", default=0)
+    d_ff: int = _help("hidden width of the MLP; 0 means 4 * d_model (gelu) or 8/3 * d_model rounded up to a "
+                      "multiple of 8 (swiglu)", default=0)
+    mlp: Literal["gelu", "swiglu"] = _help("gelu: down(gelu(up x)) (GPT-2) | swiglu: down(silu(gate x) * up x) "
+                                           "(Shazeer 2020; the Llama family)", default="gelu")
+    tie_embeddings: bool = _help("the output head shares the token embedding matrix (Press & Wolf 2017)",
+                                 default=True)
+    norm_eps: float = _help("epsilon of every RMSNorm", default=1e-6)
+    qkv_bias: bool = _help("biases on the query, key and value projections (Qwen2)", default=False)
+    qk_norm: bool = _help("per-head RMSNorm of queries and keys before rotary positions (Qwen3)", default=False)
     segment_len: int = _help("tokens processed per segment; longer calls are split", default=128)
     dropout: float = _help("dropout on embeddings, attention weights and residual branches", default=0.0)
-    rope_base: float = _help("rotary embedding base (Su et al. 2021)", default=10000.0)
+    rope_theta: float = _help("rotary embedding base (Su et al. 2021)", default=10000.0)
+    rope_scaling: dict = _help("rotary frequency scaling: {} (none) | {rope_type: linear, factor: F} (position "
+                               "interpolation, Chen et al. 2023) | {rope_type: llama3, factor, low_freq_factor, "
+                               "high_freq_factor, original_max_position_embeddings} (Llama 3.1)",
+                               default_factory=dict)
+    max_position_embeddings: int = _help("positions the model was trained on (a pretrained model's context); "
+                                         "0: not known. Informational: longmem assigns positions inside the "
+                                         "attention window", default=0)
     smear_keys: bool = _help("transformer: mix each attention key with the previous position's key, a learned "
                              "share per head (smeared keys, Olsson et al. 2022): one layer can then match "
                              "\"the token after an earlier occurrence of this one\", and copying / associative "
@@ -160,27 +187,49 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "segment_len", "hops", "memory_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        for name in ("n_kv_heads", "head_dim", "d_ff", "max_position_embeddings"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name} must be >= 0 (0: the default), got {getattr(self, name)}")
+        if not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):
+            raise ValueError(f"model.norm_eps must be a positive number, got {self.norm_eps}")
+        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise ValueError(f"model.rope_theta must be a positive number, got {self.rope_theta}")
         if self.arch != "transformer" and self.memory.kind != "none":
             raise ValueError(f"model.arch={self.arch!r} has its own memory; memory.kind must be 'none', "
                              f"got {self.memory.kind!r}")
         if self.pe_formula not in ("code", "paper"):
             raise ValueError(f"model.pe_formula={self.pe_formula!r}; accepted: code, paper")
+        if self.mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"model.mlp={self.mlp!r}; accepted: gelu, swiglu")
         if self.smear_keys and self.arch != "transformer":
             raise ValueError(f"model.smear_keys is a transformer (MemoryLM) option; model.arch={self.arch!r} has "
                              f"no smeared keys")
-        if self.arch in ("lstm", "memn2n"):                       # no attention heads to check
-            self.d_ff = self.d_ff or 4 * self.d_model
-            if not 0.0 <= self.dropout < 1.0:
-                raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
-            return
-        if self.d_model % self.n_heads:
-            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"head size d_model/n_heads={self.d_model // self.n_heads} must be even for rotary positions")
-        if self.d_ff == 0:
-            self.d_ff = 4 * self.d_model
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.arch in ("lstm", "memn2n"):                       # no attention heads to check
+            self.d_ff = self.d_ff or 4 * self.d_model
+            return
+        if not self.head_dim and self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads} "
+                             f"(or set model.head_dim)")
+        if self.head_dim_ % 2:
+            raise ValueError(f"head size {self.head_dim_} must be even for rotary positions")
+        if self.n_heads % self.n_kv_heads_:
+            raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}")
+        if self.d_ff == 0:
+            self.d_ff = 4 * self.d_model if self.mlp == "gelu" else -(-8 * self.d_model // 3 // 8) * 8
+        if not isinstance(self.rope_scaling, dict):
+            raise ValueError(f"model.rope_scaling must be a mapping, got {self.rope_scaling!r}")
+
+    @property
+    def head_dim_(self) -> int:
+        """The head size: ``head_dim`` or d_model / n_heads."""
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def n_kv_heads_(self) -> int:
+        """The key/value heads: ``n_kv_heads`` or n_heads."""
+        return self.n_kv_heads or self.n_heads
 
 
 @dataclass
@@ -254,9 +303,13 @@ class TrainConfig:
                             "separated (e.g. '1,2,4,8'); a stage's bptt window is min(stage, bptt_segments) and a "
                             "task stream's examples are stage * segment_len tokens; empty: no curriculum",
                             default="")
-    penalty_start: int = _help("the model's training penalties (memory.token_gate_penalty) count from this step "
-                               "on: the task is learned with the memory written freely first, then writing is "
-                               "made to cost. 0: from the start", default=0)
+    aux_weight: float = _help("weight of the memories' auxiliary training loss, added to the summed cross-entropy "
+                              "(which is divided by the number of targets): memory tokens with a gate are charged "
+                              "their mean gate per lane and write (memory.tokens.gate), so writing costs and the "
+                              "memory does not drift through segments with nothing worth keeping. The logged "
+                              "training loss includes it; validation loss does not. 0: off", default=0.0)
+    aux_start: int = _help("the auxiliary loss counts from this step on: the task is learned with the memory "
+                           "written freely first, then writing is made to cost. 0: from the start", default=0)
 
     def __post_init__(self):
         if self.max_steps <= 0:
@@ -264,12 +317,14 @@ class TrainConfig:
         if self.lr <= 0 or self.min_lr < 0:
             raise ValueError("train.lr must be positive and train.min_lr non-negative")
         for name in ("warmup_steps", "lr_halve_every", "eval_every", "eval_segments", "checkpoint_every",
-                     "patience", "log_every", "threads", "penalty_start"):
+                     "patience", "log_every", "threads", "aux_start"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("grad_accum", "keep_last", "bptt_segments"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.aux_weight >= 0 and math.isfinite(self.aux_weight)):
+            raise ValueError(f"train.aux_weight must be >= 0, got {self.aux_weight}")
         self.curriculum_stages()                          # validates
 
     def curriculum_stages(self) -> list[int]:
@@ -384,16 +439,11 @@ class RunConfig:
     def from_dict(cls, d: dict) -> "RunConfig":
         if not isinstance(d, dict):
             raise ValueError(f"a run config must be a mapping with sections {', '.join(SECTIONS)}")
+        d = migrate_legacy(d)
         unknown = set(d) - set(SECTIONS)
         if unknown:
             raise ValueError(f"unknown config section(s) {sorted(unknown)}; valid sections: {', '.join(SECTIONS)}")
-        parts = {}
-        for section, klass in SECTIONS.items():
-            values = d.get(section) or {}
-            if not isinstance(values, dict):
-                raise ValueError(f"config section {section!r} must be a mapping, got {values!r}")
-            _check_keys(klass, values, section)
-            parts[section] = klass(**{k: _coerce(klass, k, v, f"{section}.{k}") for k, v in values.items()})
+        parts = {section: _build(klass, d.get(section) or {}, section) for section, klass in SECTIONS.items()}
         memory = parts.pop("memory")
         parts["model"].memory = memory
         return cls(**parts)
@@ -419,14 +469,36 @@ class RunConfig:
         return cls.from_dict(cls.read(path))
 
     def override(self, overrides: dict[str, str]) -> "RunConfig":
-        """A new config with dotted overrides applied (``{"train.lr": "3e-4"}``); values are YAML scalars."""
+        """A new config with dotted overrides applied (``{"train.lr": "3e-4", "memory.knn.k": "16"}``);
+        values are YAML scalars (text fields keep the raw text)."""
         d = self.to_dict()
         for key, raw in overrides.items():
-            section, _, name = key.partition(".")
-            if section not in SECTIONS or not name or "." in name:
+            key, raw = _legacy_key(key, raw)
+            if key is None:
+                continue
+            path = key.split(".")
+            if path[0] not in SECTIONS or len(path) < 2:
                 raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
-            _check_keys(SECTIONS[section], {name: None}, section)
-            d[section][name] = _parse_scalar(SECTIONS[section], name, raw, key)
+            klass, node = SECTIONS[path[0]], d[path[0]]
+            for depth, name in enumerate(path[1:-1], start=1):
+                _check_keys(klass, {name: None}, ".".join(path[:depth]))
+                hint = typing.get_type_hints(klass)[name]
+                if hint is dict:                                     # a free mapping: memory.options.x
+                    node = node.setdefault(name, {})
+                    klass = None
+                    break
+                if not dataclasses.is_dataclass(hint):
+                    raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+                klass, node = hint, node[name]
+            name = path[-1]
+            if klass is None:
+                node[name] = yaml.safe_load(raw) if isinstance(raw, str) else raw
+                continue
+            _check_keys(klass, {name: None}, ".".join(path[:-1]))
+            if dataclasses.is_dataclass(typing.get_type_hints(klass)[name]):
+                raise ValueError(f"{key} is a group of settings; set one of them: "
+                                 f"{', '.join(k for k in valid_keys() if k.startswith(key + '.'))}")
+            node[name] = _parse_scalar(klass, name, raw, key)
         return RunConfig.from_dict(d)
 
 
@@ -438,17 +510,39 @@ def _fields(klass: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(klass) if not (klass is ModelConfig and f.name == "memory")}
 
 
+def _leaves(klass: type, prefix: str):
+    """(dotted key, field) of every setting of ``klass``, nested groups flattened."""
+    hints = typing.get_type_hints(klass)
+    for name, f in _fields(klass).items():
+        if dataclasses.is_dataclass(hints[name]):
+            yield from _leaves(hints[name], f"{prefix}.{name}")
+        else:
+            yield f"{prefix}.{name}", f
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config mapping as {dotted key: value} (mappings that are settings' values stay whole)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and key not in ("memory.options", "model.rope_scaling"):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
 def valid_keys() -> list[str]:
-    return [f"{s}.{n}" for s, k in SECTIONS.items() for n in _fields(k)]
+    return [key for s, k in SECTIONS.items() for key, _ in _leaves(k, s)]
 
 
 def config_help() -> list[tuple[str, str, Any]]:
     """(dotted key, help, default) for every config field; the CLI shows these."""
     out = []
     for section, klass in SECTIONS.items():
-        for name, f in _fields(klass).items():
+        for key, f in _leaves(klass, section):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            out.append((f"{section}.{name}", f.metadata.get("help", ""), default))
+            out.append((key, f.metadata.get("help", ""), default))
     return out
 
 
@@ -456,8 +550,84 @@ def _check_keys(klass: type, values: dict, section: str) -> None:
     allowed = _fields(klass)
     for k in values:
         if k not in allowed:
-            raise ValueError(f"unknown config key '{section}.{k}'; valid keys in '{section}': "
-                             f"{', '.join(f'{section}.{n}' for n in allowed)}")
+            near = difflib.get_close_matches(k, list(allowed), n=1)
+            raise ValueError(f"unknown config key '{section}.{k}'"
+                             + (f" (did you mean '{section}.{near[0]}'?)" if near else "")
+                             + f"; valid keys in '{section}': {', '.join(f'{section}.{n}' for n in allowed)}")
+
+
+def _build(klass: type, values: Any, prefix: str):
+    """``klass`` from a mapping read from YAML (or made by ``to_dict``), nested groups built recursively;
+    unknown keys and wrong types raise ValueError naming the key."""
+    if not isinstance(values, dict):
+        raise ValueError(f"config section {prefix!r} must be a mapping, got {values!r}")
+    _check_keys(klass, values, prefix)
+    hints = typing.get_type_hints(klass)
+    kwargs = {}
+    for k, v in values.items():
+        if dataclasses.is_dataclass(hints[k]):
+            kwargs[k] = _build(hints[k], v if v is not None else {}, f"{prefix}.{k}")
+        else:
+            kwargs[k] = _coerce(klass, k, v, f"{prefix}.{k}")
+    return klass(**kwargs)
+
+
+# settings renamed or regrouped since longmem 0.1: old key -> new key (run directories and commands written
+# before still work). ``memory.token_noise`` (a superseded experiment) is gone; it only acted in training.
+LEGACY_KEYS = {
+    **{f"memory.knn_{k}": f"memory.knn.{k}" for k in ("layers", "k", "capacity", "backend", "index", "normalize",
+                                                     "chunk")},
+    "memory.n_mem_tokens": "memory.tokens.n_tokens", "memory.token_gate": "memory.tokens.gate",
+    "memory.token_gate_stretch": "memory.tokens.stretch", "memory.token_gate_floor": "memory.tokens.floor",
+    "memory.token_gate_penalty": "train.aux_weight", "train.penalty_start": "train.aux_start",
+    "model.rope_base": "model.rope_theta",
+}
+REMOVED_KEYS = {"memory.token_noise": "memory.token_noise was removed (a superseded experiment; the gated recipe "
+                                      "of memory.tokens replaces it)"}
+
+
+def _legacy_value(old: str, value: Any) -> Any:
+    if old == "memory.token_gate":                                   # a bool then, a gate type now
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, bool):
+            raise ValueError(f"{old} must be true or false, got {value!r}")
+        return "sigmoid" if value else "none"
+    return value
+
+
+def _legacy_key(key: str, raw: Any) -> tuple[str | None, Any]:
+    """A command-line key of an older longmem mapped to today's (None: a removed key, refused)."""
+    if key in REMOVED_KEYS:
+        raise ValueError(REMOVED_KEYS[key])
+    if key in LEGACY_KEYS:
+        return LEGACY_KEYS[key], _legacy_value(key, raw)
+    return key, raw
+
+
+def migrate_legacy(d: dict) -> dict:
+    """A config mapping with the settings of older longmem versions moved to today's keys."""
+    if not any(isinstance(d.get(s), dict) and any(f"{s}.{k}" in LEGACY_KEYS or f"{s}.{k}" in REMOVED_KEYS
+                                                  for k in d[s]) for s in SECTIONS):
+        return d
+    d = {s: dict(v) if isinstance(v, dict) else v for s, v in d.items()}
+    for old, new in LEGACY_KEYS.items():
+        section, name = old.split(".")
+        if not isinstance(d.get(section), dict) or name not in d[section]:
+            continue
+        value = _legacy_value(old, d[section].pop(name))
+        *groups, leaf = new.split(".")
+        node = d.setdefault(groups[0], {}) if isinstance(d.get(groups[0]), dict) or groups[0] not in d else {}
+        d[groups[0]] = node
+        for g in groups[1:]:
+            node[g] = dict(node.get(g) or {})
+            node = node[g]
+        node.setdefault(leaf, value)
+    for old in REMOVED_KEYS:
+        section, name = old.split(".")
+        if isinstance(d.get(section), dict):
+            d[section].pop(name, None)
+    return d
 
 
 def _parse_scalar(klass: type, name: str, raw: Any, key: str) -> Any:

@@ -4,17 +4,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from longmem.config import RunConfig
+from longmem.config import RunConfig, flatten
 from longmem.data.tokenizer import Tokenizer, load_tokenizer
 from longmem.models import MemoryLM, build_model
+from longmem.models.memory.base import TRAINING_FREE
 from longmem.training.checkpoint import load_weights
 
 CONFIG, WEIGHTS, TOKENIZER, METRICS = "config.yaml", "model.safetensors", "tokenizer.json", "metrics.jsonl"
 # model settings that evaluation may change; everything else is fixed by the weights
 # settings that size, search or threshold the memory, not its weights: a run may be evaluated with other
 # values (e.g. a kNN store larger than in training, as Wu et al. 2022 evaluate)
-EVAL_MODEL_KEYS = ("memory.mem_len", "memory.knn_capacity", "memory.knn_k", "memory.knn_backend",
-                   "memory.knn_index", "memory.knn_chunk", "memory.token_gate_floor")
+EVAL_MODEL_KEYS = ("memory.mem_len", "memory.knn.capacity", "memory.knn.k", "memory.knn.backend",
+                   "memory.knn.index", "memory.knn.chunk", "memory.tokens.floor")
 
 
 @dataclass
@@ -42,6 +43,25 @@ def load_run_config(run: str | Path) -> RunConfig:
     return RunConfig.from_dict(d)
 
 
+def eval_config(config: RunConfig, overrides: dict[str, str]) -> RunConfig:
+    """The run's config with evaluation-time overrides: the settings of ``EVAL_MODEL_KEYS``, ``data.*``, and a
+    training-free memory kind (``--memory.kind sinks --memory.mem_len 1024``: it adds no weights); anything
+    else would not fit the trained weights and is refused."""
+    trained = flatten(config.to_dict())
+    config = config.override(overrides)
+    now = flatten(config.to_dict())
+    allowed = set(EVAL_MODEL_KEYS)
+    if now["memory.kind"] in TRAINING_FREE:
+        allowed |= {"memory.kind", "memory.n_sinks"}
+    changed = [k for k in now if k.split(".")[0] in ("model", "memory") and now[k] != trained.get(k)
+               and k not in allowed]
+    if changed:
+        raise ValueError(f"{', '.join(changed)} cannot change after training (only {', '.join(sorted(allowed))}, "
+                         f"data.*, and memory.kind to a kind that needs no training: "
+                         f"{', '.join(sorted(TRAINING_FREE))}); train a new run instead")
+    return config
+
+
 def load_run(path: str | Path, *, overrides: dict[str, str] | None = None) -> Run:
     """Rebuild the model of a run from its files; ``overrides`` (dotted keys) may change
     evaluation settings such as ``memory.mem_len``."""
@@ -57,14 +77,7 @@ def load_run(path: str | Path, *, overrides: dict[str, str] | None = None) -> Ru
         raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model expects "
                          f"{config.model.vocab_size}")
     if overrides:
-        trained = config.to_dict()
-        config = config.override(overrides)
-        now = config.to_dict()
-        changed = [f"{s}.{k}" for s in ("model", "memory") for k in now[s]
-                   if now[s][k] != trained[s][k] and f"{s}.{k}" not in EVAL_MODEL_KEYS]
-        if changed:
-            raise ValueError(f"{', '.join(changed)} cannot change after training (only "
-                             f"{', '.join(EVAL_MODEL_KEYS)} and data.* can); train a new run instead")
+        config = eval_config(config, overrides)
     model = build_model(config.model)
     load_weights(model, path / WEIGHTS)
     model.eval()

@@ -31,14 +31,13 @@ def available_memory_bytes(device) -> int | None:
 
 
 def memory_need_bytes(model_config, *, batch_size: int, training: bool) -> int:
-    """A rough fp32 estimate of what the memory configuration needs: the XL states, the kNN store, and
-    the scores and activations of one segment over its window (memory tokens included)."""
-    c, m = model_config, model_config.memory
-    window = m.mem_len + c.segment_len + (2 * m.n_mem_tokens if m.kind == "tokens" else 0)
-    state = batch_size * m.mem_len * c.d_model * c.n_layers * 4                     # XL states
-    if m.kind == "knn":                                                              # keys + values per layer
-        from longmem.models.memory.knn import resolve_knn_layers
-        state += batch_size * len(resolve_knn_layers(m, c.n_layers)) * 2 * m.knn_capacity * c.d_model * 4
+    """A rough fp32 estimate of what the memory configuration needs: the memories' states (``Memory.nbytes``),
+    and the scores and activations of one segment over its window (positions memories add included)."""
+    from longmem.models.memory import build_memories
+    c = model_config
+    memories = build_memories(c) if c.arch == "transformer" else []
+    state = sum(m.nbytes(batch_size=batch_size, d_model=c.d_model, n_layers=c.n_layers) for m in memories)
+    window = c.memory.mem_len + c.memory.n_sinks + c.segment_len + sum(m.added_positions for m in memories)
     scores = batch_size * c.n_heads * c.segment_len * window * 4 * (c.n_layers if training else 1)
     acts = batch_size * window * c.d_model * 4 * 8 * (c.n_layers if training else 1)
     return state + scores + acts
@@ -50,9 +49,9 @@ def check_memory_fits(model_config, *, batch_size: int, device, training: bool) 
     need = memory_need_bytes(c, batch_size=batch_size, training=training)
     free = available_memory_bytes(device)
     if free is not None and need > 0.9 * free:
-        what = (f"memory.knn_capacity={m.knn_capacity} and memory.mem_len={m.mem_len}" if m.kind == "knn"
+        what = (f"memory.knn.capacity={m.knn.capacity} and memory.mem_len={m.mem_len}" if m.kind == "knn"
                 else f"memory.mem_len={m.mem_len}")
-        lower = "memory.knn_capacity, memory.mem_len" if m.kind == "knn" else "memory.mem_len"
+        lower = "memory.knn.capacity, memory.mem_len" if m.kind == "knn" else "memory.mem_len"
         raise ValueError(
             f"this memory does not fit: {what} with {batch_size} lanes, "
             f"{c.n_layers} layers and d_model {c.d_model} needs about {need / 2**30:.1f} GiB, but only "

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from longmem.config import MemoryConfig, ModelConfig
+from longmem.config import MemoryConfig, ModelConfig, TokensConfig
 from longmem.models import MemoryLM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -40,8 +40,9 @@ def tiny_config(*, kind: str = "xl", mem_len: int = 16, segment_len: int = 8, vo
                 smear_keys: bool = False, token_gate: bool = False) -> ModelConfig:
     return ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                        segment_len=segment_len, smear_keys=smear_keys,
-                       memory=MemoryConfig(kind=kind, mem_len=mem_len, n_mem_tokens=n_mem_tokens,
-                                           token_gate=token_gate))
+                       memory=MemoryConfig(kind=kind, mem_len=mem_len,
+                                           tokens=TokensConfig(n_tokens=n_mem_tokens,
+                                                               gate="sigmoid" if token_gate else "none")))
 
 
 @pytest.fixture

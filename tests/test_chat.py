@@ -88,4 +88,4 @@ def test_chat_without_memory_keeps_its_decoding_cache_across_runs(tmp_path):
     chat(run, "hi there, how are you?\nand you?\n", session="n", sessions_dir=tmp_path / "s")
     back = SessionStore(tmp_path / "s", model=run.model).load("n")
     assert back.turns == 2 and back.tokens > 30
-    assert back.state.xl.length == 15                                # the cache of past positions, bounded
+    assert back.state.kv.length == 15                                # the cache of past positions, bounded

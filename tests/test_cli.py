@@ -133,7 +133,7 @@ def test_bad_input_gets_one_paragraph_and_exit_2(tmp_path, capsys):
              (["--train.max_steps", "abc"], "train.max_steps must be an integer"),
              (["--data.path", str(tmp_path / "nowhere.txt")], "not found"),
              (["--memory.mem_len", "3000000000"], "does not fit"),
-             (["--memory.kind", "knn", "--memory.knn_capacity", "3000000000"], "Lower memory.knn_capacity")]
+             (["--memory.kind", "knn", "--memory.knn.capacity", "3000000000"], "Lower memory.knn.capacity")]
     for extra, message in cases:
         code = main(["train", "--config", str(TINY), "--out", str(tmp_path / "r"), "--train.progress", "false",
                      *extra])

@@ -33,9 +33,9 @@ def test_model_config_rejects_bad_values(kwargs, match):
 def test_memory_config_validation():
     with pytest.raises(ValueError, match="accepted"):
         MemoryConfig(kind="lstm")
-    with pytest.raises(ValueError, match="n_mem_tokens"):
-        MemoryConfig(kind="tokens", n_mem_tokens=0)
-    assert MemoryConfig(kind="tokens", n_mem_tokens=4, mem_len=16).mem_len == 16     # tokens + XL
+    with pytest.raises(ValueError, match="n_tokens"):
+        MemoryConfig(kind="tokens", tokens={"n_tokens": 0})
+    assert MemoryConfig(kind="tokens", tokens={"n_tokens": 4}, mem_len=16).mem_len == 16     # tokens + XL
     with pytest.raises(ValueError, match="mem_len"):
         MemoryConfig(kind="xl", mem_len=-1)
     with pytest.raises(ValueError, match="xl"):
@@ -100,9 +100,9 @@ def test_bad_yaml_types_raise(tmp_path):
 
 
 def test_tokens_memory_and_bptt_options_from_the_command_line(tmp_path):
-    cfg = RunConfig().override({"memory.kind": "tokens", "memory.n_mem_tokens": "4", "train.bptt_segments": "4",
+    cfg = RunConfig().override({"memory.kind": "tokens", "memory.tokens.n_tokens": "4", "train.bptt_segments": "4",
                                 "train.curriculum": "1,2,4,8", "train.max_steps": "80"})
-    assert cfg.memory.kind == "tokens" and cfg.memory.n_mem_tokens == 4
+    assert cfg.memory.kind == "tokens" and cfg.memory.tokens.n_tokens == 4
     assert cfg.train.curriculum_stages() == [1, 2, 4, 8]
     # four equal stages over 80 steps; the bptt window is capped by bptt_segments
     assert [cfg.train.segments_at(s) for s in (0, 19, 20, 59, 60, 79)] == [1, 1, 2, 4, 8, 8]
@@ -118,14 +118,14 @@ def test_tokens_memory_and_bptt_options_from_the_command_line(tmp_path):
     ("train.bptt_segments", "0", "bptt_segments must be >= 1"),
     ("train.curriculum", "1,two,4", "positive segment counts"),
     ("train.curriculum", "1,0", "positive segment counts"),
-    ("memory.n_mem_tokens", "-1", "n_mem_tokens"),
-    ("memory.token_noise", "-0.1", "token_noise"),
-    ("memory.token_gate_floor", "1.0", "token_gate_floor"),
-    ("memory.token_gate_floor", "0.05", "needs memory.token_gate true"),
-    ("memory.token_gate_stretch", "-0.1", "token_gate_stretch must be >= 0"),
-    ("memory.token_gate_stretch", "0.1", "needs memory.token_gate true"),
-    ("memory.token_gate_penalty", "-1", "token_gate_penalty must be >= 0"),
-    ("memory.token_gate_penalty", "0.1", "needs memory.token_gate true"),
+    ("memory.tokens.n_tokens", "-1", "n_tokens"),
+    ("memory.token_noise", "-0.1", "token_noise was removed"),
+    ("memory.tokens.floor", "1.0", "tokens.floor"),
+    ("memory.tokens.floor", "0.05", "needs memory.tokens.gate sigmoid"),
+    ("memory.tokens.stretch", "-0.1", "tokens.stretch must be >= 0"),
+    ("memory.tokens.stretch", "0.1", "needs memory.tokens.gate sigmoid"),
+    ("train.aux_weight", "-1", "aux_weight must be >= 0"),
+    ("memory.tokens.gate", "gru", "accepted: none, sigmoid"),
     ("task.linear_start_patience", "-1", "linear_start_patience"),
 ])
 def test_bptt_and_tokens_options_are_validated(key, value, match):

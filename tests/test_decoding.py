@@ -27,7 +27,7 @@ def test_cached_decoding_without_memory_equals_full_recomputation(make_model):
         logits, mem = dec.feed(seq[:, t:t + 1], mem)
         got.append(logits[0])
     assert torch.allclose(torch.stack(got), full[4:], atol=1e-4)
-    assert mem.xl.length == 23                                        # W - 1 past positions
+    assert mem.kv.length == 23                                        # W - 1 past positions
 
 
 def test_cached_decoding_with_a_long_prompt_keeps_positions_inside_the_window(make_model):
@@ -40,7 +40,7 @@ def test_cached_decoding_with_a_long_prompt_keeps_positions_inside_the_window(ma
         logits, mem = dec.feed(seq[:, t:t + 1], mem)
     assert torch.isfinite(logits).all()
     assert model.rope.max_position_seen <= 7                          # never beyond the trained window
-    assert mem.xl.length == 7
+    assert mem.kv.length == 7
 
 
 def test_attention_sink_keeps_the_first_positions_for_good(make_model):
@@ -54,11 +54,12 @@ def test_attention_sink_keeps_the_first_positions_for_good(make_model):
         l_sink, m_sink = sinks.feed(seq[:, t:t + 1], m_sink)
         l_plain, m_plain = plain.feed(seq[:, t:t + 1], m_plain)
     for layer in range(2):
-        assert torch.equal(m_sink.xl.mems[layer][:, :3], first.xl.mems[layer][:, :3])   # the sinks stay
-    with torch.no_grad():
-        emb = model.embed(seq)                                        # layer-0 inputs: which tokens are cached
-    assert torch.equal(m_sink.xl.mems[0], torch.cat([emb[:, :3], emb[:, -4:]], dim=1))
-    assert torch.equal(m_plain.xl.mems[0], emb[:, -7:])
+        assert torch.equal(m_sink.kv.keys[layer][:, :, :3], first.kv.keys[layer][:, :, :3])   # the sinks stay
+    with torch.no_grad():                                             # layer-0 keys: which tokens are cached
+        keys, _ = model.blocks[0].attn.project_kv(model.blocks[0].norm1(model.embed(seq)))   # (1, G, 40, Dh)
+    torch.testing.assert_close(m_sink.kv.keys[0], torch.cat([keys[:, :, :3], keys[:, :, -4:]], dim=2),
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(m_plain.kv.keys[0], keys[:, :, -7:], atol=1e-6, rtol=0)
     assert not torch.allclose(l_sink, l_plain, atol=1e-3)             # the sinks are attended to
 
 
@@ -67,7 +68,7 @@ def test_xl_generation_keeps_the_state_bounded(make_model):
     stream = TokenStream(model, PROMPT, sampling=SamplingConfig(max_new_tokens=40, seed=1))
     toks = list(stream)
     assert len(toks) == 40 == stream.completion_tokens
-    assert stream.state.xl.length == 12
+    assert stream.state.kv.length == 12                              # a key/value cache of mem_len
 
 
 def test_continuing_from_the_state_equals_one_pass_over_everything(make_model):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from longmem import State
-from longmem.config import MemoryConfig, RunConfig
+from longmem.config import KNNConfig, MemoryConfig, RunConfig
 from longmem.models import MemoryLM
 from longmem.models.memory.knn import KNNMemory, faiss_search, resolve_knn_layers, topk, torch_search
 from longmem.models.memory.knn_persist import load_knn_memory, read_knn_metadata, save_knn_memory
@@ -22,8 +22,8 @@ V = 37
 def knn_model(*, seed: int = 0, mem_len: int = 0, capacity: int = 64, k: int = 4, normalize: bool = True,
               layers=(1,), segment_len: int = 8) -> MemoryLM:
     cfg = tiny_config(kind="knn", mem_len=mem_len, segment_len=segment_len)
-    cfg.memory = MemoryConfig(kind="knn", mem_len=mem_len, knn_k=k, knn_capacity=capacity,
-                              knn_normalize=normalize, knn_layers=list(layers), knn_chunk=16)
+    cfg.memory = MemoryConfig(kind="knn", mem_len=mem_len, knn=KNNConfig(k=k, capacity=capacity, normalize=normalize,
+                                                                         layers=list(layers), chunk=16))
     return spread_weights(MemoryLM(cfg), seed=seed).eval()
 
 
@@ -123,7 +123,7 @@ def test_faiss_approximate_recall(index):
 
 # -- store: eviction, reset -----------------------------------------------------
 def test_fifo_eviction_keeps_the_newest_entries_in_order():
-    mem = KNNMemory(config=MemoryConfig(kind="knn", knn_capacity=10, knn_k=2, knn_layers=[0]),
+    mem = KNNMemory(config=KNNConfig(capacity=10, k=2, layers=[0]),
                     n_layers=1, n_heads=1, head_dim=1)
     state = mem.init(2, device="cpu", dtype=torch.float32)
     counter = 0
@@ -229,18 +229,18 @@ def test_state_round_trip_detach_and_gradients():
 
 
 def test_knn_layers_resolution_and_errors():
-    assert resolve_knn_layers(MemoryConfig(kind="knn"), 12) == [9]
-    assert resolve_knn_layers(MemoryConfig(kind="knn"), 2) == [1]
-    assert resolve_knn_layers(MemoryConfig(kind="knn", knn_layers=[-1, 0]), 4) == [0, 3]
-    with pytest.raises(ValueError, match="knn_layers"):
-        resolve_knn_layers(MemoryConfig(kind="knn", knn_layers=[4]), 4)
-    with pytest.raises(ValueError, match="knn_capacity"):
-        MemoryConfig(kind="knn", knn_k=64, knn_capacity=32)
-    with pytest.raises(ValueError, match="knn_layers"):
-        MemoryConfig(kind="knn", knn_layers=["top"])
-    cfg = RunConfig().override({"memory.kind": "knn", "memory.knn_layers": "[1]", "memory.mem_len": "32",
-                                "memory.knn_backend": "faiss"})
-    assert cfg.memory.knn_layers == [1] and cfg.memory.mem_len == 32 and cfg.memory.knn_backend == "faiss"
+    assert resolve_knn_layers(KNNConfig(), 12) == [9]
+    assert resolve_knn_layers(KNNConfig(), 2) == [1]
+    assert resolve_knn_layers(KNNConfig(layers=[-1, 0]), 4) == [0, 3]
+    with pytest.raises(ValueError, match="knn.layers"):
+        resolve_knn_layers(KNNConfig(layers=[4]), 4)
+    with pytest.raises(ValueError, match="knn.capacity"):
+        MemoryConfig(kind="knn", knn=KNNConfig(k=64, capacity=32))
+    with pytest.raises(ValueError, match="knn.layers"):
+        KNNConfig(layers=["top"])
+    cfg = RunConfig().override({"memory.kind": "knn", "memory.knn.layers": "[1]", "memory.mem_len": "32",
+                                "memory.knn.backend": "faiss"})
+    assert cfg.memory.knn.layers == [1] and cfg.memory.mem_len == 32 and cfg.memory.knn.backend == "faiss"
     with pytest.raises(ValueError, match="accepted"):
         RunConfig().override({"memory.kind": "knn", "memory.knn_backend": "annoy"})
 
@@ -293,14 +293,14 @@ def test_load_refuses_a_memory_from_another_model(tmp_path):
 def test_cli_trains_with_knn_memory(tmp_path, capsys):
     from longmem.cli import main
     code = main(["train", "--config", str(REPO_ROOT / "configs/tiny.yaml"), "--out", str(tmp_path / "RUN"),
-                 "--train.progress", "false", "--memory.kind", "knn", "--memory.knn_capacity", "256",
-                 "--memory.knn_k", "8", "--train.max_steps", "15", "--data.val_fraction", "0.03"])
+                 "--train.progress", "false", "--memory.kind", "knn", "--memory.knn.capacity", "256",
+                 "--memory.knn.k", "8", "--train.max_steps", "15", "--data.val_fraction", "0.03"])
     assert code == 0, capsys.readouterr().err
     lines = [json.loads(line) for line in (tmp_path / "RUN/metrics.jsonl").read_text().splitlines()]
     losses = [line["loss"] for line in lines if "loss" in line]
     assert len(losses) == 3 and losses[0] > losses[-1] + 0.3 and all(math.isfinite(v) for v in losses)
     cfg = RunConfig.load(tmp_path / "RUN/config.yaml")
-    assert cfg.memory.kind == "knn" and cfg.memory.knn_capacity == 256
+    assert cfg.memory.kind == "knn" and cfg.memory.knn.capacity == 256
     model = MemoryLM(cfg.model)                                         # the saved weights include the gates
     from longmem.training.checkpoint import load_weights
     load_weights(model, tmp_path / "RUN/model.safetensors")

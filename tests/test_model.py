@@ -310,7 +310,7 @@ def reference_forward(model, x: torch.Tensor) -> torch.Tensor:
 
     def rope(t):                                               # t: (B, H, N, Dh)
         pos = torch.arange(n, dtype=torch.float64)
-        freq = c.rope_base ** (-torch.arange(0, Dh, 2, dtype=torch.float64) / Dh)
+        freq = c.rope_theta ** (-torch.arange(0, Dh, 2, dtype=torch.float64) / Dh)
         angle = torch.outer(pos, freq)
         z = torch.complex(t[..., :Dh // 2].double(), t[..., Dh // 2:].double()) * torch.polar(
             torch.ones_like(angle), angle)

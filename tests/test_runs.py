@@ -47,8 +47,12 @@ def test_load_run_with_longer_memory(tmp_path):
     for _ in range(5):
         state = run.model(torch.randint(0, 256, (1, 8)), state=state).state
     assert state.xl.length == 32
-    with pytest.raises(ValueError):
-        load_run(tmp_path / "run", overrides={"memory.kind": "none", "memory.mem_len": "0"})
+    with pytest.raises(ValueError, match="memory.kind"):                   # kNN would need trained weights
+        load_run(tmp_path / "run", overrides={"memory.kind": "knn"})
+    # a kind that needs no training may replace the trained one: no memory, or sinks + a window
+    assert load_run(tmp_path / "run", overrides={"memory.kind": "none", "memory.mem_len": "0"}).model.memories == []
+    sinks = load_run(tmp_path / "run", overrides={"memory.kind": "sinks", "memory.n_sinks": "2"}).model
+    assert (sinks.kv.window, sinks.kv.n_sinks) == (8, 2)
     with pytest.raises(ValueError, match="train.max_steps"):
         load_run(tmp_path / "run", overrides={"train.foo": "1"})
 
@@ -57,21 +61,21 @@ def test_load_run_with_a_larger_knn_store(tmp_path):
     """The store's size and search are evaluation settings: a run trained with a small store reads
     longer contexts with a larger one; the weights are the same."""
     model = write_run(tmp_path / "run", memory={"memory.kind": "knn", "memory.mem_len": "0",
-                                                "memory.knn_capacity": "16", "memory.knn_k": "4"})
-    run = load_run(tmp_path / "run", overrides={"memory.knn_capacity": "64", "memory.knn_k": "8"})
-    assert (run.model.knn.capacity, run.model.knn.k) == (64, 8) == (run.config.memory.knn_capacity,
-                                                                   run.config.memory.knn_k)
+                                                "memory.knn.capacity": "16", "memory.knn.k": "4"})
+    run = load_run(tmp_path / "run", overrides={"memory.knn.capacity": "64", "memory.knn.k": "8"})
+    assert (run.model.knn.capacity, run.model.knn.k) == (64, 8) == (run.config.memory.knn.capacity,
+                                                                   run.config.memory.knn.k)
     assert all(torch.equal(a, b) for a, b in zip(run.model.state_dict().values(), model.state_dict().values()))
     state = run.model(torch.randint(0, 256, (1, 48))).state
     assert int(state.knn.count().max()) == 48                        # 48 entries kept: more than the 16 trained
 
 
 def test_load_run_with_a_gate_floor(tmp_path):
-    """memory.token_gate_floor thresholds the trained gate: an evaluation setting, the weights are the same."""
+    """memory.tokens.floor thresholds the trained gate: an evaluation setting, the weights are the same."""
     model = write_run(tmp_path / "run", memory={"memory.kind": "tokens", "memory.mem_len": "0",
-                                                "memory.n_mem_tokens": "2", "memory.token_gate": "true"})
-    run = load_run(tmp_path / "run", overrides={"memory.token_gate_floor": "0.05"})
-    assert run.model.tokens.floor == 0.05 == run.config.memory.token_gate_floor
+                                                "memory.tokens.n_tokens": "2", "memory.tokens.gate": "sigmoid"})
+    run = load_run(tmp_path / "run", overrides={"memory.tokens.floor": "0.05"})
+    assert run.model.tokens.floor == 0.05 == run.config.memory.tokens.floor
     assert all(torch.equal(a, b) for a, b in zip(run.model.state_dict().values(), model.state_dict().values()))
 
 

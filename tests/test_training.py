@@ -207,7 +207,7 @@ def test_memory_tokens_with_bptt_resume_exactly(corpus, tmp_path):
     resuming from the step-8 checkpoint (which holds every lane's memory tokens) logs the losses of
     the uninterrupted run."""
     cfg = _cfg(corpus, max_steps=12, checkpoint_every=4, keep_last=3, bptt_segments=2, curriculum="1,2",
-               bptt_checkpoint="true").override({"memory.kind": "tokens", "memory.n_mem_tokens": "2",
+               bptt_checkpoint="true").override({"memory.kind": "tokens", "memory.tokens.n_tokens": "2",
                                                  "memory.mem_len": "16", "train.log_every": "1"})
     run = tmp_path / "run"
     train(cfg, run)

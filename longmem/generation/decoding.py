@@ -3,80 +3,51 @@
 Legend: B lanes, N tokens fed in one call, W = segment_len (the trained window),
 V vocabulary.
 
-- ``kind="xl"``: the model's own state is the cache (per layer the inputs of the
-  last ``mem_len`` positions; keys/values are recomputed with positions inside
-  the window), so a token costs one call and memory never grows past ``mem_len``.
-- ``kind="none"``: the same hidden-state mechanism serves as a cache of past
-  positions. The model is viewed with an XL memory of ``W - 1`` slots (parameters
-  shared, nothing copied), so each new token attends to at most ``W`` keys at
-  positions ``0 .. W-1``, exactly what training saw. While the text fits in the
-  window this equals full recomputation (tested). With ``attention_sink = S``
-  the first ``S`` positions stay in the cache for good and the rest slides
-  (StreamingLLM, Xiao et al. 2023): positions are assigned inside the cache, so
-  a token's position never exceeds ``W - 1`` however long the output grows.
-- ``kind="tokens"``: the state is the memory (R vectors) plus the unfinished
-  segment's tokens (< W), recomputed with each new token until the segment is
-  full and the memory written, as in training.
-- ``recompute=True`` (kind none only) is the slow reference: the last ``W``
-  tokens are recomputed for every new token.
+- A stateful model (its memories carry something across calls: XL, kNN, memory tokens, an LSTM)
+  decodes with its own state, one call per token, in the memories of ``model.for_decoding()``: XL's
+  hidden states become a cache of keys and values before rotary positions (``memory/kv.py``), so a
+  new token costs one position's projections, and memory never grows past ``mem_len``. Memory tokens
+  keep the unfinished segment pending and recompute it with each token until it is full, as in
+  training.
+- A model without memory (``kind="none"``) is viewed with a key/value cache of ``W - 1`` past
+  positions (parameters shared, nothing copied), so each new token attends to at most ``W`` keys at
+  positions ``0 .. W-1``, exactly what training saw. While the text fits in the window this equals
+  full recomputation (tested). With ``attention_sink = S`` the first ``S`` positions stay in the cache
+  for good and the rest slides (StreamingLLM, Xiao et al. 2023): positions are assigned inside the
+  cache, so a token's position never exceeds ``W - 1`` however long the output grows.
+- ``recompute=True`` (kind none only) is the slow reference: the last ``W`` tokens are recomputed for
+  every new token.
 """
 from __future__ import annotations
-
-import copy
 
 import torch
 
 from longmem.models import MemoryLM
-from longmem.models.memory import XLMemory, XLState
-
-
-class SinkXLMemory(XLMemory):
-    """XL memory that keeps its first ``n_sink`` slots forever and slides the rest.
-
-    Assumes the lanes of a state start together (as in generation), so the first
-    slots hold the first tokens of every lane.
-    """
-
-    def __init__(self, *, mem_len: int, n_layers: int, n_sink: int):
-        super().__init__(mem_len=mem_len, n_layers=n_layers)
-        if not 0 <= n_sink < max(mem_len, 1):
-            raise ValueError(f"attention_sink must be in [0, {max(mem_len - 1, 0)}] (the cache holds "
-                             f"{mem_len} past positions), got {n_sink}")
-        self.n_sink = n_sink
-
-    def _keep(self, m: torch.Tensor) -> torch.Tensor:
-        # m: (B, L, D) oldest first -> (B, min(L, mem_len), D): sinks + the most recent slots
-        if m.shape[1] <= self.mem_len:
-            return m
-        if self.n_sink == 0:
-            return m[:, -self.mem_len:]
-        return torch.cat([m[:, :self.n_sink], m[:, -(self.mem_len - self.n_sink):]], dim=1)
-
-    def trim(self, state: XLState) -> XLState:
-        if state.length <= self.mem_len:
-            return state
-        return XLState(mems=tuple(self._keep(m) for m in state.mems), valid=state.valid.clamp(max=self.mem_len))
-
-    def write(self, state: XLState, layer_inputs: list[torch.Tensor]) -> XLState:
-        T = layer_inputs[0].shape[1]
-        if state.length == 0:
-            mems = tuple(self._keep(h.detach()) for h in layer_inputs)
-        else:
-            mems = tuple(self._keep(torch.cat([m, h.detach()], dim=1)) for m, h in zip(state.mems, layer_inputs))
-        return XLState(mems=mems, valid=torch.clamp(state.valid + T, max=mems[0].shape[1]))
+from longmem.models.memory import KVMemory, KVState, State, XLState
 
 
 def cached_view(model: MemoryLM, *, cache_len: int, attention_sink: int = 0) -> MemoryLM:
-    """``model`` (kind none) seen with a hidden-state cache of ``cache_len`` past positions.
-
-    A shallow copy: parameters and submodules are shared with ``model``; only the
-    memory plug-in differs, so the model itself is left untouched.
-    """
-    if model.xl is not None:
-        raise ValueError("cached_view is for models without memory (kind 'none'); XL models cache by themselves")
-    view = copy.copy(model)
-    view.xl = SinkXLMemory(mem_len=cache_len, n_layers=model.config.n_layers, n_sink=attention_sink)
+    """``model`` (without memory) seen with a key/value cache of ``cache_len`` past positions and
+    ``attention_sink`` sinks. A shallow copy: parameters and submodules are shared with ``model``."""
+    if model.stateful:
+        raise ValueError("cached_view is for models without memory (kind 'none'); stateful models decode with "
+                         "their own memory (model.for_decoding())")
+    view = model.for_decoding()
+    view.set_memories([*view.memories, KVMemory(window=cache_len, n_layers=model.config.n_layers,
+                                                n_sinks=attention_sink)])
     return view
+
+
+@torch.no_grad()
+def cache_from_hidden(model: MemoryLM, xl: XLState) -> KVState:
+    """The key/value cache equal to an XL memory of hidden states (each layer's memory normed and projected
+    by that layer): states saved by longmem 0.1 sessions, which kept hidden states for decoding."""
+    keys, values = [], []
+    for block, mem in zip(model.blocks, xl.mems):
+        k, v = block.attn.project_kv(block.norm1(mem))
+        keys.append(k)
+        values.append(v)
+    return KVState(keys=tuple(keys), values=tuple(values), valid=xl.valid)
 
 
 class Decoder:
@@ -90,17 +61,14 @@ class Decoder:
         self.model = model
         self.window = W = model.config.segment_len
         self.recompute = recompute
-        xl = getattr(model, "xl", None)
-        # "xl": the model's own state carries the past (XL with mem_len > 0, kNN, memory tokens, the LSTM);
-        # memory tokens are written once per full segment: the unfinished one waits in the state (pending)
-        # and is recomputed with each new token, so a token at a time equals one call over the whole text
-        self.memory_tokens = getattr(model, "tokens", None) is not None
-        stateful = getattr(model, "recurrent", False) or getattr(model, "knn", None) is not None or (
-            xl is not None and xl.mem_len > 0) or self.memory_tokens
-        self.kind = "xl" if stateful else "none"
+        self.kind = "state" if model.stateful else "none"
         if recompute and self.kind != "none":
-            raise ValueError("recompute=True is the no-memory reference; XL models always decode with their state")
-        if self.kind == "none" and not recompute:
+            raise ValueError("recompute=True is the no-memory reference; models with memory always decode with "
+                             "their state")
+        self.attention_sink = 0
+        if self.kind == "state":
+            self.view = model.for_decoding()
+        elif not recompute:
             if W < 2:
                 raise ValueError("cached decoding without memory needs model.segment_len >= 2")
             if attention_sink < 0:
@@ -111,8 +79,6 @@ class Decoder:
             self.decode_view = cached_view(model, cache_len=W - 1, attention_sink=sink)
             self.prefill_view = cached_view(model, cache_len=W - self.chunk, attention_sink=sink)
             self.attention_sink = sink
-        else:
-            self.attention_sink = 0
 
     @property
     def device(self) -> torch.device:
@@ -120,19 +86,29 @@ class Decoder:
 
     def cache_positions(self) -> int:
         """The most past positions one lane keeps (the bound on memory)."""
-        if self.kind == "xl":
-            xl = getattr(self.model, "xl", None)
-            pending = self.window - 1 if self.memory_tokens else 0          # the unfinished segment
-            return (xl.mem_len if xl is not None else 0) + pending
+        if self.kind == "state":
+            return self.model.config.memory.mem_len + (self.window - 1 if self.model.whole_segments else 0)
         return self.window if self.recompute else self.window - 1
+
+    def adopt(self, state: State | None) -> State | None:
+        """A state saved in another layout brought to this decoder's: XL hidden states (sessions of longmem
+        0.1) become the key/value cache the decoder keeps."""
+        if state is None or state.xl is None:
+            return state
+        view = self.view if self.kind == "state" else self.decode_view
+        if view.kv is None or view.xl is not None:
+            return state
+        parts = {k: v for k, v in ((n, state.part(n)) for n in state.parts()) if k != "xl"}
+        parts["kv"] = view.kv.trim(cache_from_hidden(self.model, state.xl))
+        return State(state.batch_size, parts, pending=state.pending)
 
     @torch.no_grad()
     def feed(self, tokens: torch.Tensor, memory=None):
         B, N = tokens.shape
         if N == 0:
             raise ValueError("feed needs at least one token")
-        if self.kind == "xl":
-            out = self.model(tokens, state=memory)
+        if self.kind == "state":
+            out = self.view(tokens, state=memory)
             return out.logits[:, -1], out.state
         if self.recompute:
             window = tokens if memory is None else torch.cat([memory, tokens], dim=1)

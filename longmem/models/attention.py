@@ -1,14 +1,23 @@
-"""Causal multi-head self-attention over [memory; segment] with rotary positions.
+"""The pieces of a block: RMSNorm, rotary positions, causal attention over [memory; segment], the MLP.
 
-Dimension legend: B batch (lanes), T segment length, M memory length,
-S = M + T keys, H heads, Dh head size, D model width.
+Dimension legend: B batch (lanes), T segment length (the positions of ``x``), M memory slots in front
+of it, S = M + T keys, H query heads, G key/value heads (H / G queries share one, grouped-query
+attention), Dh head size, D model width, F MLP width.
 
-Positions are assigned inside the attention window: memory slot j has
-position j, segment token t has position M + t. Rotary embeddings only see
-differences of positions (Su et al. 2021), so a token's output depends on how
-far back a key is, never on how long the stream has run.
+Positions are assigned inside the attention window: memory slot j has position j, segment
+position t has position M + t. Rotary embeddings only see differences of positions (Su et al.
+2021), so a token's output depends on how far back a key is, never on how long the stream has run.
+
+The block options cover the Llama family (Touvron et al. 2023) and its relatives, so pretrained
+checkpoints map onto this one block: grouped-query attention (Ainslie et al. 2023; ``n_kv_heads``),
+SwiGLU (Shazeer 2020; ``mlp: swiglu``), optional q/k/v biases (Qwen2), optional per-head RMSNorm of
+queries and keys before rotary positions (Qwen3), RMSNorm epsilon, rotary base and scaling.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -16,36 +25,72 @@ import torch.nn.functional as F
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019) in float32, gain ``weight``: (..., D) -> (..., D)."""
+
     def __init__(self, dim: int, *, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x * self.weight.float()).to(dtype)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, *, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """(Dh/2,) rotary frequencies ``theta ** (-2i / Dh)``, optionally rescaled:
+    ``{"rope_type": "linear", "factor": f}`` is position interpolation (Chen et al. 2023: positions
+    divided by f); ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}`` is Llama 3.1's frequency-dependent scaling."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv / factor
+    if kind == "llama3":
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        smooth = ((old / wavelen) - low) / (high - low)                    # 0 at low_freq_wavelen, 1 at high
+        scaled = torch.where(wavelen > old / low, inv / factor, inv)       # long waves interpolated
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        between = (wavelen <= old / low) & (wavelen >= old / high)
+        return torch.where(between, mid, scaled)
+    raise ValueError(f"rope scaling type {kind!r}; accepted: default, linear, llama3")
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding; ``max_position_seen`` is kept for inspection."""
+    """Rotary position embedding (Su et al. 2021). The cos/sin tables are built once per device and
+    dtype and grown when a longer window is asked for; ``max_position_seen`` is kept for inspection."""
 
-    def __init__(self, head_dim: int, *, base: float = 10000.0):
+    def __init__(self, head_dim: int, *, base: float = 10000.0, scaling: dict | None = None):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta=base, scaling=scaling), persistent=False)
         self.max_position_seen = -1
+        self._tables: dict = {}
 
     def cos_sin(self, n_positions: int, *, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (n_positions, Dh/2) of positions 0 .. n_positions - 1."""
         self.max_position_seen = max(self.max_position_seen, n_positions - 1)
-        pos = torch.arange(n_positions, device=device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.to(device))        # (S, Dh/2)
-        return freqs.cos().to(dtype), freqs.sin().to(dtype)
+        key = (torch.device(device), dtype)
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] < n_positions:
+            n = max(n_positions, 2 * table[0].shape[0] if table is not None else 0, 256)
+            pos = torch.arange(n, device=device, dtype=torch.float32)
+            freqs = torch.outer(pos, self.inv_freq.to(device))                  # (n, Dh/2)
+            table = self._tables[key] = (freqs.cos().to(dtype), freqs.sin().to(dtype))
+        return table[0][:n_positions], table[1][:n_positions]
+
+    def _apply(self, fn, recurse=True):
+        self._tables = {}                                                       # moved or cast: rebuild
+        return super()._apply(fn, recurse)
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: (B, H, L, Dh); cos/sin: (L, Dh/2); rotate pairs (x1, x2) of the two halves
+        # x: (B, H, L, Dh); cos/sin: (L, Dh/2); rotate pairs (x1, x2) of the two halves (rotate-half layout)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
@@ -57,78 +102,132 @@ def smear(k: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
     the earlier occurrence of this one" (an induction head) without first learning a previous-token
     head in another layer: associative recall is learned in hundreds of steps instead of thousands.
 
-    k: (B, H, S, Dh) keys of the context [memory; segment] before rotary positions; mix: (H,) logits.
+    k: (B, G, S, Dh) keys of the context [memory; segment] before rotary positions; mix: (G,) logits.
     The first key of the context has no predecessor (zeros); neither has the first token after a reset,
     since empty memory slots hold zeros (a reset zeroes them) and so have zero keys."""
-    prev = F.pad(k, (0, 0, 1, 0))[:, :, :-1]                               # (B, H, S, Dh): k_{s-1}
+    prev = F.pad(k, (0, 0, 1, 0))[:, :, :-1]                               # (B, G, S, Dh): k_{s-1}
     a = torch.sigmoid(mix).view(1, -1, 1, 1).to(k.dtype)
     return a * k + (1 - a) * prev
 
 
+# a hook of a memory on one layer's attention: (q, k, v, y) of the segment before rotary positions
+# (q, y: (B, H, T, Dh); k, v: (B, G, T, Dh)) -> y; it may record k and v, or mix y (kNN memory)
+AttentionHook = Callable[..., torch.Tensor]
+
+
+@dataclass
+class LayerView:
+    """What one block's attention sees of the memories during a segment.
+
+    hidden: (B, M, D) past layer inputs to attend to (Transformer-XL memory; normed and projected by
+    the block, Dai et al. 2019 eq. 1), or None. kv: (keys, values), each (B, G, M, Dh), cached keys
+    (after smearing is *not* applied: raw) and values before rotary positions, or None. At most one
+    of the two. mask: (B, 1, T, M + T) bool, True where attention is allowed; None means plain causal.
+    cos, sin: (M + T, Dh/2) rotary tables. hooks: called in order after the local attention.
+    """
+    mask: torch.Tensor | None
+    cos: torch.Tensor
+    sin: torch.Tensor
+    hidden: torch.Tensor | None = None
+    kv: tuple[torch.Tensor, torch.Tensor] | None = None
+    hooks: list[AttentionHook] = field(default_factory=list)
+
+
 class Attention(nn.Module):
-    def __init__(self, *, d_model: int, n_heads: int, dropout: float, smear_keys: bool = False):
+    def __init__(self, *, d_model: int, n_heads: int, n_kv_heads: int = 0, head_dim: int = 0, dropout: float = 0.0,
+                 smear_keys: bool = False, qkv_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-6):
         super().__init__()
         self.n_heads = n_heads
-        self.head_dim = d_model // n_heads
-        self.q = nn.Linear(d_model, d_model, bias=False)
-        self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
-        self.out = nn.Linear(d_model, d_model, bias=False)
+        self.n_kv_heads = n_kv_heads or n_heads
+        self.head_dim = head_dim or d_model // n_heads
+        H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        self.q = nn.Linear(d_model, H * Dh, bias=qkv_bias)
+        self.kv = nn.Linear(d_model, 2 * G * Dh, bias=qkv_bias)           # [keys; values] in one matmul
+        self.out = nn.Linear(H * Dh, d_model, bias=False)
+        # per-head RMSNorm of queries and keys before rotary positions (Qwen3)
+        self.q_norm = RMSNorm(Dh, eps=norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(Dh, eps=norm_eps) if qk_norm else None
         self.dropout = dropout
         self.resid_drop = nn.Dropout(dropout)
-        # smeared keys: one mixing logit per head, 0 = half this key, half the one before
-        self.smear = nn.Parameter(torch.zeros(n_heads)) if smear_keys else None
+        # smeared keys: one mixing logit per key head, 0 = half this key, half the one before
+        self.smear = nn.Parameter(torch.zeros(G)) if smear_keys else None
 
-    def forward(self, x: torch.Tensor, *, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None, knn=None) -> torch.Tensor:
-        """x: (B, T, D) queries; context: (B, S, D) = [memory; x] keys/values source.
+    def project_kv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, G, N, Dh) of normed inputs ``h`` (B, N, D), before rotary positions."""
+        B, N, _ = h.shape
+        k, v = self.kv(h).view(B, N, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return k, v
 
-        mask: (B, 1, T, S) bool, True where attention is allowed; None means plain causal (S == T).
-        knn: a kNN-memory hook (``memory/knn.py``) called with the segment's q, k, v before
-        rotary positions and the local output; it returns the gated mix (Wu et al. 2022).
-        """
-        B, T, D = x.shape
-        S = context.shape[1]
-        H, Dh = self.n_heads, self.head_dim
-        q = self.q(x).view(B, T, H, Dh).transpose(1, 2)                       # (B, H, T, Dh)
-        k, v = self.kv(context).view(B, S, 2, H, Dh).permute(2, 0, 3, 1, 4)   # 2 x (B, H, S, Dh)
+    def forward(self, x: torch.Tensor, *, view: LayerView, memory: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, D) normed inputs of the segment positions -> (B, T, D); memory: (B, M, D) the normed
+        XL memory of this layer (``view.hidden`` through the block's norm), or None."""
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, Dh)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        k, v = self.project_kv(x)                                                # (B, G, T, Dh)
+        if memory is not None:                                                   # XL: project the memory here
+            mk, mv = self.project_kv(memory)
+            keys, values = torch.cat([mk, k], dim=2), torch.cat([mv, v], dim=2)  # (B, G, S, Dh)
+        elif view.kv is not None:                                                # a cache of keys and values
+            keys, values = torch.cat([view.kv[0].to(k.dtype), k], dim=2), torch.cat([view.kv[1].to(v.dtype), v], dim=2)
+        else:
+            keys, values = k, v
         if self.smear is not None:
-            k = smear(k, self.smear)                                     # (B, H, S, Dh)
-        q_raw, k_raw, v_seg = q, k[:, :, S - T:], v[:, :, S - T:]           # for the kNN memory
-        cos, sin = rope                                                        # (S, Dh/2)
-        q = Rotary.rotate(q, cos[S - T:], sin[S - T:])
-        k = Rotary.rotate(k, cos, sin)
+            keys = smear(keys, self.smear)
+        k_seg = keys[:, :, keys.shape[2] - T:]                                   # (B, G, T, Dh) the memories see
+        qr = Rotary.rotate(q, view.cos[-T:], view.sin[-T:])
+        kr = Rotary.rotate(keys, view.cos, view.sin)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0)                  # (B, H, T, Dh)
-        if knn is not None:
-            y = knn(q=q_raw, k=k_raw, v=v_seg, y=y)                            # (B, H, T, Dh)
-        y = y.transpose(1, 2).reshape(B, T, D)                                 # (B, T, D)
+            qr, kr, values, attn_mask=view.mask, is_causal=view.mask is None and keys.shape[2] == T,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads)                          # (B, H, T, Dh)
+        for hook in view.hooks:
+            y = hook(q=q, k=k_seg, v=v, y=y, raw_k=k)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)        # (B, T, H*Dh)
         return self.resid_drop(self.out(y))
 
 
 class MLP(nn.Module):
-    def __init__(self, *, d_model: int, d_ff: int, dropout: float):
+    """``down(gelu(up x))`` (GPT-2) or SwiGLU ``down(silu(gate x) * up x)`` (Shazeer 2020; Llama), the
+    gate and up projections in one matrix ``up`` of 2F rows, gate first."""
+
+    def __init__(self, *, d_model: int, d_ff: int, dropout: float, kind: str = "gelu"):
         super().__init__()
-        self.up = nn.Linear(d_model, d_ff, bias=False)
+        if kind not in ("gelu", "swiglu"):
+            raise ValueError(f"model.mlp={kind!r}; accepted: gelu, swiglu")
+        self.kind = kind
+        self.up = nn.Linear(d_model, (2 if kind == "swiglu" else 1) * d_ff, bias=False)
         self.down = nn.Linear(d_ff, d_model, bias=False)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.down(F.gelu(self.up(x))))
+        h = self.up(x)                                                           # (B, T, F) or (B, T, 2F)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.drop(self.down(h))
 
 
 class Block(nn.Module):
-    """Pre-norm block; keys and values come from norm([memory; x]) (Dai et al. 2019 eq. 1)."""
+    """Pre-norm block; keys and values of the memory come from norm([memory; x]) (Dai et al. 2019 eq. 1)."""
 
-    def __init__(self, *, d_model: int, n_heads: int, d_ff: int, dropout: float, smear_keys: bool = False):
+    def __init__(self, *, d_model: int, n_heads: int, d_ff: int, dropout: float, smear_keys: bool = False,
+                 n_kv_heads: int = 0, head_dim: int = 0, mlp: str = "gelu", qkv_bias: bool = False,
+                 qk_norm: bool = False, norm_eps: float = 1e-6):
         super().__init__()
-        self.norm1 = RMSNorm(d_model)
-        self.attn = Attention(d_model=d_model, n_heads=n_heads, dropout=dropout, smear_keys=smear_keys)
-        self.norm2 = RMSNorm(d_model)
-        self.mlp = MLP(d_model=d_model, d_ff=d_ff, dropout=dropout)
+        self.norm1 = RMSNorm(d_model, eps=norm_eps)
+        self.attn = Attention(d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+                              dropout=dropout, smear_keys=smear_keys, qkv_bias=qkv_bias, qk_norm=qk_norm,
+                              norm_eps=norm_eps)
+        self.norm2 = RMSNorm(d_model, eps=norm_eps)
+        self.mlp = MLP(d_model=d_model, d_ff=d_ff, dropout=dropout, kind=mlp)
 
-    def forward(self, x: torch.Tensor, *, memory: torch.Tensor | None, rope, mask, knn=None) -> torch.Tensor:
-        h = self.norm1(x)
-        context = h if memory is None else torch.cat([self.norm1(memory), h], dim=1)  # (B, M+T, D)
-        x = x + self.attn(h, context=context, rope=rope, mask=mask, knn=knn)
+    def forward(self, x: torch.Tensor, *, view: LayerView) -> torch.Tensor:
+        memory = self.norm1(view.hidden) if view.hidden is not None else None   # (B, M, D)
+        x = x + self.attn(self.norm1(x), view=view, memory=memory)
         return x + self.mlp(self.norm2(x))

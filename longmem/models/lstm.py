@@ -24,8 +24,8 @@ from longmem.models.transformer import LMOutput, lm_loss, start_call
 
 class LSTMLM(nn.Module):
     # the state is carried across calls, whatever the settings (generation feeds one token at a time)
-    recurrent = True
-    xl = None
+    stateful = True
+    whole_segments = False
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -42,6 +42,9 @@ class LSTMLM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def for_decoding(self) -> "LSTMLM":
+        return self
 
     def init_state(self, batch_size: int, *, device: torch.device | str | None = None) -> State:
         device = device if device is not None else self.embed.weight.device

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longmem.config import ModelConfig
-from longmem.models.attention import MLP, Attention, Block, RMSNorm, Rotary
+from longmem.models.attention import MLP, Attention, Block, LayerView, RMSNorm, Rotary
 from longmem.models.transformer import IGNORE_INDEX
 
 
@@ -64,8 +64,7 @@ class DecoderBlock(nn.Module):
         self.mlp = MLP(d_model=d_model, d_ff=d_ff, dropout=dropout)
 
     def forward(self, x, *, memory, rope, source_mask) -> torch.Tensor:
-        h = self.norm1(x)
-        x = x + self.attn(h, context=h, rope=rope, mask=None)                   # causal
+        x = x + self.attn(self.norm1(x), view=LayerView(mask=None, cos=rope[0], sin=rope[1]))   # causal
         x = x + self.cross(self.norm2(x), memory=memory, mask=source_mask)
         return x + self.mlp(self.norm3(x))
 
@@ -84,7 +83,7 @@ class Seq2Seq(nn.Module):
         self.norm = RMSNorm(c.d_model)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.head.weight = self.embed.weight                                   # tied
-        self.rope = Rotary(c.d_model // c.n_heads, base=c.rope_base)
+        self.rope = Rotary(c.d_model // c.n_heads, base=c.rope_theta)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
@@ -108,7 +107,7 @@ class Seq2Seq(nn.Module):
         keys = source_mask[:, None, None, :]                                   # (B, 1, 1, S)
         mask = keys.expand(B, 1, S, S)                                         # bidirectional, padding hidden
         for block in self.encoder:
-            x = block(x, memory=None, rope=rope, mask=mask)
+            x = block(x, view=LayerView(mask=mask, cos=rope[0], sin=rope[1]))
         return self.enc_norm(x), keys
 
     def decode(self, target_in: torch.Tensor, memory: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -1,18 +1,18 @@
-"""MemoryLM: a decoder-only Transformer with a pluggable memory.
+"""MemoryLM: a decoder-only Transformer with pluggable memories.
 
-Legend: B lanes (batch), N tokens in a call, T segment length, M memory
-slots, R memory tokens, L = R + T + R positions of a segment with memory
-tokens, D model width, V vocabulary.
+Legend: B lanes (batch), N tokens in a call, T segment length, L positions the blocks
+process in a segment (T plus what memories add), D model width, V vocabulary.
 
 A call is split into segments of ``segment_len`` tokens; the memory state is
 carried from segment to segment and returned, so one call over a sequence and
-many calls over its pieces give the same logits.
+many calls over its pieces give the same logits. What the memories do around a
+segment is their protocol (``memory/base.py``); this file knows no kind by name.
 """
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -20,9 +20,8 @@ import torch.nn.functional as F
 
 from longmem.config import ModelConfig
 from longmem.models.attention import Block, RMSNorm, Rotary
-from longmem.models.memory import State, XLMemory
-from longmem.models.memory.knn import KNNMemory
-from longmem.models.memory.tokens import TokenMemory
+from longmem.models.memory import Memory, Segment, State, build_memories
+from longmem.models.memory.state import PARTS
 
 IGNORE_INDEX = -100
 
@@ -32,8 +31,9 @@ class LMOutput:
     logits: torch.Tensor           # (B, N, V)
     loss: torch.Tensor | None      # mean cross-entropy over targets != IGNORE_INDEX
     state: State                   # memory after this call
-    # training regularizer, a sum to add to the summed cross-entropy (memory.token_gate_penalty); None: none
-    penalty: torch.Tensor | None = None
+    # the memories' auxiliary training loss, unweighted, a sum over lanes and segments (train.aux_weight weighs
+    # it); None when no memory has one
+    aux_loss: torch.Tensor | None = None
 
 
 def start_call(tokens: torch.Tensor, state: State | None, reset: torch.Tensor | None, *, init_state,
@@ -58,7 +58,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor 
     """Mean cross-entropy over targets != IGNORE_INDEX (None without targets)."""
     if targets is None:
         return None
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX)
 
 
@@ -70,102 +70,123 @@ class MemoryLM(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            Block(d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout, smear_keys=c.smear_keys)
+            Block(d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout, smear_keys=c.smear_keys,
+                  n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, mlp=c.mlp, qkv_bias=c.qkv_bias, qk_norm=c.qk_norm,
+                  norm_eps=c.norm_eps)
             for _ in range(c.n_layers))
-        self.norm = RMSNorm(c.d_model)
+        self.norm = RMSNorm(c.d_model, eps=c.norm_eps)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
-        self.head.weight = self.embed.weight                       # tied embeddings (Press & Wolf 2017)
-        self.rope = Rotary(c.d_model // c.n_heads, base=c.rope_base)
-        # kinds "knn" and "tokens" keep XL recurrence alongside when mem_len > 0 (Wu et al. 2022 use it as
-        # local memory; Bulatov et al. 2022 §4 combine memory tokens with it)
-        self.xl = (XLMemory(mem_len=c.memory.mem_len, n_layers=c.n_layers)
-                   if c.memory.kind in ("xl", "knn", "tokens") else None)
-        self.knn = KNNMemory(config=c.memory, n_layers=c.n_layers, n_heads=c.n_heads,
-                             head_dim=c.d_model // c.n_heads) if c.memory.kind == "knn" else None
-        self.tokens = (TokenMemory(n_tokens=c.memory.n_mem_tokens, d_model=c.d_model, gate=c.memory.token_gate,
-                                  stretch=c.memory.token_gate_stretch, floor=c.memory.token_gate_floor,
-                                  penalty=c.memory.token_gate_penalty, noise=c.memory.token_noise)
-                       if c.memory.kind == "tokens" else None)
+        if c.tie_embeddings:
+            self.head.weight = self.embed.weight                   # tied embeddings (Press & Wolf 2017)
+        self.rope = Rotary(c.head_dim_, base=c.rope_theta, scaling=c.rope_scaling)
+        self.set_memories(build_memories(c))
         self.apply(self._init_weights)
         for block in self.blocks:                                  # GPT-2 scaled init of residual outputs
             for proj in (block.attn.out, block.mlp.down):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * c.n_layers))
 
+    def set_memories(self, memories: list[Memory]) -> None:
+        """Use these memories (in order); each becomes the attribute of its name (``model.xl``, ``model.knn``
+        ...), so its weights are saved under that name."""
+        for old in getattr(self, "memories", []):
+            if old.name in self._modules:
+                del self._modules[old.name]
+        self.memories = list(memories)
+        for m in self.memories:
+            setattr(self, m.name, m)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in PARTS:                                        # a memory this model does not have
+                return None
+            raise
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def stateful(self) -> bool:
+        """Whether a call's state matters to the next one (decoders then feed tokens with the state)."""
+        return any(m.stateful for m in self.memories)
+
+    @property
+    def whole_segments(self) -> bool:
+        return any(m.whole_segments for m in self.memories)
+
     def set_mem_len(self, mem_len: int) -> None:
-        """Change the XL memory length (evaluation may use a longer one than training)."""
-        if self.xl is None:
-            raise ValueError("set_mem_len needs memory.kind='xl', 'knn' or 'tokens'")
+        """Change the memory length of the memories that keep past positions (evaluation may use a longer
+        one than training)."""
         if mem_len < 0:
             raise ValueError(f"mem_len must be >= 0, got {mem_len}")
-        self.xl.mem_len = mem_len
+        if not [m for m in self.memories if m.set_mem_len(mem_len)]:
+            raise ValueError(f"set_mem_len needs a memory that keeps past positions (kind 'xl', 'knn', 'tokens' "
+                             f"or 'sinks'); memory.kind={self.config.memory.kind!r} keeps none")
         self.config.memory.mem_len = mem_len
+
+    def for_decoding(self) -> "MemoryLM":
+        """This model (parameters shared, nothing copied) with memories suited to token-by-token decoding:
+        XL's hidden states become a cache of keys and values (exact: the memory is detached)."""
+        view = copy.copy(self)
+        view._modules = dict(self._modules)
+        view.set_memories([m.for_decoding() for m in self.memories])
+        return view
 
     def init_state(self, batch_size: int, *, device: torch.device | str | None = None) -> State:
         device = device if device is not None else self.embed.weight.device
         dtype = self.embed.weight.dtype
-        xl = self.xl.init(batch_size, device=device, dtype=dtype) if self.xl else None
-        knn = self.knn.init(batch_size, device=device, dtype=dtype) if self.knn is not None else None
-        tokens = self.tokens.init(batch_size, device=device, dtype=dtype) if self.tokens is not None else None
-        return State(batch_size=batch_size, xl=xl, knn=knn, tokens=tokens)
+        pending = torch.zeros(batch_size, 0, dtype=torch.long, device=device) if self.whole_segments else None
+        return State(batch_size, {m.name: m.init(batch_size, device=device, dtype=dtype) for m in self.memories},
+                     pending=pending)
 
     def forward(self, tokens: torch.Tensor, state: State | None = None, targets: torch.Tensor | None = None,
                 reset: torch.Tensor | None = None) -> LMOutput:
         state = start_call(tokens, state, reset, init_state=self.init_state,
-                           has_part=lambda state: self.tokens is None or state.tokens is not None)
+                           has_part=lambda s: all(s.part(m.name) is not None for m in self.memories))
         T = self.config.segment_len
-        P = state.tokens.pending.shape[1] if self.tokens is not None else 0
+        held = self.whole_segments
+        P = state.pending.shape[1] if held and state.pending is not None else 0
         if P:                                                       # the unfinished segment of the last call
-            tokens = torch.cat([state.tokens.pending.to(tokens.device), tokens], dim=1)   # (B, P + N)
-        logits, penalty = [], None
+            tokens = torch.cat([state.pending.to(tokens.device), tokens], dim=1)   # (B, P + N)
+        logits, aux = [], None
         for start in range(0, tokens.shape[1], T):                  # segment by segment, memory carried
             seg = tokens[:, start:start + T]
-            seg_logits, new_state, seg_penalty = self._segment(seg, state)
-            if self.tokens is not None and seg.shape[1] < T:        # memory tokens write full segments only
-                new_state, seg_penalty = replace(state, tokens=replace(state.tokens, pending=seg)), None
-            if seg_penalty is not None:
-                penalty = seg_penalty if penalty is None else penalty + seg_penalty
+            seg_logits, new_state, seg_aux = self._segment(seg, state)
+            if held and seg.shape[1] < T:                           # written once per full segment: hold it
+                new_state, seg_aux = state.with_parts(pending=seg), None
+            elif held:
+                new_state = new_state.with_parts(pending=seg[:, :0])
+            if seg_aux is not None:
+                aux = seg_aux if aux is None else aux + seg_aux
             state = new_state
             logits.append(seg_logits)
         logits = torch.cat(logits, dim=1) if len(logits) > 1 else logits[0]   # (B, P + N, V)
         logits = logits[:, P:]                                      # (B, N, V)
-        return LMOutput(logits=logits, loss=lm_loss(logits, targets), state=state, penalty=penalty)
+        return LMOutput(logits=logits, loss=lm_loss(logits, targets), state=state, aux_loss=aux)
 
     def _segment(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
-        """Logits (B, T, V), the state after the segment and the training penalty of its memory write (or None)."""
-        B, T = tokens.shape
-        x = self.drop(self.embed(tokens))                           # (B, T, D)
-        R = 0
-        if self.tokens is not None:                                 # [read memory; segment; write memory] (RMT)
-            mem = self.tokens.read(state.tokens, dtype=x.dtype)     # (B, R, D)
-            R = mem.shape[1]
-            x = torch.cat([mem, x, mem], dim=1)                     # (B, L, D), L = R + T + R
-        L = x.shape[1]
-        xl = self.xl.trim(state.xl) if self.xl is not None else None
-        M = xl.length if xl is not None else 0
-        mask = XLMemory.key_mask(xl, L) if xl is not None else None  # (B, 1, L, M+L) or None
-        rope = self.rope.cos_sin(M + L, device=x.device, dtype=x.dtype)
-        knn = self.knn.segment(state.knn) if self.knn is not None else None   # reads the store of past segments
-        layer_inputs = []
+        """Logits (B, T, V), the state after the segment and its memories' auxiliary loss (or None)."""
+        seg = Segment(self.drop(self.embed(tokens)))                # x: (B, T, D)
+        parts = {m.name: m.begin(seg, state.part(m.name)) for m in self.memories}
+        x = seg.x                                                   # (B, L, D)
+        cos, sin = self.rope.cos_sin(seg.memory_len + x.shape[1], device=x.device, dtype=x.dtype)
         for i, block in enumerate(self.blocks):
-            layer_inputs.append(x[:, R:R + T])                      # XL keeps segment tokens only
-            x = block(x, memory=xl.mems[i] if M else None, rope=rope, mask=mask,
-                      knn=knn.hook(i) if knn is not None else None)
+            if seg.keep_inputs:
+                seg.inputs.append(seg.tokens_of(x))                 # (B, T, D): XL keeps segment tokens only
+            x = block(x, view=seg.view(i, cos, sin))
         h = self.norm(x)                                            # (B, L, D)
-        logits = self.head(h[:, R:R + T])                           # (B, T, V)
-        penalty = None
-        if self.tokens is not None:                                 # the write positions become the memory
-            written, penalty = self.tokens.write(h[:, R + T:], previous=mem)
-            state = replace(state, tokens=written)
-        if xl is not None:
-            state = replace(state, xl=self.xl.write(xl, layer_inputs))
-        if knn is not None:                                         # written after the segment: never retrieves itself
-            state = replace(state, knn=knn.written())
-        return logits, state, penalty
+        logits = self.head(seg.tokens_of(h))                        # (B, T, V)
+        new, aux = {}, None
+        for m in self.memories:                                     # written after the segment
+            new[m.name], a = m.end(seg, parts[m.name], h)
+            if a is not None:
+                aux = a if aux is None else aux + a
+        return logits, state.with_parts(**new), aux

@@ -31,8 +31,7 @@ from longmem.data.tokenizer import build_tokenizer, load_tokenizer, save_tokeniz
 from longmem.evaluation.perplexity import evaluate_ppl, predicted_chars
 from longmem.evaluation.probes import score_probes, summarize
 from longmem.models import IGNORE_INDEX, build_model
-from longmem.models.memory import State
-from longmem.models.memory.tokens import TokenMemory
+from longmem.models.memory import Memory, State
 from longmem.runs import CONFIG, METRICS, TOKENIZER
 from longmem.training import distributed as D
 from longmem.training import state as S
@@ -68,9 +67,10 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int, halve
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on norms, biases, the (tied) embedding or the initial memory tokens."""
+    """Weight decay on matrices only: not on norms, biases, the (tied) embedding or what a memory asks to be
+    spared (``Memory.no_weight_decay``, e.g. the initial memory tokens)."""
     embed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    embed |= {id(m.initial) for m in model.modules() if isinstance(m, TokenMemory)}
+    embed |= {id(p) for m in model.modules() if isinstance(m, Memory) for p in m.no_weight_decay()}
     decay, no_decay = [], []
     for p in model.parameters():
         (decay if p.dim() >= 2 and id(p) not in embed else no_decay).append(p)
@@ -212,7 +212,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
                 with ctx:
                     loss_sum_micro, state = forward_window(ddp, batches, state, device=device, amp_dtype=amp_dtype,
                                                            checkpoint=t.bptt_checkpoint,
-                                                           penalty=step >= t.penalty_start)
+                                                           aux_weight=t.aux_weight if step >= t.aux_start else 0.0)
                     loss = loss_sum_micro * dist.world / max(n_global, 1.0)
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                 state = state.detach()                          # truncated: nothing flows beyond the window
@@ -287,10 +287,10 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
 
 
 def forward_window(model, batches: list, state: State | None, *, device, amp_dtype,
-                   checkpoint: bool = False, penalty: bool = True) -> tuple[torch.Tensor, State]:
+                   checkpoint: bool = False, aux_weight: float = 0.0) -> tuple[torch.Tensor, State]:
     """Run consecutive segments of the lanes with the graph kept through the memory: backpropagation
     through segments (Bulatov et al. 2022 §3). Returns the summed cross-entropy over the targets of
-    all ``batches`` (plus, with ``penalty``, the model's training penalty, e.g. ``memory.token_gate_penalty``)
+    all ``batches`` (plus ``aux_weight`` times the memories' auxiliary loss, ``LMOutput.aux_loss``)
     and the state after the last one (not detached: the caller truncates).
 
     ``checkpoint`` recomputes each segment's activations in the backward pass (activation
@@ -306,8 +306,8 @@ def forward_window(model, batches: list, state: State | None, *, device, amp_dty
                 out = model(inputs, state=state, reset=reset)
         total = total + F.cross_entropy(out.logits.float().flatten(0, 1), batch.targets.to(device).flatten(),
                                         ignore_index=IGNORE_INDEX, reduction="sum")
-        if penalty and out.penalty is not None:                     # a regularizer of the memory (a sum too)
-            total = total + out.penalty.float()
+        if aux_weight and out.aux_loss is not None:                 # a regularizer of the memory (a sum too)
+            total = total + aux_weight * out.aux_loss.float()
         state = out.state
     return total, state
 

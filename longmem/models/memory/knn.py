@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longmem.config import MemoryConfig
+from longmem.models.memory.base import Memory, Segment
 from longmem.models.memory.state import KNNState
 
 
@@ -166,29 +166,33 @@ def search(queries, keys, count, *, k: int, backend: str = "torch", index: str =
 
 
 # -- the memory ----------------------------------------------------------------
-def resolve_knn_layers(config: MemoryConfig, n_layers: int) -> list[int]:
-    """Block indices that retrieve; empty config means the block at 3/4 depth."""
-    layers = config.knn_layers or [min(n_layers - 1, (3 * n_layers) // 4)]
+def resolve_knn_layers(config, n_layers: int) -> list[int]:
+    """Block indices that retrieve (``memory.knn.layers``); empty means the block at 3/4 depth."""
+    layers = config.layers or [min(n_layers - 1, (3 * n_layers) // 4)]
     out = []
     for i in layers:
         if not -n_layers <= i < n_layers:
-            raise ValueError(f"memory.knn_layers holds {i}, but the model has {n_layers} blocks "
+            raise ValueError(f"memory.knn.layers holds {i}, but the model has {n_layers} blocks "
                              f"(valid: 0..{n_layers - 1} or -{n_layers}..-1)")
         out.append(i % n_layers)
     if len(set(out)) != len(out):
-        raise ValueError(f"memory.knn_layers names a block twice: {layers}")
+        raise ValueError(f"memory.knn.layers names a block twice: {layers}")
     return sorted(out)
 
 
-class KNNMemory(nn.Module):
-    """Parameters of the retrieving layers (gates, temperatures) and init / read / write of the store."""
+class KNNMemory(Memory):
+    """Parameters of the retrieving layers (gates, temperatures, one per query head) and init / read /
+    write of the store (one per key/value head: with grouped-query attention the H / G query heads of
+    a group search their key head's store). Settings: ``memory.knn`` (KNNConfig)."""
+    name = "knn"
 
-    def __init__(self, *, config: MemoryConfig, n_layers: int, n_heads: int, head_dim: int):
+    def __init__(self, *, config, n_layers: int, n_heads: int, head_dim: int, n_kv_heads: int = 0):
         super().__init__()
         self.layers = resolve_knn_layers(config, n_layers)
-        self.k, self.capacity, self.chunk = config.knn_k, config.knn_capacity, config.knn_chunk
-        self.backend, self.index, self.normalize = config.knn_backend, config.knn_index, config.knn_normalize
+        self.k, self.capacity, self.chunk = config.k, config.capacity, config.chunk
+        self.backend, self.index, self.normalize = config.backend, config.index, config.normalize
         self.n_heads, self.head_dim = n_heads, head_dim
+        self.n_kv_heads = n_kv_heads or n_heads
         # one gate bias per head and retrieving layer; sigmoid(0) = 0.5 mixes evenly at the start
         self.gate = nn.ParameterList(nn.Parameter(torch.zeros(n_heads)) for _ in self.layers)
         # normalized keys: cosine scores need a temperature; learned per head, starting at 10
@@ -196,16 +200,26 @@ class KNNMemory(nn.Module):
                                           for _ in self.layers) if self.normalize else None
 
     def init(self, batch_size: int, *, device, dtype) -> KNNState:
-        shape = (batch_size, self.n_heads, self.capacity, self.head_dim)
+        shape = (batch_size, self.n_kv_heads, self.capacity, self.head_dim)
         return KNNState(keys=tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers),
                         values=tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers),
                         written=torch.zeros(batch_size, dtype=torch.long, device=device))
 
     def check(self, state: KNNState) -> None:
-        want = (len(self.layers), self.n_heads, self.capacity, self.head_dim)
+        want = (len(self.layers), self.n_kv_heads, self.capacity, self.head_dim)
         got = (len(state.keys), *(state.keys[0].shape[1:] if state.keys else (0, 0, 0)))
         if want != got:
             raise ValueError(f"kNN state has (layers, heads, capacity, head_dim) = {got}, the model {want}")
+
+    def begin(self, seg: Segment, part: KNNState) -> KNNState:
+        knn = KNNSegment(self, part)                                  # reads the store of past segments
+        seg.scratch[self.name] = knn
+        for i in self.layers:
+            seg.hooks[i].append(knn.hook(i))
+        return part
+
+    def end(self, seg: Segment, part: KNNState, h: torch.Tensor):
+        return seg.scratch[self.name].written(), None                  # after the segment: never retrieves itself
 
     def segment(self, state: KNNState) -> "KNNSegment":
         return KNNSegment(self, state)
@@ -214,29 +228,32 @@ class KNNMemory(nn.Module):
                count: torch.Tensor) -> torch.Tensor:
         """Gated mix of local attention ``y`` with attention over the top-k entries (layer j of self.layers).
 
-        q, y: (B, H, T, Dh) queries (no positions) and local attention output; keys, values: (B, H, C, Dh).
+        q, y: (B, H, T, Dh) queries (no positions) and local attention output; keys, values: (B, G, C, Dh).
         """
         if self.normalize:
             q = F.normalize(q, dim=-1)
         if int(count.max()) == 0:                                     # nothing stored yet: local only
             return y
         B, H, T, Dh = q.shape
+        G = keys.shape[1]
+        rep = H // G
+        qg = q.reshape(B, G, rep * T, Dh)                              # the queries of each key head's group
         k = min(self.k, keys.shape[2])
-        found, idx = search(q.detach(), keys, count, k=k, backend=self.backend, index=self.index, chunk=self.chunk)
-        flat = idx + (torch.arange(B * H, device=q.device) * keys.shape[2]).view(B, H, 1, 1)  # (B, H, T, k)
-        kr = rows_of(keys.reshape(-1, Dh), flat)                       # (B, H, T, k, Dh)
+        found, idx = search(qg.detach(), keys, count, k=k, backend=self.backend, index=self.index, chunk=self.chunk)
+        flat = idx + (torch.arange(B * G, device=q.device) * keys.shape[2]).view(B, G, 1, 1)  # (B, G, rep*T, k)
+        kr = rows_of(keys.reshape(-1, Dh), flat)                       # (B, G, rep*T, k, Dh)
         vr = rows_of(values.reshape(-1, Dh), flat)
         # scores recomputed with gradient into the queries (the search itself is not differentiable)
-        s = torch.einsum("bhtd,bhtkd->bhtk", q, kr)                    # (B, H, T, k)
+        s = torch.einsum("bgnd,bgnkd->bgnk", qg, kr).view(B, H, T, k)  # (B, H, T, k)
         s = s * (self.log_scale[j].exp().view(1, H, 1, 1) if self.normalize else 1.0 / math.sqrt(Dh))
-        s = s.masked_fill(found == float("-inf"), torch.finfo(s.dtype).min)   # lanes holding fewer than k
-        y_mem = torch.einsum("bhtk,bhtkd->bhtd", s.softmax(-1), vr)   # (B, H, T, Dh)
+        s = s.masked_fill(found.view(B, H, T, k) == float("-inf"), torch.finfo(s.dtype).min)   # lanes with < k
+        y_mem = torch.einsum("bgnk,bgnkd->bgnd", s.softmax(-1).view(B, G, rep * T, k), vr).view(B, H, T, Dh)
         y_mem = torch.where((count > 0).view(B, 1, 1, 1), y_mem, y)   # an empty lane falls back to local
         g = torch.sigmoid(self.gate[j]).view(1, H, 1, 1)
         return g * y_mem + (1 - g) * y
 
     def write(self, state: KNNState, keys: list[torch.Tensor], values: list[torch.Tensor]) -> KNNState:
-        """Append each lane's new entries (per layer (B, H, T, Dh)) to its ring, evicting the oldest."""
+        """Append each lane's new entries (per layer (B, G, T, Dh)) to its ring, evicting the oldest."""
         C = state.capacity
         T = keys[0].shape[2]
         if T > C:                                                     # only the newest C can survive
@@ -245,12 +262,15 @@ class KNNMemory(nn.Module):
             T = C
         else:
             written = state.written
-        B, H, _, Dh = keys[0].shape
+        B, G, _, Dh = keys[0].shape
         slot = (written.view(B, 1) + torch.arange(T, device=written.device)) % C    # (B, T)
-        slot = slot.view(B, 1, T, 1).expand(B, H, T, Dh)
+        slot = slot.view(B, 1, T, 1).expand(B, G, T, Dh)
         new_k = tuple(old.scatter(2, slot, k.detach().to(old.dtype)) for old, k in zip(state.keys, keys))
         new_v = tuple(old.scatter(2, slot, v.detach().to(old.dtype)) for old, v in zip(state.values, values))
         return KNNState(keys=new_k, values=new_v, written=written + T)
+
+    def nbytes(self, *, batch_size: int, d_model: int, n_layers: int, bytes_per_value: int = 4) -> int:
+        return batch_size * len(self.layers) * 2 * self.capacity * self.n_kv_heads * self.head_dim * bytes_per_value
 
 
 class KNNSegment:
@@ -269,8 +289,8 @@ class KNNSegment:
             return None
         j = self.memory.layers.index(layer)
 
-        def retrieve(*, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            # q, k, v: (B, H, T, Dh) this segment's projections before rotary positions
+        def retrieve(*, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, y: torch.Tensor, raw_k=None) -> torch.Tensor:
+            # q: (B, H, T, Dh), k, v: (B, G, T, Dh) this segment's projections before rotary positions
             self.new_keys[j] = F.normalize(k, dim=-1) if self.memory.normalize else k
             self.new_values[j] = v
             return self.memory.attend(j, q=q, y=y, keys=self.state.keys[j], values=self.state.values[j],

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ def _knn(model, state: State, lane: int) -> KNNState:
 
 def _meta(model) -> dict:
     knn = model.knn
-    return {"format": FORMAT, "version": VERSION, "layers": knn.layers, "n_heads": knn.n_heads,
+    return {"format": FORMAT, "version": VERSION, "layers": knn.layers, "n_heads": knn.n_kv_heads,
             "head_dim": knn.head_dim, "normalize": knn.normalize, "weights_fingerprint": weights_fingerprint(model)}
 
 
@@ -112,4 +111,4 @@ def load_knn_memory(model, state: State, *, lane: int, path: str | Path) -> Stat
         values.append(new_v)
     written = knn.written.clone()
     written[lane] = n
-    return replace(state, knn=KNNState(keys=tuple(keys), values=tuple(values), written=written))
+    return state.with_parts(knn=KNNState(keys=tuple(keys), values=tuple(values), written=written))

@@ -1,15 +1,53 @@
 """The memory state carried from one call to the next, one row per lane.
 
-Every memory kind keeps its part in one field of :class:`State`; a part is a
-frozen dataclass of tensors whose first dimension is the lane. The state
-round-trips through a flat ``{name: tensor}`` dict so it can be written with
-safetensors (resume, chat sessions).
+A :class:`State` maps part names (``"xl"``, ``"knn"``, ``"tokens"``, ...) to *parts*: each memory of
+a model keeps one part, a frozen dataclass of tensors whose first dimension is the lane, with four
+methods (the :class:`Part` protocol). ``State`` itself only loops over its parts, so a new memory kind
+adds a part class and one :func:`register_part` line, nothing here. The state round-trips through a
+flat ``{"name.key": tensor}`` dict so it can be written with safetensors (resume, chat sessions).
+
+``pending`` holds the token ids of an unfinished segment when a memory writes whole segments only
+(memory tokens): the next call recomputes them in front of its own tokens.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
+from typing import Mapping, Protocol
 
 import torch
+
+
+class Part(Protocol):
+    """One memory's slice of the state; lanes are the first dimension of every tensor."""
+
+    def reset(self, drop: torch.Tensor) -> "Part":
+        """The part with the lanes where ``drop`` (B,) bool is true cleared (a new document starts there)."""
+
+    def detach(self) -> "Part":
+        """The part cut from the autograd graph (the trainer truncates backpropagation here)."""
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Flat tensors for safetensors; :meth:`from_tensors` reads them back."""
+
+    @classmethod
+    def from_tensors(cls, d: dict[str, torch.Tensor]) -> "Part":
+        ...
+
+
+PARTS: dict[str, type] = {}
+
+
+def register_part(name: str, cls: type) -> type:
+    """Make ``State.from_state_dict`` read keys ``name.*`` with ``cls.from_tensors``."""
+    if name in ("batch_size", "pending") or "." in name:
+        raise ValueError(f"part name {name!r} is reserved or holds a dot")
+    PARTS[name] = cls
+    return cls
+
+
+def _keep(drop: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B, 1, ..., 1) bool of the lanes kept, shaped to broadcast over ``like``."""
+    return (~drop.bool()).to(like.device).view(-1, *([1] * (like.dim() - 1)))
 
 
 @dataclass(frozen=True)
@@ -27,12 +65,66 @@ class XLState:
     def length(self) -> int:
         return self.mems[0].shape[1] if self.mems else 0
 
+    def reset(self, drop):
+        keep = ~drop.bool().to(self.valid.device)
+        return XLState(mems=tuple(torch.where(_keep(drop, m), m, 0) for m in self.mems), valid=self.valid * keep)
+
+    def detach(self):
+        return XLState(mems=tuple(m.detach() for m in self.mems), valid=self.valid)
+
+    def to_tensors(self):
+        return {"valid": self.valid, **{f"mems.{i}": m.contiguous() for i, m in enumerate(self.mems)}}
+
+    @classmethod
+    def from_tensors(cls, d):
+        n = sum(1 for k in d if k.startswith("mems."))
+        return cls(mems=tuple(d[f"mems.{i}"] for i in range(n)), valid=d["valid"].long())
+
+
+@dataclass(frozen=True)
+class KVState:
+    """A cache of keys and values (before rotary positions) per layer: the last positions of each lane,
+    and with attention sinks its first ones (StreamingLLM, Xiao et al. 2023).
+
+    keys[l], values[l]: (B, G, M, Dh), oldest first; valid: (B,) the most recent slots that hold real
+    history (right-aligned, like :class:`XLState`). With sinks, a full lane holds its first ``n_sinks``
+    positions in its first slots, then the most recent ones.
+    """
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    valid: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def reset(self, drop):
+        keep = ~drop.bool().to(self.valid.device)
+        return KVState(keys=tuple(torch.where(_keep(drop, k), k, 0) for k in self.keys),
+                       values=tuple(torch.where(_keep(drop, v), v, 0) for v in self.values), valid=self.valid * keep)
+
+    def detach(self):
+        return KVState(keys=tuple(k.detach() for k in self.keys), values=tuple(v.detach() for v in self.values),
+                       valid=self.valid)
+
+    def to_tensors(self):
+        out = {"valid": self.valid}
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            out[f"keys.{i}"], out[f"values.{i}"] = k.contiguous(), v.contiguous()
+        return out
+
+    @classmethod
+    def from_tensors(cls, d):
+        n = sum(1 for k in d if k.startswith("keys."))
+        return cls(keys=tuple(d[f"keys.{i}"] for i in range(n)), values=tuple(d[f"values.{i}"] for i in range(n)),
+                   valid=d["valid"].long())
+
 
 @dataclass(frozen=True)
 class KNNState:
     """kNN long-term memory (Wu et al. 2022): per retrieving layer a FIFO ring of past keys and values.
 
-    keys[l], values[l]: (B, H, C, Dh) entries of the l-th retrieving layer, detached.
+    keys[l], values[l]: (B, G, C, Dh) entries of the l-th retrieving layer, detached.
     written: (B,) entries written to each lane since its last reset; the next one goes to
     slot ``written % C`` (overwriting the oldest once full), and slot s holds a real entry
     iff s < min(written, C). Slots of a reset lane are zeroed.
@@ -49,22 +141,27 @@ class KNNState:
         """(B,) entries each lane holds now."""
         return self.written.clamp(max=self.capacity)
 
+    def reset(self, drop):
+        keep = ~drop.bool().to(self.written.device)
+        return KNNState(keys=tuple(torch.where(_keep(drop, k), k, 0) for k in self.keys),
+                        values=tuple(torch.where(_keep(drop, v), v, 0) for v in self.values),
+                        written=self.written * keep)
 
-@dataclass(frozen=True)
-class LSTMState:
-    """Hidden and cell state of a stacked LSTM (the LSTM baseline, models/lstm.py).
+    def detach(self):
+        return KNNState(keys=tuple(k.detach() for k in self.keys), values=tuple(v.detach() for v in self.values),
+                        written=self.written)
 
-    h, c: (B, L, D), lane first like every part (nn.LSTM wants (L, B, D): see LSTMLM).
-    """
-    h: torch.Tensor
-    c: torch.Tensor
+    def to_tensors(self):
+        out = {"written": self.written}
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            out[f"keys.{i}"], out[f"values.{i}"] = k.contiguous(), v.contiguous()
+        return out
 
-    def reset(self, keep: torch.Tensor) -> "LSTMState":
-        keep = keep.to(self.h.device).view(-1, 1, 1).to(self.h.dtype)
-        return LSTMState(h=self.h * keep, c=self.c * keep)
-
-    def detach(self) -> "LSTMState":
-        return LSTMState(h=self.h.detach(), c=self.c.detach())
+    @classmethod
+    def from_tensors(cls, d):
+        n = sum(1 for k in d if k.startswith("keys."))
+        return cls(keys=tuple(d[f"keys.{i}"] for i in range(n)), values=tuple(d[f"values.{i}"] for i in range(n)),
+                   written=d["written"].long())
 
 
 @dataclass(frozen=True)
@@ -74,23 +171,88 @@ class TokensState:
     mem: (B, R, D) the R memory vectors each lane carries into its next segment, not detached
     (the trainer detaches beyond its bptt window). fresh: (B,) bool, lanes that start from the
     learned initial memory (a new state or a reset); their ``mem`` rows are zero and unused.
-    pending: (B, P) token ids of the unfinished segment (P < segment_len): the memory is written
-    once per full segment, so a call that ends inside one keeps its tokens here and the next call
-    recomputes them in front of its own (pieces of any size then equal one call over the whole).
     """
     mem: torch.Tensor
     fresh: torch.Tensor
-    pending: torch.Tensor
+
+    def reset(self, drop):
+        drop = drop.bool().to(self.fresh.device)
+        return TokensState(mem=torch.where(drop.view(-1, 1, 1), 0, self.mem), fresh=self.fresh | drop)
+
+    def detach(self):
+        return TokensState(mem=self.mem.detach(), fresh=self.fresh)
+
+    def to_tensors(self):
+        return {"mem": self.mem.detach().contiguous(), "fresh": self.fresh}
+
+    @classmethod
+    def from_tensors(cls, d):
+        return cls(mem=d["mem"], fresh=d["fresh"].bool())
 
 
 @dataclass(frozen=True)
+class LSTMState:
+    """Hidden and cell state of a stacked LSTM (the LSTM baseline, ``classic/lstm.py``).
+
+    h, c: (B, L, D), lane first like every part (nn.LSTM wants (L, B, D): see LSTMLM).
+    """
+    h: torch.Tensor
+    c: torch.Tensor
+
+    def reset(self, drop):
+        return LSTMState(h=torch.where(_keep(drop, self.h), self.h, 0), c=torch.where(_keep(drop, self.c), self.c, 0))
+
+    def detach(self):
+        return LSTMState(h=self.h.detach(), c=self.c.detach())
+
+    def to_tensors(self):
+        return {"h": self.h.contiguous(), "c": self.c.contiguous()}
+
+    @classmethod
+    def from_tensors(cls, d):
+        return cls(h=d["h"], c=d["c"])
+
+
+for _name, _cls in (("xl", XLState), ("kv", KVState), ("knn", KNNState), ("tokens", TokensState),
+                    ("lstm", LSTMState)):
+    register_part(_name, _cls)
+
+
 class State:
-    """Memory of all lanes; fields are ``None`` for kinds the model does not use."""
-    batch_size: int
-    xl: XLState | None = None
-    knn: KNNState | None = None
-    lstm: LSTMState | None = None
-    tokens: TokensState | None = None
+    """Memory of all lanes: a mapping of part names to parts (``state.xl``, ``state.knn`` ... read a part;
+    ``None`` when the model keeps no such part), plus the tokens of an unfinished segment (``pending``,
+    (B, P) long, only for models whose memories write whole segments)."""
+    __slots__ = ("batch_size", "_parts", "pending")
+
+    def __init__(self, batch_size: int, parts: Mapping[str, object] | None = None, *,
+                 pending: torch.Tensor | None = None, **named):
+        object.__setattr__(self, "batch_size", int(batch_size))
+        merged = {**(parts or {}), **{k: v for k, v in named.items() if v is not None}}
+        object.__setattr__(self, "_parts", merged)
+        object.__setattr__(self, "pending", pending)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("State is immutable; use State.with_parts(...)")
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self._parts.get(name)
+
+    def __repr__(self) -> str:
+        return f"State(batch_size={self.batch_size}, parts={self.parts()})"
+
+    def part(self, name: str):
+        """The part ``name``, or None."""
+        return self._parts.get(name)
+
+    def parts(self) -> list[str]:
+        return list(self._parts)
+
+    def with_parts(self, *, pending: torch.Tensor | None | type(...) = ..., **parts) -> "State":
+        """A copy with the named parts replaced (or added), and ``pending`` if given."""
+        return State(self.batch_size, {**self._parts, **parts},
+                     pending=self.pending if pending is ... else pending)
 
     def reset(self, mask: torch.Tensor) -> "State":
         """Clear the lanes where ``mask`` (B,) is true."""
@@ -98,82 +260,42 @@ class State:
             raise ValueError(f"reset mask must have shape ({self.batch_size},), got {tuple(mask.shape)}")
         if not bool(mask.any()):
             return self
-        out = self
-        if self.xl is not None:
-            keep = (~mask.bool()).to(self.xl.valid.device)
-            mems = tuple(m * keep.view(-1, 1, 1).to(m.dtype) for m in self.xl.mems)
-            out = replace(out, xl=XLState(mems=mems, valid=self.xl.valid * keep.long()))
-        if self.knn is not None:
-            keep = (~mask.bool()).to(self.knn.written.device)
-            k4 = keep.view(-1, 1, 1, 1)
-            out = replace(out, knn=KNNState(keys=tuple(torch.where(k4, k, 0) for k in self.knn.keys),
-                                            values=tuple(torch.where(k4, v, 0) for v in self.knn.values),
-                                            written=self.knn.written * keep.long()))
-        if self.lstm is not None:
-            out = replace(out, lstm=self.lstm.reset(~mask.bool()))
-        if self.tokens is not None:
-            drop = mask.bool().to(self.tokens.fresh.device)
-            pending = self.tokens.pending
-            if pending.shape[1]:
-                if not bool(drop.all()):
-                    raise ValueError(f"cannot reset some lanes inside an unfinished segment of memory tokens "
-                                     f"({pending.shape[1]} tokens pending); reset at segment boundaries or all lanes")
-                pending = pending[:, :0]
-            out = replace(out, tokens=TokensState(mem=torch.where(drop.view(-1, 1, 1), 0, self.tokens.mem),
-                                                  fresh=self.tokens.fresh | drop, pending=pending))
-        return out
+        pending = self.pending
+        if pending is not None and pending.shape[1]:
+            if not bool(mask.all()):
+                raise ValueError(f"cannot reset some lanes inside an unfinished segment of memory tokens "
+                                 f"({pending.shape[1]} tokens pending); reset at segment boundaries or all lanes")
+            pending = pending[:, :0]
+        return State(self.batch_size, {name: part.reset(mask) for name, part in self._parts.items()},
+                     pending=pending)
 
     def detach(self) -> "State":
-        out = self
-        if self.xl is not None:
-            out = replace(out, xl=XLState(mems=tuple(m.detach() for m in self.xl.mems), valid=self.xl.valid))
-        if self.knn is not None:
-            out = replace(out, knn=KNNState(keys=tuple(k.detach() for k in self.knn.keys),
-                                            values=tuple(v.detach() for v in self.knn.values),
-                                            written=self.knn.written))
-        if self.lstm is not None:
-            out = replace(out, lstm=self.lstm.detach())
-        if self.tokens is not None:
-            out = replace(out, tokens=replace(self.tokens, mem=self.tokens.mem.detach()))
-        return out
+        return State(self.batch_size, {name: part.detach() for name, part in self._parts.items()},
+                     pending=self.pending)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {"batch_size": torch.tensor(self.batch_size)}
-        if self.xl is not None:
-            out["xl.valid"] = self.xl.valid
-            for i, m in enumerate(self.xl.mems):
-                out[f"xl.mems.{i}"] = m.contiguous()
-        if self.knn is not None:
-            out["knn.written"] = self.knn.written
-            for i, (k, v) in enumerate(zip(self.knn.keys, self.knn.values)):
-                out[f"knn.keys.{i}"] = k.contiguous()
-                out[f"knn.values.{i}"] = v.contiguous()
-        if self.lstm is not None:
-            out["lstm.h"], out["lstm.c"] = self.lstm.h.contiguous(), self.lstm.c.contiguous()
-        if self.tokens is not None:
-            out["tokens.mem"], out["tokens.fresh"] = self.tokens.mem.detach().contiguous(), self.tokens.fresh
-            out["tokens.pending"] = self.tokens.pending.contiguous()
+        if self.pending is not None:
+            out["pending"] = self.pending.contiguous()
+        for name, part in self._parts.items():
+            out.update({f"{name}.{k}": v for k, v in part.to_tensors().items()})
         return out
 
     @classmethod
     def from_state_dict(cls, d: dict[str, torch.Tensor]) -> "State":
         if "batch_size" not in d:
             raise ValueError("not a longmem memory state: 'batch_size' is missing")
-        xl = None
-        if "xl.valid" in d:
-            n = sum(1 for k in d if k.startswith("xl.mems."))
-            xl = XLState(mems=tuple(d[f"xl.mems.{i}"] for i in range(n)), valid=d["xl.valid"].long())
-        knn = None
-        if "knn.written" in d:
-            n = sum(1 for k in d if k.startswith("knn.keys."))
-            knn = KNNState(keys=tuple(d[f"knn.keys.{i}"] for i in range(n)),
-                           values=tuple(d[f"knn.values.{i}"] for i in range(n)), written=d["knn.written"].long())
-        lstm = LSTMState(h=d["lstm.h"], c=d["lstm.c"]) if "lstm.h" in d else None
-        tokens = None
-        if "tokens.mem" in d:
-            pending = d.get("tokens.pending", torch.zeros(d["tokens.mem"].shape[0], 0, dtype=torch.long))
-            tokens = TokensState(mem=d["tokens.mem"], fresh=d["tokens.fresh"].bool(), pending=pending.long())
-        return cls(batch_size=int(d["batch_size"]), xl=xl, knn=knn, lstm=lstm, tokens=tokens)
-
-    def parts(self) -> list[str]:
-        return [f.name for f in fields(self) if f.name != "batch_size" and getattr(self, f.name) is not None]
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        pending = d.get("pending", d.get("tokens.pending"))          # files of longmem <= 0.1 kept it in tokens
+        for key, value in d.items():
+            name, dot, rest = key.partition(".")
+            if not dot or key == "tokens.pending":
+                continue
+            if name not in PARTS:
+                raise ValueError(f"unknown memory part {name!r} in a state (known: {', '.join(PARTS)})")
+            grouped.setdefault(name, {})[rest] = value
+        try:
+            parts = {name: PARTS[name].from_tensors(grouped[name]) for name in PARTS if name in grouped}
+        except KeyError as e:
+            raise ValueError(f"a memory state lacks the tensor {e}") from None
+        return cls(int(d["batch_size"]), parts, pending=pending.long() if pending is not None else None)

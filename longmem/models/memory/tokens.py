@@ -8,11 +8,11 @@ tokens come first so every segment token can attend to them, the R write tokens
 come last so they can attend to the whole segment. Both carry the current memory.
 The final-norm outputs at the write positions are the next segment's memory
 (the paper takes GPT-2's last hidden states, after its final layer norm), or with
-``memory.token_gate`` their gated mix with the memory read (Hutchins et al. 2022). A lane
+``memory.tokens.gate`` their gated mix with the memory read (Hutchins et al. 2022). A lane
 starts from a learned initial memory, and again after a reset.
 
-The memory is written once per full segment. A call that ends inside a segment keeps
-that segment's tokens in the state (``pending``) without writing; the next call puts
+The memory is written once per full segment (``whole_segments``). A call that ends inside a
+segment keeps that segment's tokens in the state (``State.pending``) without writing; the next call puts
 them back in front of its own tokens, so feeding a sequence in pieces of any size
 gives the logits of one call over it, and a decoder can feed one token at a time.
 
@@ -25,17 +25,20 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from longmem.models.memory.base import Memory, Segment
 from longmem.models.memory.state import TokensState
 
 
-class TokenMemory(nn.Module):
-    """init / read / write for the tokens part of the state; owns the learned initial memory."""
+class TokenMemory(Memory):
+    """The tokens part of the state: read before the segment, written after it; owns the learned
+    initial memory and the gate. Settings: ``memory.tokens`` (TokensConfig)."""
+    name = "tokens"
+    whole_segments = True
 
     def __init__(self, *, n_tokens: int, d_model: int, gate: bool = False, stretch: float = 0.0,
-                 floor: float = 0.0, penalty: float = 0.0, noise: float = 0.0):
+                 floor: float = 0.0):
         super().__init__()
-        self.n_tokens, self.noise, self.stretch, self.penalty = n_tokens, noise, stretch, penalty
-        self.floor = floor
+        self.n_tokens, self.stretch, self.floor = n_tokens, stretch, floor
         # unit scale, like the final-norm outputs that replace it after the first segment
         self.initial = nn.Parameter(torch.randn(n_tokens, d_model))
         # gated update (Hutchins et al. 2022): g = sigmoid(W written + b); b starts at 0 (half-open), W gets the
@@ -44,36 +47,45 @@ class TokenMemory(nn.Module):
         if self.gate is not None:
             nn.init.zeros_(self.gate.bias)
 
+    @property
+    def added_positions(self) -> int:
+        return 2 * self.n_tokens
+
     def init(self, batch_size: int, *, device, dtype) -> TokensState:
         mem = torch.zeros(batch_size, self.n_tokens, self.initial.shape[1], device=device, dtype=dtype)
-        return TokensState(mem=mem, fresh=torch.ones(batch_size, dtype=torch.bool, device=device),
-                           pending=torch.zeros(batch_size, 0, dtype=torch.long, device=device))
+        return TokensState(mem=mem, fresh=torch.ones(batch_size, dtype=torch.bool, device=device))
 
     def check(self, state: TokensState) -> None:
         if tuple(state.mem.shape[1:]) != tuple(self.initial.shape):
             raise ValueError(f"the tokens memory has shape {tuple(state.mem.shape[1:])} per lane, this model keeps "
-                             f"{tuple(self.initial.shape)} (memory.n_mem_tokens, model.d_model)")
+                             f"{tuple(self.initial.shape)} (memory.tokens.n_tokens, model.d_model)")
 
     def read(self, state: TokensState, *, dtype: torch.dtype) -> torch.Tensor:
-        """(B, R, D): the learned initial memory in fresh lanes, the carried one elsewhere (plus noise in
-        training when ``noise`` > 0)."""
+        """(B, R, D): the learned initial memory in fresh lanes, the carried one elsewhere."""
         self.check(state)
         fresh = state.fresh.view(-1, 1, 1)
-        mem = torch.where(fresh, self.initial.to(dtype), state.mem.to(dtype))
-        if self.training and self.noise > 0:                             # memory-noise training (token_noise)
-            mem = mem + self.noise * torch.randn_like(mem)
-        return mem
+        return torch.where(fresh, self.initial.to(dtype), state.mem.to(dtype))
+
+    def begin(self, seg: Segment, part: TokensState) -> TokensState:
+        mem = self.read(part, dtype=seg.x.dtype)                           # (B, R, D)
+        seg.surround(mem, mem)                                             # [read memory; segment; write memory]
+        seg.scratch[self.name] = {"read": mem}
+        return part
+
+    def end(self, seg: Segment, part: TokensState, h: torch.Tensor):
+        written = h[:, seg.start + seg.n_tokens:]                          # (B, R, D) the write positions
+        return self.write(written, previous=seg.scratch[self.name]["read"])
 
     def gates(self, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The gate (B, R, D) that mixes the written ``outputs`` (B, R, D) into the memory, and its charge per
-        lane (B,), what ``memory.token_gate_penalty`` weighs. Needs ``memory.token_gate``.
+        lane (B,), the auxiliary loss the trainer weighs (``train.aux_weight``). Needs a gate.
 
         The stretched gate g is clipped to [0, 1] in the forward pass; the mix backpropagates as if it were not
         (straight through), so a shut gate still learns to open when the loss asks for it. The charge is
         g + e/2 down to g = -e/2, half-way to the stretch's lower end -e (e = ``stretch``): a gate is pushed shut with
         a margin, so the small changes of the written outputs over many segments do not reopen it, and is
         then left alone, free to reopen. Without a stretch the gate is the sigmoid, and so is the charge.
-        A gate below ``floor`` (``memory.token_gate_floor``) is 0, straight through as well."""
+        A gate below ``floor`` (``memory.tokens.floor``) is 0, straight through as well."""
         g = torch.sigmoid(self.gate(outputs))                               # (B, R, D)
         if self.stretch <= 0:
             charge = g.mean(dim=(1, 2))
@@ -87,16 +99,20 @@ class TokenMemory(nn.Module):
         return g + (applied - g).detach(), charge
 
     def write(self, outputs: torch.Tensor, *, previous: torch.Tensor) -> tuple[TokensState, torch.Tensor | None]:
-        """The next memory (graph kept), nothing pending: the write positions' outputs (B, R, D), or with the
-        gate their mix with ``previous`` (B, R, D), the memory this segment read; and, in training with a
-        ``penalty`` weight, the penalty of this write (a scalar: the weight times the charges summed over
-        lanes; None otherwise)."""
+        """The next memory (graph kept): the write positions' outputs (B, R, D), or with the gate their mix
+        with ``previous`` (B, R, D), the memory this segment read; and in training with a gate, the charge of
+        this write summed over lanes (the auxiliary loss; None otherwise)."""
         B, device = outputs.shape[0], outputs.device
-        penalty = None
+        aux = None
         if self.gate is not None:
             g, charge = self.gates(outputs)
             outputs = previous + g * (outputs - previous)
-            if self.training and self.penalty > 0:
-                penalty = self.penalty * charge.sum()
-        return TokensState(mem=outputs, fresh=torch.zeros(B, dtype=torch.bool, device=device),
-                           pending=torch.zeros(B, 0, dtype=torch.long, device=device)), penalty
+            if self.training:
+                aux = charge.sum()
+        return TokensState(mem=outputs, fresh=torch.zeros(B, dtype=torch.bool, device=device)), aux
+
+    def nbytes(self, *, batch_size: int, d_model: int, n_layers: int, bytes_per_value: int = 4) -> int:
+        return batch_size * self.n_tokens * d_model * bytes_per_value
+
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        return [self.initial]

@@ -2,21 +2,41 @@
 
 Per layer, the inputs of the last ``mem_len`` positions of each lane are kept
 (detached: no gradient flows into the past) and attended to together with the
-current segment. Evaluation may use a longer ``mem_len`` than training.
+current segment, projected by the layer's current weights. Evaluation may use a
+longer ``mem_len`` than training. With ``n_sinks`` the first positions of each lane
+stay in memory for good (attention sinks, Xiao et al. 2023), the rest slides.
+
+For decoding, :meth:`XLMemory.for_decoding` gives the key/value cache of the same
+positions (``kv.py``): exact, since the memory is detached, and a new token then
+costs one position's projections instead of the whole memory's.
 """
 from __future__ import annotations
 
 import torch
 
+from longmem.models.memory.base import Memory, Segment, keep_last, slide
 from longmem.models.memory.state import XLState
 
 
-class XLMemory:
-    """init / read / write for the XL part of the state."""
+class XLMemory(Memory):
+    name = "xl"
 
-    def __init__(self, *, mem_len: int, n_layers: int):
+    def __init__(self, *, mem_len: int, n_layers: int, n_sinks: int = 0):
+        super().__init__()
+        if not 0 <= n_sinks < max(mem_len, 1):
+            raise ValueError(f"attention sinks must be in [0, {max(mem_len - 1, 0)}] (the memory holds "
+                             f"{mem_len} past positions), got {n_sinks}")
+        self.mem_len, self.n_layers, self.n_sinks = mem_len, n_layers, n_sinks
+
+    @property
+    def stateful(self) -> bool:
+        return self.mem_len > 0
+
+    def set_mem_len(self, mem_len: int) -> bool:
+        if not 0 <= self.n_sinks < max(mem_len, 1):
+            raise ValueError(f"a memory of {mem_len} positions cannot keep {self.n_sinks} attention sinks")
         self.mem_len = mem_len
-        self.n_layers = n_layers
+        return True
 
     def init(self, batch_size: int, *, device, dtype) -> XLState:
         # no slots yet: the first write creates (B, T, D) tensors in the activations' dtype
@@ -28,32 +48,35 @@ class XLMemory:
             return state
         if self.mem_len == 0:
             return XLState(mems=(), valid=torch.zeros_like(state.valid))
-        return XLState(mems=tuple(m[:, -self.mem_len:] for m in state.mems),
-                       valid=state.valid.clamp(max=self.mem_len))
+        kept = [keep_last(m, state.valid, capacity=self.mem_len, n_sinks=self.n_sinks, dim=1) for m in state.mems]
+        return XLState(mems=tuple(m for m, _ in kept), valid=kept[0][1])
 
-    @staticmethod
-    def key_mask(state: XLState, seg_len: int) -> torch.Tensor | None:
-        """(B, 1, T, M + T) bool: valid memory slots plus causal attention inside the segment."""
-        M = state.length
-        if M == 0:
-            return None
-        device = state.valid.device
-        slot = torch.arange(M, device=device)
-        mem_ok = slot.unsqueeze(0) >= (M - state.valid).unsqueeze(1)                    # (B, M)
-        causal = torch.ones(seg_len, seg_len, dtype=torch.bool, device=device).tril()   # (T, T)
-        B = mem_ok.shape[0]
-        return torch.cat([mem_ok[:, None, :].expand(B, seg_len, M),
-                          causal.expand(B, seg_len, seg_len)], dim=-1).unsqueeze(1)     # (B, 1, T, M+T)
+    def begin(self, seg: Segment, part: XLState) -> XLState:
+        part = self.trim(part)
+        if self.mem_len > 0:
+            seg.keep_inputs = True
+            if part.length:
+                seg.set_context(hidden=list(part.mems), valid=part.valid)
+        return part
+
+    def end(self, seg: Segment, part: XLState, h: torch.Tensor):
+        return self.write(part, seg.inputs), None
 
     def write(self, state: XLState, layer_inputs: list[torch.Tensor]) -> XLState:
-        """Append this segment's layer inputs (each (B, T, D)) and keep the last mem_len."""
+        """Append this segment's layer inputs (each (B, T, D)) and keep the last mem_len (and the sinks)."""
         if self.mem_len == 0:
             return state
-        T = layer_inputs[0].shape[1]
-        if state.length == 0:
-            mems = tuple(h.detach()[:, -self.mem_len:] for h in layer_inputs)
-        else:
-            mems = tuple(torch.cat([m, h.detach()], dim=1)[:, -self.mem_len:]
-                         for m, h in zip(state.mems, layer_inputs))
-        valid = torch.clamp(state.valid + T, max=mems[0].shape[1])
-        return XLState(mems=mems, valid=valid)
+        mems, valid = [], state.valid
+        for i, h in enumerate(layer_inputs):
+            m, v = slide(state.mems[i] if state.length else None, h.detach(), state.valid, capacity=self.mem_len,
+                         n_sinks=self.n_sinks, dim=1)
+            mems.append(m)
+            valid = v
+        return XLState(mems=tuple(mems), valid=valid)
+
+    def nbytes(self, *, batch_size: int, d_model: int, n_layers: int, bytes_per_value: int = 4) -> int:
+        return batch_size * self.mem_len * d_model * n_layers * bytes_per_value
+
+    def for_decoding(self) -> Memory:
+        from longmem.models.memory.kv import KVMemory
+        return KVMemory(window=self.mem_len, n_sinks=self.n_sinks, n_layers=self.n_layers)

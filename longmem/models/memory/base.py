@@ -1,0 +1,195 @@
+"""The memory protocol and the registry of memory kinds.
+
+Legend: B lanes, T tokens of a segment, L positions the blocks process (T plus what memories add),
+M memory slots in front of them, D model width, G key/value heads, Dh head size.
+
+A :class:`Memory` is an ``nn.Module`` with a name (its part of the :class:`State` and its attribute on
+the model, so its weights keep their names). For every segment ``MemoryLM`` calls, for each of its
+memories in order:
+
+1. ``begin(seg, part) -> part``: shape the segment before the blocks: put tokens around it
+   (memory tokens), past context in front of it (XL hidden states or cached keys/values), or hooks
+   on some layers' attention (kNN retrieval, recording keys and values);
+2. the blocks run, each layer's attention seeing ``seg.view(i)``;
+3. ``end(seg, part, h) -> (part, aux_loss | None)``: write the new part from what the segment left
+   (``seg.inputs``, the recorded keys and values, the final-norm outputs ``h``); ``aux_loss`` is an
+   unweighted training loss term (a sum over lanes), which the trainer weighs (``train.aux_weight``).
+
+A kind is a list of memories built from the model config: :func:`register_kind` maps its name to a
+builder. ``kind: knn`` is XL + kNN, ``kind: tokens`` is XL + memory tokens. A new memory is one file
+(its part, its module) plus one ``register_kind`` line; ``MemoryLM``, ``State``, the decoder and the
+trainer know this protocol, never a kind by name.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from longmem.config import MEMORY_KINDS
+from longmem.models.attention import LayerView
+
+
+class Memory(nn.Module):
+    """Base class of the memories of a MemoryLM (see the module docstring)."""
+    name: str = ""                   # the part's key in State and the model attribute holding this module
+    whole_segments: bool = False     # writes once per full segment: the model keeps an unfinished one pending
+    added_positions: int = 0         # positions it adds to every segment (memory tokens: read + write)
+
+    @property
+    def stateful(self) -> bool:
+        """Whether it carries anything from one call to the next (decoders then feed tokens with the state)."""
+        return True
+
+    def init(self, batch_size: int, *, device, dtype):
+        """The part of a fresh state."""
+        raise NotImplementedError
+
+    def begin(self, seg: "Segment", part):
+        """Shape ``seg`` before the blocks; returns the part ``end`` will receive (e.g. trimmed)."""
+        return part
+
+    def end(self, seg: "Segment", part, h: torch.Tensor):
+        """(new part, unweighted auxiliary training loss or None); ``h``: (B, L, D) final-norm outputs."""
+        return part, None
+
+    def nbytes(self, *, batch_size: int, d_model: int, n_layers: int, bytes_per_value: int = 4) -> int:
+        """About how many bytes the part takes for ``batch_size`` lanes (a check before allocating)."""
+        return 0
+
+    def set_mem_len(self, mem_len: int) -> bool:
+        """Keep ``mem_len`` past positions from now on (evaluation may use more than training); False if this
+        memory keeps no past positions."""
+        return False
+
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        """Parameters the optimizer must not decay (e.g. a learned initial memory)."""
+        return []
+
+    def for_decoding(self) -> "Memory":
+        """An equivalent memory for token-by-token decoding (e.g. XL hidden states -> a key/value cache)."""
+        return self
+
+
+class Segment:
+    """One segment's pass through the blocks, as its memories shape it.
+
+    x: (B, L, D) the block inputs; the segment's T tokens are ``x[:, start:start + T]``.
+    Past context in front (one memory provides it): ``hidden`` (per layer (B, M, D), projected by the
+    layer: Transformer-XL) or ``kv`` (per layer (keys, values), each (B, G, M, Dh): a cache), with
+    ``valid`` (B,) the right-aligned slots that hold real history. ``hooks[i]``: callables run on layer
+    i's attention (see ``attention.AttentionHook``). ``inputs[i]``: layer i's input of the T tokens,
+    kept when a memory sets ``keep_inputs``.
+    """
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self.start, self.n_tokens = 0, x.shape[1]
+        self.memory_len = 0
+        self.valid: torch.Tensor | None = None
+        self.hidden: list[torch.Tensor] | None = None
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.hooks: dict[int, list] = defaultdict(list)
+        self.keep_inputs = False
+        self.inputs: list[torch.Tensor] = []
+        self.scratch: dict[str, dict] = {}              # per memory name: what its hooks recorded
+        self._mask: torch.Tensor | None = None
+
+    def surround(self, front: torch.Tensor, back: torch.Tensor) -> None:
+        """Put (B, R, D) vectors before and after the positions so far (memory tokens)."""
+        self.x = torch.cat([front, self.x, back], dim=1)
+        self.start += front.shape[1]
+
+    def set_context(self, *, valid: torch.Tensor, hidden=None, kv=None) -> None:
+        """Past context in front of the segment: per layer hidden states or (keys, values)."""
+        if self.hidden is not None or self.kv is not None:
+            raise ValueError("two memories of this model put past context in front of the segment; "
+                             "a kind may have one (xl or a key/value cache)")
+        self.hidden, self.kv, self.valid = hidden, kv, valid
+        self.memory_len = (hidden[0].shape[1] if hidden is not None else kv[0][0].shape[2]) if (hidden or kv) else 0
+
+    def mask(self) -> torch.Tensor | None:
+        """(B, 1, L, M + L) bool: valid memory slots plus causal attention over the positions; None when
+        there is no memory (plain causal)."""
+        M = self.memory_len
+        if M == 0:
+            return None
+        if self._mask is None:
+            L, device = self.x.shape[1], self.x.device
+            slot = torch.arange(M, device=device)
+            mem_ok = slot.unsqueeze(0) >= (M - self.valid.to(device)).unsqueeze(1)             # (B, M)
+            causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()                   # (L, L)
+            B = mem_ok.shape[0]
+            self._mask = torch.cat([mem_ok[:, None, :].expand(B, L, M), causal.expand(B, L, L)],
+                                   dim=-1).unsqueeze(1)                                          # (B, 1, L, M+L)
+        return self._mask
+
+    def view(self, i: int, cos: torch.Tensor, sin: torch.Tensor) -> LayerView:
+        return LayerView(mask=self.mask(), cos=cos, sin=sin,
+                         hidden=self.hidden[i] if self.hidden is not None and self.memory_len else None,
+                         kv=self.kv[i] if self.kv is not None and self.memory_len else None,
+                         hooks=self.hooks.get(i, []))
+
+    def tokens_of(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The segment tokens' slice of a tensor over the L positions (along ``dim``)."""
+        return t.narrow(dim, self.start, self.n_tokens)
+
+
+def slide(old: torch.Tensor | None, new: torch.Tensor, valid: torch.Tensor, *, capacity: int, n_sinks: int = 0,
+          dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append ``new`` (T slots along ``dim``) to a right-aligned buffer ``old`` whose last ``valid[b]``
+    slots hold lane b's history, and keep at most ``capacity`` slots (:func:`keep_last`). Returns the
+    buffer (oldest first) and the new ``valid`` (B,)."""
+    buf = new if old is None or old.shape[dim] == 0 else torch.cat([old, new], dim=dim)
+    return keep_last(buf, valid + new.shape[dim], capacity=capacity, n_sinks=n_sinks, dim=dim)
+
+
+def keep_last(buf: torch.Tensor, valid: torch.Tensor, *, capacity: int, n_sinks: int = 0,
+              dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most ``capacity`` slots of a right-aligned buffer whose last ``valid[b]`` slots hold lane b's
+    history: the most recent, and with ``n_sinks`` each lane's first ``n_sinks`` positions for good
+    (attention sinks, Xiao et al. 2023). Returns the buffer and ``valid`` (B,) clamped to it."""
+    n = buf.shape[dim]
+    keep = min(n, capacity)
+    if n_sinks == 0 or not bool((valid > capacity).any()):
+        return buf.narrow(dim, n - keep, keep), valid.clamp(max=keep)
+    # slot j of the result comes from slot n - keep + j (right-aligned), except that a lane past capacity
+    # takes its first n_sinks slots from where its history starts, n - valid (its sinks)
+    j = torch.arange(keep, device=buf.device)
+    src = (n - keep + j).expand(len(valid), keep).clone()                # (B, keep)
+    sinks = (n - valid.to(buf.device)).unsqueeze(1) + j[:n_sinks]        # (B, n_sinks)
+    over = (valid > capacity).to(buf.device).unsqueeze(1)
+    src[:, :n_sinks] = torch.where(over, sinks, src[:, :n_sinks])
+    shape = [1] * buf.dim()
+    shape[0], shape[dim] = len(valid), keep
+    index = src.view(shape).expand(*[shape[d] if d in (0, dim) else buf.shape[d] for d in range(buf.dim())])
+    return buf.gather(dim, index), valid.clamp(max=keep)
+
+
+# -- the registry of kinds -------------------------------------------------------
+TRAINING_FREE: set[str] = set()
+
+
+def register_kind(name: str, build: Callable, *, training_free: bool = False) -> None:
+    """Make ``memory.kind: name`` build ``build(model_config) -> list[Memory]`` (in the order they run).
+    ``training_free``: the kind adds no weights and works on any trained or imported model as it is."""
+    if not name or not isinstance(name, str) or "." in name:
+        raise ValueError(f"a memory kind needs a name without dots, got {name!r}")
+    MEMORY_KINDS[name] = build
+    if training_free:
+        TRAINING_FREE.add(name)
+
+
+def build_memories(config) -> list[Memory]:
+    """The memories of ``memory.kind`` for a ModelConfig; a ValueError names the registered kinds."""
+    kind = config.memory.kind
+    if kind not in MEMORY_KINDS:
+        raise ValueError(f"memory.kind={kind!r} is not a registered memory kind; available: "
+                         f"{', '.join(MEMORY_KINDS)}")
+    memories = list(MEMORY_KINDS[kind](config))
+    names = [m.name for m in memories]
+    if len(set(names)) != len(names) or not all(names):
+        raise ValueError(f"memory.kind={kind!r} builds memories with missing or repeated names {names}")
+    return memories

@@ -41,6 +41,24 @@ def test_top_p_keeps_the_smallest_set_with_mass_at_least_p():
     assert torch.isfinite(TopP(0.6)(logits, None))[1].tolist() == [False, False, False, True, True]
 
 
+@pytest.mark.parametrize("probs,p,n", [
+    ([0.3, 0.1, 0.1, 0.5], 0.8, 2),                  # 0.5 + 0.3 is exactly p: no third token
+    ([0.3, 0.1, 0.1, 0.5], 0.9, 3),
+    ([0.3, 0.1, 0.1, 0.5], 0.5, 1),                  # the top token alone is exactly p
+    ([0.1, 0.2, 0.3, 0.4], 0.7, 2),
+    ([0.1, 0.2, 0.3, 0.4], 0.9, 3),
+    ([0.6, 0.1, 0.1, 0.1, 0.1], 0.7, 2),             # ties after the top: exactly one of them
+    ([0.6, 0.1, 0.1, 0.1, 0.1], 0.8, 3),
+    ([0.25, 0.25, 0.25, 0.25], 0.5, 2),              # all tied
+    ([0.25, 0.25, 0.25, 0.25], 0.75, 3),
+    ([0.25, 0.25, 0.25, 0.25], 1.0, 4),
+    ([0.7, 0.2, 0.1], 0.70001, 2),                   # just above a cumulative sum
+])
+def test_top_p_at_an_exact_boundary_keeps_the_smallest_set(probs, p, n):
+    logits = torch.tensor([probs]).log()
+    assert torch.isfinite(TopP(p)(logits, None)).sum().item() == n
+
+
 def test_min_p_keeps_tokens_above_a_fraction_of_the_top():
     probs = torch.tensor([[0.5, 0.25, 0.15, 0.1]])
     kept = torch.isfinite(MinP(0.3)(probs.log(), None))

@@ -77,6 +77,7 @@ class TopK:
 class TopP:
     """Nucleus sampling (Holtzman et al. 2020): keep the smallest set of most likely
     tokens whose probability mass is at least ``p``."""
+    TOLERANCE = 1e-6                                 # float rounding of a cumulative sum near p
 
     def __init__(self, p: float):
         if not 0 < p <= 1:
@@ -87,9 +88,12 @@ class TopP:
         if self.p >= 1:
             return logits
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)          # (B, V)
-        probs = torch.softmax(sorted_logits.float(), dim=-1)
-        mass_before = torch.cumsum(probs, dim=-1) - probs                            # mass of the tokens ahead
-        keep_sorted = mass_before < self.p                                           # the first token always stays
+        probs = torch.softmax(sorted_logits.double(), dim=-1)
+        # mass up to and including each token; within rounding of p counts as reached, so a set whose
+        # mass is exactly p (0.5 + 0.3 for p = 0.8) is not followed by one more token
+        reached = torch.cumsum(probs, dim=-1) >= self.p - self.TOLERANCE
+        keep_sorted = torch.ones_like(reached)
+        keep_sorted[..., 1:] = ~reached[..., :-1]                                    # stay while p is not reached
         keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
         return logits.masked_fill(~keep, NEG_INF)
 

@@ -113,7 +113,7 @@ def run_chat(run, *, session: str = "default", sessions_dir: str | Path | None =
         if not text:
             continue
         stream = TextStream(run.model, run.tokenizer, turn_format.format(text=text),
-                            sampling=replace(sampling, seed=sampling.seed + sess.turns), state=sess.state,
+                            sampling=replace(sampling, seed=(sampling.seed + sess.turns) % 2**63), state=sess.state,
                             decoder=decoder)
         for piece in stream:
             stdout.write(piece)

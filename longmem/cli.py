@@ -272,7 +272,8 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--session", default="default", help="session name; its memory is kept across runs")
     p.add_argument("--sessions-dir", default=None, help="where session files live (default: RUN/sessions)")
-    p.add_argument("--turn-format", default="{text}\n", help="how a user line is fed to the model")
+    p.add_argument("--turn-format", default="{text}\n", help="how a user line is fed to the model: {text} is "
+                   "the line, the only field allowed ({{ and }} for literal braces)")
     _sampling_args(p, temperature=0.8, stop=None)
 
 

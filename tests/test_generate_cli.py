@@ -1,6 +1,8 @@
 """``longmem generate`` flags (in-process): the new sampling controls reach the library."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from longmem.cli import main
@@ -38,8 +40,22 @@ def test_generate_flags_match_the_library(run, capsys):
 
 @pytest.mark.parametrize("args,match", [(["--logit-bias", "x"], "ID=BIAS"), (["--top-p", "0"], "top_p"),
                                         (["--logit-bias", "300=1"], "logit_bias"),
-                                        (["--max-new-tokens", "-2"], "max_new_tokens")])
+                                        (["--max-new-tokens", "-2"], "max_new_tokens"),
+                                        (["--logit-bias", "10=nan"], r"logit_bias values must be finite"),
+                                        (["--logit-bias", "10=inf"], r"logit_bias values must be finite"),
+                                        (["--logit-bias", "10=-1e39"], r"in \[-100, 100\]"),
+                                        (["--temperature", "nan"], "temperature must be a finite number"),
+                                        (["--top-p", "nan"], "top_p must be a finite number"),
+                                        (["--seed", "-1"], "seed")])
 def test_generate_flag_errors_are_clear(run, capsys, args, match):
     assert main(["generate", str(run.path), *args]) == 2
     err = capsys.readouterr().err
-    assert "longmem generate: error:" in err and match in err
+    assert "longmem generate: error:" in err and re.search(match, err) and "Traceback" not in err
+
+
+def test_a_tiny_temperature_generates_greedily(run, capsys):
+    assert main(["generate", str(run.path), "--prompt", "ab", "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out
+    assert main(["generate", str(run.path), "--prompt", "ab", "--max-new-tokens", "12", "--temperature",
+                 "1e-39"]) == 0
+    assert capsys.readouterr().out == greedy

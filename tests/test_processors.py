@@ -41,6 +41,24 @@ def test_top_p_keeps_the_smallest_set_with_mass_at_least_p():
     assert torch.isfinite(TopP(0.6)(logits, None))[1].tolist() == [False, False, False, True, True]
 
 
+@pytest.mark.parametrize("probs,p,n", [
+    ([0.3, 0.1, 0.1, 0.5], 0.8, 2),                  # 0.5 + 0.3 is exactly p: no third token
+    ([0.3, 0.1, 0.1, 0.5], 0.9, 3),
+    ([0.3, 0.1, 0.1, 0.5], 0.5, 1),                  # the top token alone is exactly p
+    ([0.1, 0.2, 0.3, 0.4], 0.7, 2),
+    ([0.1, 0.2, 0.3, 0.4], 0.9, 3),
+    ([0.6, 0.1, 0.1, 0.1, 0.1], 0.7, 2),             # ties after the top: exactly one of them
+    ([0.6, 0.1, 0.1, 0.1, 0.1], 0.8, 3),
+    ([0.25, 0.25, 0.25, 0.25], 0.5, 2),              # all tied
+    ([0.25, 0.25, 0.25, 0.25], 0.75, 3),
+    ([0.25, 0.25, 0.25, 0.25], 1.0, 4),
+    ([0.7, 0.2, 0.1], 0.70001, 2),                   # just above a cumulative sum
+])
+def test_top_p_at_an_exact_boundary_keeps_the_smallest_set(probs, p, n):
+    logits = torch.tensor([probs]).log()
+    assert torch.isfinite(TopP(p)(logits, None)).sum().item() == n
+
+
 def test_min_p_keeps_tokens_above_a_fraction_of_the_top():
     probs = torch.tensor([[0.5, 0.25, 0.15, 0.1]])
     kept = torch.isfinite(MinP(0.3)(probs.log(), None))
@@ -123,6 +141,44 @@ def test_build_order_and_greedy_skips_truncation():
 def test_sampling_config_rejects_bad_values(field, value, match):
     with pytest.raises(ValueError, match=match):
         SamplingConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", math.nan), ("top_p", math.nan), ("min_p", math.nan), ("repetition_penalty", math.inf),
+    ("presence_penalty", math.nan), ("frequency_penalty", -math.inf)])
+def test_sampling_config_refuses_non_finite_numbers(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+        SamplingConfig(**{field: value})
+
+
+@pytest.mark.parametrize("bias", [math.nan, math.inf, -math.inf, 1e39, 1e308, 100.5, -101])
+def test_logit_bias_values_must_be_finite_and_within_100(bias):
+    with pytest.raises(ValueError, match=r"logit_bias values must be finite numbers in \[-100, 100\]"):
+        SamplingConfig(logit_bias={65: bias})
+    assert SamplingConfig(logit_bias={65: 100, 66: -100}).logit_bias == {65: 100.0, 66: -100.0}
+
+
+def test_temperatures_below_the_epsilon_are_greedy_and_never_overflow():
+    logits = torch.tensor([[3.0, 40.0, 39.0, -5.0]])
+    for t in (0.0, 1e-39, 5e-324, 9e-6):
+        cfg = SamplingConfig(temperature=t, logit_bias={2: 2.0})
+        procs = build_processors(cfg, vocab_size=4)
+        assert cfg.greedy and [type(p).__name__ for p in procs] == ["LogitBias"]
+        assert sample(apply_processors(procs, logits, counts_for(1, 4)), greedy=cfg.greedy, generator=None) == 2
+    assert not SamplingConfig(temperature=1e-5).greedy
+    with pytest.raises(ValueError, match="temperature"):
+        Temperature(1e-39)
+
+
+def test_sample_names_lanes_without_a_distribution():
+    g = torch.Generator().manual_seed(0)
+    ok = torch.tensor([0.0, 1.0, INF])
+    for bad in ([INF, INF, INF], [0.0, math.nan, 1.0], [0.0, math.inf, 1.0]):
+        logits = torch.stack([ok, torch.tensor(bad)])
+        for greedy in (True, False):
+            with pytest.raises(ValueError, match=r"lane\(s\) \[1\].*NaN, \+inf or all -inf"):
+                sample(logits, greedy=greedy, generator=g)
+    assert sample(ok[None], greedy=False, generator=g).item() in (0, 1)
 
 
 def test_sampling_config_normalizes_json_style_values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 
 import pytest
 
@@ -11,6 +12,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from longmem.cli import main  # noqa: E402
 from longmem.generation.generate import TextStream, TokenStream  # noqa: E402
 from longmem.generation.processors import SamplingConfig  # noqa: E402
 from longmem.serving.config import ServeConfig  # noqa: E402
@@ -106,6 +108,18 @@ def test_streaming_sends_the_same_text_as_server_sent_events(client):
     (json.dumps({"prompt": "a", "session": "../etc"}).encode(), 400, "session name"),
     (json.dumps({"prompt": "a", "frobnicate": 1}).encode(), 400, "unknown field"),
     (json.dumps({"prompt": "a", "n": 2}).encode(), 400, "'n'"),
+    (json.dumps({"prompt": "a", "session": "abc\n"}).encode(), 400, "session name"),
+    (b'{"prompt": "a", "temperature": NaN}', 400, "number NaN; every number must be finite"),
+    (b'{"prompt": "a", "logit_bias": {"65": Infinity}}', 400, "number Infinity"),
+    (b'{"prompt": "a", "logit_bias": {"65": -Infinity}}', 400, "number -Infinity"),
+    (b'{"prompt": "a", "logit_bias": {"65": 1e999}}', 400, "number 1e999"),
+    (b'{"prompt": "a", "user": {"x": [NaN]}}', 400, "finite"),                   # anywhere in the request
+    (json.dumps({"prompt": "a", "logit_bias": {"65": 1e39}}).encode(), 400, r"logit_bias.*\[-100, 100\]"),
+    (json.dumps({"prompt": "a", "logit_bias": {"65": 1e308}}).encode(), 400, r"logit_bias.*\[-100, 100\]"),
+    (json.dumps({"prompt": "a", "temperature": 10**400}).encode(), 400, "temperature"),
+    (json.dumps({"prompt": "a", "seed": 10**400}).encode(), 400, "seed"),
+    (json.dumps({"prompt": "a", "seed": -1}).encode(), 400, "seed"),
+    (b"[" * 1999, 400, "nested too deeply"),
 ])
 def test_bad_requests_get_a_4xx_with_a_message(client, body, status, match):
     r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
@@ -166,3 +180,146 @@ def test_a_session_from_other_weights_is_refused(run, tmp_path):
     with TestClient(create_app(run, ServeConfig(sessions_dir=str(folder)))) as c:
         r = c.post("/v1/completions", json={"prompt": "hi", "session": "s"})
         assert r.status_code == 400 and "another model" in r.json()["error"]["message"]
+
+
+def test_a_tiny_temperature_is_greedy(client):
+    greedy = complete(client, prompt="Hello ", temperature=0)["choices"][0]["text"]
+    assert complete(client, prompt="Hello ", temperature=1e-39)["choices"][0]["text"] == greedy
+
+
+def test_json_nested_100000_deep_or_with_a_5000_digit_number_is_a_400_and_the_connection_goes_on(run, tmp_path):
+    cfg = ServeConfig(sessions_dir=str(tmp_path), max_request_bytes=300_000)
+    with TestClient(create_app(run, cfg)) as c:
+        for body, match in ((b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+                            (b'{"a":' * 50_000, "nested too deeply"),
+                            (b'{"prompt": "a", "max_tokens": ' + b"9" * 5000 + b"}", "not valid JSON")):
+            r = c.post("/v1/completions", content=body)
+            assert r.status_code == 400 and match in r.json()["error"]["message"]
+        assert complete(c, prompt="a", max_tokens=2)["usage"]["completion_tokens"] == 2
+
+
+def test_a_fault_in_the_engine_or_a_route_is_a_json_500_and_the_next_request_works(client, monkeypatch):
+    import longmem.serving.server as server
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("probability tensor contains inf")
+
+    monkeypatch.setattr(client.app.state.engine, "_complete", boom)            # raised in the model thread
+    r = client.post("/v1/completions", json={"prompt": "a"})
+    assert r.status_code == 500
+    assert r.json() == {"error": {"message": "internal error: RuntimeError: probability tensor contains inf",
+                                  "type": "server_error"}}
+    monkeypatch.undo()
+    assert complete(client, prompt="a", max_tokens=2)["usage"]["completion_tokens"] == 2
+    monkeypatch.setattr(server, "parse_request", boom)                          # raised in the route
+    r = client.post("/v1/completions", json={"prompt": "a"})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    monkeypatch.undo()
+    assert complete(client, prompt="b", max_tokens=2)["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("method,path,status", [("POST", "/v1/chat/completions", 404), ("GET", "/nope", 404),
+                                                ("GET", "/v1/completions", 405), ("DELETE", "/health", 405)])
+def test_unknown_paths_and_methods_answer_in_the_error_format(client, method, path, status):
+    r = client.request(method, path, json={"prompt": "a"})
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert set(r.json()) == {"error"} and err["message"] and err["type"] in ("not_found_error",
+                                                                             "invalid_request_error")
+
+
+def test_docs_are_off_when_an_api_key_is_set(run, tmp_path):
+    with TestClient(create_app(run, ServeConfig(sessions_dir=str(tmp_path)))) as c:
+        assert c.get("/openapi.json").status_code == 200 and c.get("/docs").status_code == 200
+    with TestClient(create_app(run, ServeConfig(api_key="s3cret", sessions_dir=str(tmp_path)))) as c:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            for headers in ({}, {"Authorization": "Bearer s3cret"}):
+                r = c.get(path, headers=headers)
+                assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error", path
+
+
+def test_sessions_on_disk_are_capped_least_recently_used_first(run, tmp_path):
+    folder = tmp_path / "sessions"
+    cfg = ServeConfig(sessions_dir=str(folder), max_live_sessions=1, max_sessions_on_disk=2)
+
+    def on_disk():
+        return sorted(p.stem for p in folder.glob("*.safetensors"))
+
+    with TestClient(create_app(run, cfg)) as c:
+        for name in ("a", "b", "a", "c"):                 # a written, b written, a read back (used), a written
+            complete(c, prompt="hi. ", session=name, max_tokens=2)
+        assert on_disk() == ["a", "b"]
+        complete(c, prompt="hi. ", session="d", max_tokens=2)          # c written: b is the least recently used
+        assert on_disk() == ["a", "c"]
+        for i in range(6):
+            complete(c, prompt="hi. ", session=f"n{i}", max_tokens=2)
+            assert len(on_disk()) <= 2
+        again = complete(c, prompt="so", session="n4", max_tokens=2)   # kept: it was among the newest
+        assert again["session"]["turns"] == 2
+    assert on_disk() == ["n4", "n5"]                                   # the live one, written at shutdown
+
+
+def test_a_session_file_that_does_not_fit_the_model_is_a_json_error(run, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    folder = tmp_path / "sessions"
+    with TestClient(create_app(run, ServeConfig(sessions_dir=str(folder)))) as c:
+        complete(c, prompt="hi", session="s")
+    path = folder / "s.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    tensors["kv.keys.0"] = tensors["kv.keys.0"][..., :2].clone()               # other head size
+    del tensors["kv.keys.1"]                                                   # and a layer missing
+    save_file(tensors, str(path), metadata=meta)
+    with TestClient(create_app(run, ServeConfig(sessions_dir=str(folder)))) as c:
+        r = c.post("/v1/completions", json={"prompt": "hi", "session": "s"})
+        assert r.status_code == 400, r.text
+        msg = r.json()["error"]["message"]
+        assert str(path) in msg and "kv.keys.1" in msg and "kv.keys.0" in msg and "delete the file" in msg
+        assert complete(c, prompt="hi", session="t")["session"]["turns"] == 1    # the engine goes on
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_refuses_a_busy_port_before_its_banner(run, monkeypatch, capsys):
+    import uvicorn
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(kw))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", str(run.path), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"longmem serve: error: port {port} is in use on 127.0.0.1; pass --port" in err
+    assert "http://" not in err and not started                     # no banner, no server
+
+
+def test_serve_flags_reach_the_config_and_bad_numbers_exit_2(run, tmp_path, monkeypatch, capsys):
+    import uvicorn
+    seen = {}
+
+    def fake_run(app, *, host, port, **kw):
+        seen.update(store=app.state.engine.store, port=port)
+        app.state.engine.close()
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    port = _free_port()
+    assert main(["serve", str(run.path), "--port", str(port), "--sessions-dir", str(tmp_path),
+                 "--max-sessions-on-disk", "70", "--max-sessions-disk-bytes", "5000"]) == 0
+    assert (seen["store"].max_files, seen["store"].max_bytes, seen["port"]) == (70, 5000, port)
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "--max-sessions-on-disk" in capsys.readouterr().out
+    for args, match in [(["--session-idle-s", "nan"], "session_idle_s must be a finite number, got nan"),
+                        (["--session-idle-s", "inf"], "session_idle_s must be a finite number"),
+                        (["--max-sessions-on-disk", "0"], "max_sessions_on_disk must be positive"),
+                        (["--max-live-sessions", "9", "--max-sessions-on-disk", "8"],
+                         "max_sessions_on_disk (8) must be at least max_live_sessions (9)")]:
+        assert main(["serve", str(run.path), "--port", str(port), *args]) == 2
+        assert f"longmem serve: error: {match}" in capsys.readouterr().err

@@ -4,10 +4,13 @@ Each user line is appended to the session's memory (formatted by ``turn_format``
 and the model answers until a stop string or ``max_new_tokens``. After every
 turn the memory state is written to ``SESSIONS/NAME.safetensors`` and restored
 by the next ``longmem chat --session NAME``. Reads any text stream, so piped
-stdin works for scripting; prompts go to stderr only on a terminal.
+stdin works for scripting (bytes that are not UTF-8 become U+FFFD, with one
+warning); prompts go to stderr only on a terminal.
 """
 from __future__ import annotations
 
+import re
+import string
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -28,14 +31,50 @@ def default_sessions_dir(run_path: str | Path) -> Path:
     return Path(run_path) / "sessions"
 
 
+def check_turn_format(turn_format: str) -> str:
+    """ValueError unless ``turn_format`` has ``{text}`` and no other replacement field ({{ and }} for braces)."""
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(turn_format)
+                  if name is not None]
+    except ValueError as e:                                       # a single { or }
+        fields = [(str(e), "", None)]
+    if not fields or any(f != ("text", "", None) for f in fields):
+        raise ValueError(f"turn_format must contain {{text}} and no other field (write {{{{ and }}}} for "
+                         f"literal braces), got {turn_format!r}")
+    return turn_format
+
+
+def read_lines(stdin: TextIO, stderr: TextIO):
+    """The lines of ``stdin``; bytes that are not UTF-8 become U+FFFD, with one warning on ``stderr``.
+
+    A text stream over bytes is read through its byte buffer, so one bad line does not end the input."""
+    raw, warned = getattr(stdin, "buffer", None), False
+    while True:
+        if raw is not None:
+            data = raw.readline()
+            try:
+                line, bad = data.decode("utf-8"), False
+            except UnicodeDecodeError:
+                line, bad = data.decode("utf-8", errors="replace"), True
+        else:
+            line = stdin.readline()
+            line, bad = re.subn("[\ud800-\udfff]", "\ufffd", line)    # bytes smuggled in as surrogates
+        if bad and not warned:
+            print("longmem chat: warning: the input is not all UTF-8; bytes that are not were read as U+FFFD "
+                  "(said once)", file=stderr, flush=True)
+            warned = True
+        if not line:
+            return
+        yield line
+
+
 def run_chat(run, *, session: str = "default", sessions_dir: str | Path | None = None,
              sampling: SamplingConfig | None = None, turn_format: str = "{text}\n", attention_sink: int = 4,
              stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> dict:
     """Run the loop until end of input or /quit; returns the session's final stats."""
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     check_session_name(session)
-    if "{text}" not in turn_format:
-        raise ValueError(f"turn_format must contain {{text}}, got {turn_format!r}")
+    check_turn_format(turn_format)
     sampling = sampling or SamplingConfig(max_new_tokens=200, temperature=0.8, stop=["\n"])
     store = SessionStore(sessions_dir or default_sessions_dir(run.path), model=run.model)
     sess = store.load(session)
@@ -43,10 +82,11 @@ def run_chat(run, *, session: str = "default", sessions_dir: str | Path | None =
     interactive = stdin.isatty()
     print(f"session {session!r}: {sess.turns} turns remembered ({store.path(session)}); "
           f"commands: {', '.join(COMMANDS)}", file=stderr)
+    lines = read_lines(stdin, stderr)
     while True:
         if interactive:
             print("> ", end="", file=stderr, flush=True)
-        line = stdin.readline()
+        line = next(lines, "")
         if not line:
             break
         text = line.rstrip("\n")
@@ -73,7 +113,7 @@ def run_chat(run, *, session: str = "default", sessions_dir: str | Path | None =
         if not text:
             continue
         stream = TextStream(run.model, run.tokenizer, turn_format.format(text=text),
-                            sampling=replace(sampling, seed=sampling.seed + sess.turns), state=sess.state,
+                            sampling=replace(sampling, seed=(sampling.seed + sess.turns) % 2**63), state=sess.state,
                             decoder=decoder)
         for piece in stream:
             stdout.write(piece)

@@ -13,15 +13,15 @@ from typing import Iterator
 import torch
 
 from longmem.generation.decoding import Decoder
-from longmem.generation.processors import (SamplingConfig, TokenCounts, TopK, apply_processors,
+from longmem.generation.processors import (GREEDY_BELOW, SamplingConfig, TokenCounts, TopK, apply_processors,
                                            build_processors, sample)
 from longmem.models import MemoryLM
 from longmem.models.memory import State
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:
-    """logits: (B, V) -> (B,) token ids. temperature 0 is greedy; top_k 0 keeps all tokens."""
-    if temperature == 0:
+    """logits: (B, V) -> (B,) token ids. temperature 0 (below GREEDY_BELOW) is greedy; top_k 0 keeps all tokens."""
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k:

@@ -13,7 +13,7 @@ penalties, temperature, then the truncations (top-k, top-p, min-p).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -44,14 +44,17 @@ class TokenCounts:
 
 LogitsProcessor = Callable[[torch.Tensor, TokenCounts], torch.Tensor]
 NEG_INF = float("-inf")
+GREEDY_BELOW = 1e-5          # temperatures below this decode greedily (dividing by them overflows float32)
+MAX_BIAS = 100.0             # logit_bias values lie in [-MAX_BIAS, MAX_BIAS], as in OpenAI's API
 
 
 class Temperature:
-    """Divide the logits by ``t`` (> 0); greedy decoding (t = 0) is the sampler's job."""
+    """Divide the logits by ``t``; greedy decoding (t below GREEDY_BELOW) is the sampler's job."""
 
     def __init__(self, t: float):
-        if not t > 0:
-            raise ValueError(f"temperature must be > 0 here (0 means greedy), got {t}")
+        if not (t >= GREEDY_BELOW and math.isfinite(t)):
+            raise ValueError(f"temperature must be a finite number >= {GREEDY_BELOW} here (below it decoding "
+                             f"is greedy), got {t}")
         self.t = t
 
     def __call__(self, logits, counts):
@@ -77,6 +80,7 @@ class TopK:
 class TopP:
     """Nucleus sampling (Holtzman et al. 2020): keep the smallest set of most likely
     tokens whose probability mass is at least ``p``."""
+    TOLERANCE = 1e-6                                 # float rounding of a cumulative sum near p
 
     def __init__(self, p: float):
         if not 0 < p <= 1:
@@ -87,9 +91,12 @@ class TopP:
         if self.p >= 1:
             return logits
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)          # (B, V)
-        probs = torch.softmax(sorted_logits.float(), dim=-1)
-        mass_before = torch.cumsum(probs, dim=-1) - probs                            # mass of the tokens ahead
-        keep_sorted = mass_before < self.p                                           # the first token always stays
+        probs = torch.softmax(sorted_logits.double(), dim=-1)
+        # mass up to and including each token; within rounding of p counts as reached, so a set whose
+        # mass is exactly p (0.5 + 0.3 for p = 0.8) is not followed by one more token
+        reached = torch.cumsum(probs, dim=-1) >= self.p - self.TOLERANCE
+        keep_sorted = torch.ones_like(reached)
+        keep_sorted[..., 1:] = ~reached[..., :-1]                                    # stay while p is not reached
         keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
         return logits.masked_fill(~keep, NEG_INF)
 
@@ -159,7 +166,8 @@ class LogitBias:
 class SamplingConfig:
     """Everything that decides how tokens are drawn and when generation stops."""
     max_new_tokens: int = _help("tokens to generate at most", default=200)
-    temperature: float = _help("divide logits by this; 0 is greedy", default=1.0)
+    temperature: float = _help(f"divide logits by this; 0 (or anything below {GREEDY_BELOW}) is greedy",
+                               default=1.0)
     top_k: int = _help("keep the k most likely tokens (0: all)", default=0)
     top_p: float = _help("keep the smallest set of tokens with probability mass >= p (1: all)", default=1.0)
     min_p: float = _help("keep tokens with probability >= min_p * the top probability (0: off)", default=0.0)
@@ -167,11 +175,16 @@ class SamplingConfig:
     presence_penalty: float = _help("subtract this from tokens generated at least once, in [-2, 2]", default=0.0)
     frequency_penalty: float = _help("subtract this times the count of each generated token, in [-2, 2]",
                                      default=0.0)
-    logit_bias: dict[int, float] = _help("token id -> additive bias", default_factory=dict)
+    logit_bias: dict[int, float] = _help(f"token id -> additive bias in [-{MAX_BIAS:g}, {MAX_BIAS:g}] "
+                                         f"(-100 bans a token in practice)", default_factory=dict)
     stop: list[str] = _help("stop before the first occurrence of any of these strings", default_factory=list)
     seed: int = _help("seed of the sampler: same seed, same text", default=0)
 
     def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, got {v}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
@@ -191,14 +204,20 @@ class SamplingConfig:
             self.stop = [self.stop]
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         try:
             self.logit_bias = {int(k): float(v) for k, v in dict(self.logit_bias).items()}
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}") from None
+        bad = {k: v for k, v in self.logit_bias.items() if not -MAX_BIAS <= v <= MAX_BIAS}    # NaN too
+        if bad:
+            raise ValueError(f"logit_bias values must be finite numbers in [-{MAX_BIAS:g}, {MAX_BIAS:g}], got "
+                             f"{dict(list(bad.items())[:5])}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def build_processors(cfg: SamplingConfig, *, vocab_size: int) -> list[LogitsProcessor]:
@@ -231,7 +250,15 @@ def apply_processors(procs: list[LogitsProcessor], logits: torch.Tensor, counts:
 
 
 def sample(logits: torch.Tensor, *, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) processed logits -> (B,) ids: argmax when greedy, else a draw from softmax."""
+    """(B, V) processed logits -> (B,) ids: argmax when greedy, else a draw from softmax.
+
+    A lane with a NaN or +inf logit, or with every token at -inf, has no distribution to draw
+    from: ValueError, naming the lanes."""
+    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | ~torch.isfinite(logits).any(-1)
+    if bool(bad.any()):
+        raise ValueError(f"no token can be drawn in lane(s) {bad.nonzero().flatten().tolist()[:5]}: after the "
+                         f"sampling controls their logits are NaN, +inf or all -inf (look at logit_bias, the "
+                         f"penalties and truncations, or the model's weights)")
     if greedy:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits, dim=-1)

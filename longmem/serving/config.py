@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 
 def _help(text: str, **kw):
@@ -13,7 +14,8 @@ def _help(text: str, **kw):
 class ServeConfig:
     host: str = _help("address to bind; the default is loopback only", default="127.0.0.1")
     port: int = _help("TCP port", default=8000)
-    api_key: str = _help("if set, requests need 'Authorization: Bearer KEY' (or env LONGMEM_API_KEY)", default="")
+    api_key: str = _help("if set, requests need 'Authorization: Bearer KEY' (or env LONGMEM_API_KEY), and the "
+                         "interactive docs (/docs, /redoc, /openapi.json) are off", default="")
     sessions_dir: str = _help("where idle sessions are written (default: RUN/sessions)", default="")
     max_request_bytes: int = _help("largest request body accepted", default=1_000_000)
     max_prompt_chars: int = _help("longest prompt accepted, in characters", default=32_000)
@@ -24,14 +26,27 @@ class ServeConfig:
                                   default=600.0)
     max_session_bytes: int = _help("per-session memory cap; a session whose memory grows past it is reset",
                                    default=256_000_000)
+    max_sessions_on_disk: int = _help("session files kept in the sessions folder; past this the least recently "
+                                      "used are deleted (never one of a session live in RAM); at least "
+                                      "max_live_sessions", default=1000)
+    max_sessions_disk_bytes: int = _help("bytes of session files kept in the sessions folder, the least recently "
+                                         "used deleted first (live sessions' files are kept even past it)",
+                                         default=4_000_000_000)
     max_queue: int = _help("requests waiting for the model at most; more are refused with 503", default=256)
     attention_sink: int = _help("kind none: first positions kept in the decoding cache", default=4)
 
     def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, got {v}")
         for name in ("max_request_bytes", "max_prompt_chars", "max_tokens_limit", "max_live_sessions",
-                     "max_session_bytes", "max_queue"):
+                     "max_session_bytes", "max_queue", "max_sessions_on_disk", "max_sessions_disk_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_sessions_on_disk < self.max_live_sessions:
+            raise ValueError(f"max_sessions_on_disk ({self.max_sessions_on_disk}) must be at least "
+                             f"max_live_sessions ({self.max_live_sessions}): live sessions are never deleted")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.session_idle_s <= 0:

@@ -5,7 +5,10 @@ requests are never interleaved inside one model state. A session's memory is
 only ever read and written by requests naming that session: sessions live in a
 dict keyed by name, in RAM while in use, written to disk when idle for
 ``session_idle_s`` or when more than ``max_live_sessions`` are open (least
-recently used first), and on shutdown. Nothing here imports a web framework.
+recently used first), and on shutdown. On disk the folder keeps at most
+``max_sessions_on_disk`` files and ``max_sessions_disk_bytes`` bytes: after each
+write the least recently used files go, never one of a live session. Nothing
+here imports a web framework.
 """
 from __future__ import annotations
 
@@ -56,7 +59,8 @@ class Engine:
         self.run = run
         self.config = config
         self.store = SessionStore(Path(config.sessions_dir) if config.sessions_dir else Path(run.path) / "sessions",
-                                  model=run.model)
+                                  model=run.model, max_files=config.max_sessions_on_disk,
+                                  max_bytes=config.max_sessions_disk_bytes)
         self.decoder = Decoder(run.model, attention_sink=config.attention_sink)
         self.live: OrderedDict[str, Session] = OrderedDict()
         self.queue: queue.Queue[_Job | None] = queue.Queue(maxsize=config.max_queue)
@@ -145,7 +149,7 @@ class Engine:
                           session=sess.stats() if sess else None, memory_reset=reset)
 
     def _evict(self, *, idle_only: bool) -> None:
-        now = time.time()
+        now, saved = time.time(), False
         for name in list(self.live):
             sess = self.live[name]
             idle = now - sess.updated > self.config.session_idle_s and name != next(reversed(self.live))
@@ -154,8 +158,12 @@ class Engine:
                 continue
             self.store.save(sess)
             del self.live[name]
+            saved = True
+        if saved:
+            self.store.prune(keep=self.live)
 
     def _flush(self) -> int:
         for sess in self.live.values():
             self.store.save(sess)
+        self.store.prune(keep=self.live)
         return len(self.live)

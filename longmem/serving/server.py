@@ -5,19 +5,26 @@
 and the longmem extras ``top_k``, ``min_p``, ``repetition_penalty``,
 ``presence_penalty``, ``frequency_penalty`` and ``session`` (a name: the
 prompt is added to that session's memory and the answer continues from it).
-``GET /health`` says the server is up. Errors are 4xx with
-``{"error": {"message": ..., "type": ...}}``.
+``GET /health`` says the server is up. Every error, whatever raised it (a bad
+request, an unknown path, a fault inside the model), is JSON:
+``{"error": {"message": ..., "type": ...}}``, 4xx for the client's mistakes and
+500 (type ``server_error``) otherwise. With an API key set, the interactive docs
+(``/docs``, ``/redoc``, ``/openapi.json``) are off.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import json
+import math
 import os
 import secrets
+import socket
 import sys
 import time
+import traceback
 import uuid
 from typing import Any
 
@@ -28,7 +35,9 @@ from longmem.serving.engine import Engine, QueueFull
 
 try:
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
 except ImportError as e:                                     # pragma: no cover - depends on the install
     raise ImportError("longmem serve needs the 'serve' extra: pip install 'longmem[serve]' "
                       "(FastAPI and uvicorn)") from e
@@ -45,17 +54,75 @@ class RequestError(Exception):
         self.status, self.message, self.kind = status, message, kind
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+def _error(status: int, message: str, kind: str = "invalid_request_error", headers=None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
+
+
+def _error_kind(status: int) -> str:
+    if status >= 500:
+        return "server_error"
+    return {401: "authentication_error", 404: "not_found_error"}.get(status, "invalid_request_error")
+
+
+class CatchAll:
+    """ASGI middleware: an exception nobody handled becomes the documented JSON 500 (and a traceback on
+    stderr). Starlette's own handler for ``Exception`` re-raises after answering, which makes uvicorn close
+    the connection; this one does not, so the client's next request on it works."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        started = False
+
+        async def send_tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as e:
+            if scope["type"] != "http" or started:              # nothing JSON can be said any more
+                raise
+            print(f"longmem serve: internal error in {scope.get('method')} {scope.get('path')}:", file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)
+            await _error(500, f"internal error: {type(e).__name__}: {e}", "server_error")(scope, receive, send)
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_json(raw: bytes) -> Any:
+    """The request body; RequestError (400) for anything that is not plain JSON with finite numbers."""
+    def refuse(text):
+        raise RequestError(400, f"the request holds the number {text}; every number must be finite")
+
+    def finite(text: str) -> float:
+        v = float(text)
+        return v if math.isfinite(v) else refuse(text)
+
+    try:
+        return json.loads(raw, parse_constant=refuse, parse_float=finite)
+    except RecursionError:
+        raise RequestError(400, "the request body is nested too deeply") from None
+    except ValueError as e:                                    # JSONDecodeError, UnicodeDecodeError, digit limit
+        raise RequestError(400, f"the request body is not valid JSON: {e}") from None
 
 
 def _number(body: dict, name: str, kind: type, default: Any) -> Any:
     v = body.get(name, default)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
-        raise RequestError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'}, got {v!r}")
-    return kind(v)
+    try:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+            raise TypeError
+        return kind(v)
+    except (TypeError, OverflowError):
+        raise RequestError(400, f"'{name}' must be {'an integer' if kind is int else 'a finite number'} "
+                                f"in range, got {_short(v)}") from None
 
 
 def parse_request(body: Any, *, config: ServeConfig, vocab_size: int) -> tuple[str, SamplingConfig, str | None, bool]:
@@ -119,8 +186,19 @@ def create_app(run, config: ServeConfig | None = None) -> FastAPI:
         yield
         engine.close()                                         # finish the queue, write the live sessions
 
-    app = FastAPI(title="longmem", version="1", lifespan=lifespan)
+    docs = {} if not api_key else {"docs_url": None, "redoc_url": None, "openapi_url": None}  # key: docs off
+    app = FastAPI(title="longmem", version="1", lifespan=lifespan, **docs)
     app.state.engine = engine
+    app.add_middleware(CatchAll)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):          # 404, 405 ... in the documented format
+        return _error(exc.status_code, str(exc.detail), _error_kind(exc.status_code), headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return _error(422, "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}"
+                                     for e in exc.errors()) or "invalid request")
     model_name = run.path.name
     vocab_size = run.model.config.vocab_size
 
@@ -148,11 +226,7 @@ def create_app(run, config: ServeConfig | None = None) -> FastAPI:
             if len(raw) > config.max_request_bytes:
                 return _error(413, f"request body is over {config.max_request_bytes} bytes")
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return _error(400, f"the request body is not valid JSON: {e}")
-        try:
-            prompt, sampling, session, stream = parse_request(body, config=config, vocab_size=vocab_size)
+            prompt, sampling, session, stream = parse_request(parse_json(raw), config=config, vocab_size=vocab_size)
         except RequestError as e:
             return _error(e.status, e.message, e.kind)
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -206,9 +280,22 @@ def create_app(run, config: ServeConfig | None = None) -> FastAPI:
     return app
 
 
+def check_port(host: str, port: int) -> None:
+    """ValueError unless ``host:port`` can be bound now (as uvicorn binds it: SO_REUSEADDR set)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ValueError(f"port {port} is in use on {host}; pass --port with a free one") from None
+            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}); check --host and --port") from None
+
+
 def serve(run, config: ServeConfig) -> None:
-    """Run the app with uvicorn until interrupted."""
+    """Run the app with uvicorn until interrupted (ValueError first if the address cannot be bound)."""
     import uvicorn
+    check_port(config.host, config.port)
     if not config.loopback and not (config.api_key or os.environ.get("LONGMEM_API_KEY")):
         print(f"longmem serve: warning: listening on {config.host} without an API key; anyone who can reach "
               f"this address can use the model (set --api-key)", file=sys.stderr)

@@ -5,7 +5,9 @@ is safetensors (one tensor per retrieving layer for keys and one for values, the
 entries oldest first) with JSON metadata in its header: format name and version,
 dimensions, and a fingerprint of the model weights. Keys and values only mean
 something to the weights that produced them, so a memory from another model is
-refused.
+refused, and so is a damaged file (a header field missing or of the wrong type,
+tensors missing, extra, of another dtype or shape, or holding NaN/inf): always
+with a ValueError naming the file and what is wrong.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from longmem.models.weights import weights_fingerprint
 
 FORMAT = "longmem.knn_memory"
 VERSION = 1
+_FIELDS = {"layers": list, "n_heads": int, "head_dim": int, "normalize": bool, "weights_fingerprint": str,
+           "entries": int, "written": int}                # header fields and their JSON types
 
 
 def _knn(model, state: State, lane: int) -> KNNState:
@@ -61,20 +65,39 @@ def save_knn_memory(model, state: State, *, lane: int, path: str | Path) -> Path
     return path
 
 
-def read_knn_metadata(path: str | Path) -> dict:
-    path = Path(path)
+def _read(path: Path, *, tensors: bool) -> tuple[str | None, dict[str, torch.Tensor]]:
+    """The raw ``longmem`` metadata and (if asked) every tensor of a safetensors file."""
     if not path.is_file():
         raise FileNotFoundError(f"kNN memory file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("longmem")
-    except Exception as e:                                                 # not safetensors at all
-        raise ValueError(f"{path} is not a safetensors kNN memory file ({e})") from None
-    meta = json.loads(raw) if raw else {}
+            return raw, {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except Exception as e:                       # whatever the reader raises on a torn or foreign file
+        raise ValueError(f"{path} is not a readable safetensors kNN memory file ({e})") from None
+
+
+def read_knn_metadata(path: str | Path) -> dict:
+    """The checked header of a kNN memory file (ValueError if it is not one, or is damaged)."""
+    path = Path(path)
+    raw, _ = _read(path, tensors=False)
+    try:
+        meta = json.loads(raw) if raw else {}
+    except (ValueError, RecursionError):
+        raise ValueError(f"{path} is damaged: its 'longmem' metadata is not JSON") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is damaged: its 'longmem' metadata is not a JSON object")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a longmem kNN memory (format {meta.get('format')!r}, want {FORMAT!r})")
     if meta.get("version") != VERSION:
         raise ValueError(f"{path} has kNN memory format version {meta.get('version')}; this longmem reads {VERSION}")
+    wrong = [f"{k}={meta.get(k)!r} (want {t.__name__})" for k, t in _FIELDS.items() if type(meta.get(k)) is not t]
+    if not wrong and any(type(i) is not int for i in meta["layers"]):
+        wrong.append(f"layers={meta['layers']!r} (want a list of block numbers)")
+    if not wrong and not 0 <= meta["entries"] <= meta["written"]:
+        wrong.append(f"entries={meta['entries']}, written={meta['written']} (want 0 <= entries <= written)")
+    if wrong:
+        raise ValueError(f"{path} is damaged: header field(s) {', '.join(wrong)}")
     return meta
 
 
@@ -95,11 +118,24 @@ def load_knn_memory(model, state: State, *, lane: int, path: str | Path) -> Stat
         raise ValueError(f"{path} was written by another model (weights fingerprint "
                          f"{meta['weights_fingerprint']}, this model {mine['weights_fingerprint']}); "
                          f"its keys and values mean nothing to these weights")
+    _, tensors = _read(Path(path), tensors=True)
+    names = [f"{part}.{j}" for part in ("keys", "values") for j in range(len(knn.keys))]
+    missing, extra = [k for k in names if k not in tensors], sorted(set(tensors) - set(names))
+    if missing or extra:
+        raise ValueError(f"{path} is damaged: tensors missing {missing}, unexpected {extra[:5]}")
+    _, H, _, Dh = knn.keys[0].shape
+    want, dtype = (H, meta["entries"], Dh), knn.keys[0].dtype
+    for k in names:
+        t = tensors[k]
+        if t.dtype != dtype or tuple(t.shape) != want:
+            raise ValueError(f"{path} is damaged: {k} is {t.dtype} of shape {tuple(t.shape)}, want {dtype} of "
+                             f"shape {want} (heads, entries, head_dim)")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path} is damaged: {k} holds NaN or inf")
+    saved_k = [tensors[f"keys.{j}"] for j in range(len(knn.keys))]
+    saved_v = [tensors[f"values.{j}"] for j in range(len(knn.keys))]
     C = knn.capacity
-    with safe_open(str(path), framework="pt") as f:
-        saved_k = [f.get_tensor(f"keys.{j}") for j in range(len(knn.keys))]
-        saved_v = [f.get_tensor(f"values.{j}") for j in range(len(knn.keys))]
-    n = min(int(meta["entries"]), C)
+    n = min(meta["entries"], C)
     keys, values = [], []
     for old_k, old_v, k, v in zip(knn.keys, knn.values, saved_k, saved_v):
         new_k, new_v = old_k.clone(), old_v.clone()

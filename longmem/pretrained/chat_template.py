@@ -71,11 +71,11 @@ def compile_template(template: str):
 
 def check_messages(messages: Any) -> list[dict[str, Any]]:
     """``messages`` as a list of plain dicts, each with a string ``role`` and a ``content``."""
-    if not isinstance(messages, (list, tuple)):
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Iterable):
         raise ValueError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got "
                          f"{type(messages).__name__}.")
     out = []
-    for i, m in enumerate(messages):
+    for i, m in enumerate(list(messages)):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or "content" not in m:
             raise ValueError(f"message {i} must be a dict with a string 'role' (system, user, assistant, ...) and "
                              f"a 'content'; got {m!r}.")
@@ -102,7 +102,7 @@ def render_chat(template: str, messages: Iterable[Mapping[str, Any]], *, add_gen
     variables = {"tools": None, "documents": None,
                  **{k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token)) if v is not None}, **kw}
     try:
-        return compiled.render(messages=check_messages(list(messages)), add_generation_prompt=add_generation_prompt,
+        return compiled.render(messages=check_messages(messages), add_generation_prompt=add_generation_prompt,
                                **variables)
     except jinja2.exceptions.SecurityError as e:
         raise ChatTemplateError(f"the chat template tried something the sandbox forbids: {e}") from None

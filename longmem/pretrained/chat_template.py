@@ -12,10 +12,11 @@ of Python internals, no mutation of the caller's objects), ``trim_blocks`` and `
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 # End-of-turn markers of common chat formats: ChatML (SmolLM2, Qwen), Llama 3, Gemma, Phi-3, Mistral.
 END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "</s>",

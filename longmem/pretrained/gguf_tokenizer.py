@@ -118,10 +118,10 @@ def build_tokenizer(meta: dict[str, Any]) -> tuple[Tokenizer, dict[str, Any]]:
     """
     kind = meta.get("tokenizer.ggml.model")
     if kind not in TOKENIZER_MODELS or not meta.get("tokenizer.ggml.tokens"):
-        raise ValueError(f"the GGUF file's tokenizer model is {kind!r} (tokenizer.ggml.model) "
-                         f"{'without a vocabulary ' if not meta.get('tokenizer.ggml.tokens') else ''}"
-                         f"; longmem rebuilds {TOKENIZER_MODELS[0]!r} (byte-level BPE) and {TOKENIZER_MODELS[1]!r} "
-                         f"(SentencePiece-style BPE) tokenizers.")
+        found = f"{kind!r}" + ("" if meta.get("tokenizer.ggml.tokens") else " with no vocabulary")
+        raise ValueError(f"the GGUF file's tokenizer (tokenizer.ggml.model) is {found}; longmem rebuilds "
+                         f"{TOKENIZER_MODELS[0]!r} (byte-level BPE) and {TOKENIZER_MODELS[1]!r} (SentencePiece-style "
+                         f"BPE) tokenizers.")
     tok, post = _byte_level(meta) if kind == "gpt2" else _sentencepiece(meta)
     tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
     # Control tokens (<|im_start|>, <s>) are matched whole and skipped by decode(skip_special_tokens);

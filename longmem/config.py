@@ -243,9 +243,10 @@ class DataConfig:
                             "the local cache or network access); replaces data.path", default="")
     hf_config: str = _help("the Hugging Face dataset configuration", default="")
     hf_split: str = _help("the Hugging Face split read as the corpus", default="train")
-    tokenizer: Literal["byte", "char", "bpe"] = _help(
+    tokenizer: Literal["byte", "char", "bpe", "pretrained"] = _help(
         "byte (any UTF-8, vocab 256) | char (characters of the corpus) | bpe (byte-level BPE trained on the "
-        "corpus with Hugging Face tokenizers)", default="byte")
+        "corpus with Hugging Face tokenizers) | pretrained (the tokenizer of an imported model, kept as it is: "
+        "runs made by longmem import, and train --init-from such a run)", default="byte")
     vocab_size: int = _help("vocabulary size of the bpe tokenizer", default=4096)
     cache: bool = _help("tokenize a file corpus once into a memory-mapped token file cached beside the data",
                         default=True)

@@ -73,7 +73,8 @@ def load_run(path: str | Path, *, overrides: dict[str, str] | None = None) -> Ru
             raise FileNotFoundError(f"{path} is not a finished run: {name} is missing")
     config = load_run_config(path)
     tokenizer = load_tokenizer(path / TOKENIZER)
-    if tokenizer.vocab_size != config.model.vocab_size:
+    if tokenizer.vocab_size > config.model.vocab_size or (tokenizer.vocab_size != config.model.vocab_size
+                                                          and tokenizer.kind != "pretrained"):
         raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model expects "
                          f"{config.model.vocab_size}")
     if overrides:

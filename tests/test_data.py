@@ -154,6 +154,27 @@ def test_bpe_tokenizer_trains_round_trips_and_saves(tmp_path):
         build_tokenizer("bpe", texts, vocab_size=100)
 
 
+def test_bpe_tokenizer_file_is_plain_hugging_face_and_the_old_wrapper_still_loads(tmp_path):
+    import json
+
+    from tokenizers import Tokenizer
+    from longmem.data.tokenizer import BPETokenizer, build_tokenizer, load_tokenizer, save_tokenizer
+    tok = build_tokenizer("bpe", embedded_corpus()[:10], vocab_size=300)
+    save_tokenizer(tok, tmp_path / "tokenizer.json")
+    sample = "the with statement 42"
+    assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(sample).ids == tok.encode(sample)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert hf(sample, add_special_tokens=False)["input_ids"] == tok.encode(sample)
+    # runs of longmem 0.1 wrapped the file in longmem's own format
+    old = tmp_path / "old" / "tokenizer.json"
+    old.parent.mkdir()
+    old.write_text(json.dumps({"format": "longmem-tokenizer", "version": 1, "type": "bpe",
+                               "hf": json.loads(tok.hf.to_str())}))
+    back = load_tokenizer(old)
+    assert isinstance(back, BPETokenizer) and back.encode(sample) == tok.encode(sample)
+
+
 def test_token_cache_is_memory_mapped_and_reused(tmp_path):
     from longmem.data.cache import cache_dir_for, encode_texts
     from longmem.data.tokenizer import ByteTokenizer, CharTokenizer

@@ -66,35 +66,26 @@ class CharTokenizer:
         return {"format": FORMAT, "version": 1, "type": "char", "chars": self.itos[1:]}
 
 
-class BPETokenizer:
-    """Byte-level BPE trained with Hugging Face ``tokenizers`` (no unknown tokens: the
-    256 byte symbols are always in the vocabulary)."""
-    kind = "bpe"
+class HFTokenizer:
+    """A Hugging Face ``tokenizers`` tokenizer, saved as a plain ``tokenizer.json`` that Hugging Face tools
+    read, with ``tokenizer_config.json`` beside it (special tokens, chat template, and
+    ``longmem_tokenizer``: the longmem kind)."""
+    kind = "hf"
 
-    def __init__(self, hf):
+    def __init__(self, hf, *, config: dict | None = None, generation_config: dict | None = None):
         self.hf = hf
-
-    @classmethod
-    def fit(cls, texts: Iterable[str], *, vocab_size: int) -> "BPETokenizer":
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, pre_tokenizers, trainers
-        hf = HFTokenizer(models.BPE())
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        hf.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=False)
-        hf.train_from_iterator(texts, trainer=trainer)
-        return cls(hf)
+        self.config = dict(config or {})
+        self.generation_config = dict(generation_config or {})
 
     @property
     def vocab_size(self) -> int:
-        return self.hf.get_vocab_size()
+        return self.hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text).ids
+        return self.hf.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.hf.decode(list(ids))
+        return self.hf.decode(list(ids), skip_special_tokens=False)
 
     def stream_decoder(self):
         """Decodes the running sequence and returns the new text, holding back a
@@ -105,7 +96,7 @@ class BPETokenizer:
         def step(new: Iterable[int]) -> str:
             nonlocal emitted
             ids.extend(new)
-            text = self.hf.decode(ids)
+            text = self.decode(ids)
             if text.endswith("\ufffd"):
                 return ""
             piece, emitted = text[emitted:], len(text)
@@ -113,7 +104,63 @@ class BPETokenizer:
         return step
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": 1, "type": "bpe", "hf": json.loads(self.hf.to_str())}
+        """Everything that decides the token ids (the token cache keys on it)."""
+        return {"type": self.kind, "hf": json.loads(self.hf.to_str()), "config": self.config}
+
+    def save(self, path: str | Path) -> None:
+        """``path`` (tokenizer.json) and ``tokenizer_config.json`` (+ ``generation_config.json``) beside it."""
+        from longmem.training.checkpoint import atomic_write_text
+        path = Path(path)
+        atomic_write_text(path, self.hf.to_str())
+        atomic_write_text(path.with_name(CONFIG_FILE),
+                          json.dumps({**self.config, "longmem_tokenizer": self.kind}, indent=1, ensure_ascii=False))
+        if self.generation_config:
+            atomic_write_text(path.with_name(GENERATION_FILE), json.dumps(self.generation_config, indent=1))
+
+
+class PretrainedTokenizer(HFTokenizer):
+    """The tokenizer of an imported pretrained model: its special tokens, chat template (``chat_template``)
+    and end-of-turn tokens. ``encode`` adds the BOS token when the model's config asks for it
+    (``add_bos_token``), as Hugging Face tokenizers do; prompts made by a chat template hold it already
+    (``encode(text, add_bos=False)``)."""
+    kind = "pretrained"
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.config.get("chat_template")
+
+    @property
+    def bos_id(self) -> int | None:
+        tok = self.config.get("bos_token")
+        return self.hf.token_to_id(tok) if isinstance(tok, str) else None
+
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        ids = self.hf.encode(text, add_special_tokens=False).ids
+        add = self.config.get("add_bos_token", False) if add_bos is None else add_bos
+        return ([self.bos_id] if add and self.bos_id is not None and ids[:1] != [self.bos_id] else []) + ids
+
+    def end_of_turn(self):
+        """The token ids and strings that end an assistant turn (``chat_template.StopTokens``)."""
+        from longmem.pretrained.chat_template import end_of_turn
+        return end_of_turn(self.hf, self.config, self.generation_config)
+
+
+class BPETokenizer(HFTokenizer):
+    """Byte-level BPE trained with Hugging Face ``tokenizers`` (no unknown tokens: the
+    256 byte symbols are always in the vocabulary)."""
+    kind = "bpe"
+
+    @classmethod
+    def fit(cls, texts: Iterable[str], *, vocab_size: int) -> "BPETokenizer":
+        from tokenizers import Tokenizer as HFTok
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+        hf = HFTok(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf)
 
 
 class WordTokenizer:
@@ -151,7 +198,8 @@ class WordTokenizer:
         return {"format": FORMAT, "version": 1, "type": "word", "words": self.itos[2:]}
 
 
-Tokenizer = ByteTokenizer | CharTokenizer | BPETokenizer | WordTokenizer
+Tokenizer = ByteTokenizer | CharTokenizer | BPETokenizer | WordTokenizer | PretrainedTokenizer
+CONFIG_FILE, GENERATION_FILE = "tokenizer_config.json", "generation_config.json"
 
 
 def build_tokenizer(kind: str, texts: Iterable[str], *, vocab_size: int = 4096) -> Tokenizer:
@@ -167,8 +215,40 @@ def build_tokenizer(kind: str, texts: Iterable[str], *, vocab_size: int = 4096) 
 
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
+    """Write ``tok`` to ``path`` (tokenizer.json): Hugging Face tokenizers as plain Hugging Face files
+    (see :class:`HFTokenizer`), the others in longmem's own format."""
+    if isinstance(tok, HFTokenizer):
+        tok.save(path)
+        return
     from longmem.training.checkpoint import atomic_write_text
     atomic_write_text(path, json.dumps(tok.to_dict(), ensure_ascii=False))
+
+
+def _read_json_beside(path: Path, name: str) -> dict:
+    other = path.with_name(name)
+    if not other.is_file():
+        return {}
+    try:
+        d = json.loads(other.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{other} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{other} must hold a JSON object")
+    return d
+
+
+def _load_hf(path: Path, text: str) -> HFTokenizer:
+    """A plain Hugging Face tokenizer.json (and the config files beside it)."""
+    from tokenizers import Tokenizer as HFTok
+    try:
+        hf = HFTok.from_str(text)
+    except Exception as e:                                # tokenizers raises its own Exception type
+        raise ValueError(f"{path} is not a tokenizer file Hugging Face tokenizers can read: {e}") from None
+    config = _read_json_beside(path, CONFIG_FILE)
+    kind = config.pop("longmem_tokenizer", "pretrained")
+    if kind == "bpe":
+        return BPETokenizer(hf)
+    return PretrainedTokenizer(hf, config=config, generation_config=_read_json_beside(path, GENERATION_FILE))
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -179,6 +259,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not a longmem tokenizer (not valid JSON: {e})") from None
+    if isinstance(d, dict) and "model" in d and "format" not in d:       # a plain Hugging Face tokenizer.json
+        return _load_hf(path, path.read_text(encoding="utf-8"))
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ValueError(f"{path} is not a longmem tokenizer (missing format: {FORMAT!r})")
     if d.get("type") == "byte":
@@ -188,9 +270,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if d.get("type") == "word" and isinstance(d.get("words"), list):
         return WordTokenizer(d["words"])
     if d.get("type") == "bpe" and isinstance(d.get("hf"), dict):
-        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import Tokenizer as HFTok
         try:
-            return BPETokenizer(HFTokenizer.from_str(json.dumps(d["hf"])))
+            return BPETokenizer(HFTok.from_str(json.dumps(d["hf"])))
         except Exception as e:                            # tokenizers raises its own Exception type
             raise ValueError(f"{path}: the BPE tokenizer inside cannot be read: {e}") from None
     raise ValueError(f"{path}: unknown tokenizer type {d.get('type')!r}; accepted: byte, char, bpe, word")

@@ -13,58 +13,40 @@ from __future__ import annotations
 import torch
 
 from longmem.config import MemoryConfig, ModelConfig
+from longmem.pretrained.checkpoint import complete_config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def _rope(hf: dict) -> tuple[float, dict]:
-    """(rope_theta, rope_scaling) from a config.json of transformers 4 (rope_theta, rope_scaling) or 5
-    (rope_parameters)."""
-    params = dict(hf.get("rope_parameters") or {})
-    theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-    scaling = dict(hf.get("rope_scaling") or params)
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind in (None, "default"):
-        return theta, {}
-    if kind not in ("linear", "llama3"):
-        raise ValueError(f"rope scaling {kind!r} is not supported; supported: none, linear, llama3")
-    return theta, {k: v for k, v in scaling.items() if k != "type"} | {"rope_type": kind}
 
 
 def model_config_from_hf(hf: dict, *, segment_len: int, memory: MemoryConfig | None = None) -> ModelConfig:
-    """The MemoryLM config of a Hugging Face ``config.json`` mapping. ValueError for a model type or an
-    option longmem's block does not have, naming it and what is supported."""
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
-                         f"(Llama-family blocks: GQA, SwiGLU, RMSNorm, rotary positions)")
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"hidden_act {act!r} is not supported (the Llama family's SwiGLU uses silu)")
-    if hf.get("mlp_bias"):
-        raise ValueError("mlp_bias: true is not supported (longmem's MLP has no biases)")
-    if model_type == "llama" and hf.get("attention_bias"):
-        raise ValueError("attention_bias: true on a llama model also puts a bias on o_proj, which longmem's "
-                         "attention does not have; supported: q/k/v biases as in Qwen2")
-    if model_type == "qwen3" and hf.get("attention_bias"):
-        raise ValueError("attention_bias: true on a qwen3 model also puts a bias on o_proj, which longmem's "
-                         "attention does not have")
-    window = hf.get("sliding_window")
-    if window and (model_type == "mistral" or hf.get("use_sliding_window")):
-        raise ValueError(f"a sliding attention window ({window}) is not supported; longmem's memory kinds "
-                         f"(--memory.kind sinks) bound attention instead: set sliding_window to null to import "
-                         f"it with full attention")
-    d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-    head_dim = int(hf.get("head_dim") or d // heads)
-    theta, scaling = _rope(hf)
+    """The MemoryLM config of a Hugging Face ``config.json`` mapping (completed with its model type's
+    defaults, ``checkpoint.complete_config``). ValueError for a model type or an option longmem's block
+    does not have, naming it and what is supported."""
+    cfg = complete_config(hf)
+    problems = []
+    if cfg["attention_out_bias"]:
+        problems.append("attention_bias: true on a llama or qwen3 model also puts a bias on o_proj, which longmem's "
+                        "attention does not have (supported: q/k/v biases, as Qwen2 has)")
+    if cfg["mlp_bias"]:
+        problems.append("mlp_bias: true (longmem's MLP has no biases)")
+    if cfg["sliding_window"]:
+        problems.append(f"a sliding attention window ({cfg['sliding_window']}): longmem's memory kinds bound "
+                        f"attention instead (--memory.kind sinks); set sliding_window to null in config.json to "
+                        f"import it with full attention")
+    scaling = dict(cfg["rope_scaling"] or {})
+    kind = scaling.pop("rope_type", scaling.pop("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        problems.append(f"rope scaling {kind!r} (supported: none, linear, llama3)")
+    if problems:
+        raise ValueError(f"this {cfg['model_type']} model cannot be imported: " + "; ".join(problems))
+    d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     return ModelConfig(
-        vocab_size=int(hf["vocab_size"]), d_model=d, n_layers=int(hf["num_hidden_layers"]), n_heads=heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or heads), head_dim=0 if head_dim * heads == d else head_dim,
-        d_ff=int(hf["intermediate_size"]), mlp="swiglu", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias")),
-        qk_norm=model_type == "qwen3", segment_len=segment_len, rope_theta=theta, rope_scaling=scaling,
-        max_position_embeddings=int(hf.get("max_position_embeddings") or 0),
-        memory=memory or MemoryConfig())
+        vocab_size=cfg["vocab_size"], d_model=d, n_layers=cfg["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=cfg["num_key_value_heads"], head_dim=0 if cfg["head_dim"] * heads == d else cfg["head_dim"],
+        d_ff=cfg["intermediate_size"], mlp="swiglu", tie_embeddings=bool(cfg["tie_word_embeddings"]),
+        norm_eps=float(cfg["rms_norm_eps"]), qkv_bias=bool(cfg["attention_bias"]), qk_norm=bool(cfg["qk_norm"]),
+        segment_len=segment_len, rope_theta=float(cfg["rope_theta"]),
+        rope_scaling={} if kind == "default" else {**scaling, "rope_type": kind},
+        max_position_embeddings=int(cfg["max_position_embeddings"] or 0), memory=memory or MemoryConfig())
 
 
 def _take(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -96,8 +78,7 @@ def state_dict_from_hf(tensors: dict[str, torch.Tensor], config: ModelConfig) ->
         out[q + "mlp.up.weight"] = torch.cat([_take(f, p + "mlp.gate_proj.weight"), _take(f, p + "mlp.up_proj.weight")])
         out[q + "mlp.down.weight"] = _take(f, p + "mlp.down_proj.weight")
     out["norm.weight"] = _take(f, "norm.weight")
-    if not c.tie_embeddings:
-        out["head.weight"] = tensors.get("lm_head.weight", f.get("embed_tokens.weight"))
+    out["head.weight"] = tensors.get("lm_head.weight", out["embed.weight"]) if not c.tie_embeddings else out["embed.weight"]
     return {k: v.float().contiguous() for k, v in out.items()}
 
 

@@ -102,11 +102,11 @@ def test_export_maps_back_to_the_same_tensors_and_config(model_type, tie):
 
 def test_unsupported_configs_are_refused_by_name():
     base = tiny_hf("llama").config.to_dict()
-    for change, match in (({"model_type": "gpt2"}, "model_type 'gpt2' is not supported; supported: llama"),
+    for change, match in (({"model_type": "gpt2"}, "gpt2"),
                           ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
                           ({"mlp_bias": True}, "mlp_bias"),
                           ({"attention_bias": True}, "o_proj"),
-                          ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "yarn")):
+                          ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn")):
         with pytest.raises(ValueError, match=match):
             model_config_from_hf({**base, **change}, segment_len=64)
     with pytest.raises(ValueError, match="sliding attention window"):

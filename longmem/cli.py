@@ -272,19 +272,20 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--session", default="default", help="session name; its memory is kept across runs")
     p.add_argument("--sessions-dir", default=None, help="where session files live (default: RUN/sessions)")
-    p.add_argument("--turn-format", default="{text}\n", help="how a user line is fed to the model: {text} is "
-                   "the line, the only field allowed ({{ and }} for literal braces)")
+    p.add_argument("--turn-format", default=None, help="how a user line is fed to the model: {text} is the line, "
+                   "the only field allowed ({{ and }} for literal braces) [default: the model's chat template if "
+                   "it has one (imported models), else '{text}\\n']")
+    p.add_argument("--system", default=None, help="system prompt of the conversation's first turn (models with a "
+                   "chat template)")
     _sampling_args(p, temperature=0.8, stop=None)
 
 
 def _chat(args, overrides) -> int:
     from longmem.generation.chat import run_chat
     sampling = _sampling(args)
-    if not args.stop:
-        sampling.stop = ["\n"]
     run = _load_run(args, overrides)
     run_chat(run, session=args.session, sessions_dir=args.sessions_dir, sampling=sampling,
-             turn_format=args.turn_format, attention_sink=args.attention_sink)
+             turn_format=args.turn_format, system=args.system, attention_sink=args.attention_sink)
     return 0
 
 

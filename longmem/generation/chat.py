@@ -1,7 +1,9 @@
 """``longmem chat``: a conversation whose memory outlives the process.
 
-Each user line is appended to the session's memory (formatted by ``turn_format``)
-and the model answers until a stop string or ``max_new_tokens``. After every
+Each user line is appended to the session's memory, formatted by the model's own chat
+template (imported models; rendered one turn at a time, ``TurnRenderer``) or by ``turn_format``,
+and the model answers until a stop string (the template's end-of-turn token, else a newline) or
+``max_new_tokens``. After every
 turn the memory state is written to ``SESSIONS/NAME.safetensors`` and restored
 by the next ``longmem chat --session NAME``. Reads any text stream, so piped
 stdin works for scripting (bytes that are not UTF-8 become U+FFFD, with one
@@ -15,6 +17,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
+
+import torch
 
 from longmem.generation.decoding import Decoder
 from longmem.generation.generate import TextStream
@@ -68,14 +72,33 @@ def read_lines(stdin: TextIO, stderr: TextIO):
         yield line
 
 
+def chat_format(tokenizer, *, turn_format: str | None = None, system: str | None = None):
+    """How turns are fed: the model's own chat template (a :class:`TurnRenderer`) when its tokenizer has one
+    and no ``turn_format`` is given, else ``turn_format`` (default ``"{text}\\n"``); and the default stop
+    strings (the template's end-of-turn tokens, else a newline)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template and turn_format is None:
+        from longmem.pretrained.chat_template import TurnRenderer, template_variables
+        return (TurnRenderer(template, template_variables(tokenizer.config), system=system),
+                list(tokenizer.end_of_turn().strings) or ["\n"])
+    if system:
+        raise ValueError("--system needs a model with a chat template (an imported model); prepend it to the "
+                         "first line instead")
+    return check_turn_format("{text}\n" if turn_format is None else turn_format), ["\n"]
+
+
 def run_chat(run, *, session: str = "default", sessions_dir: str | Path | None = None,
-             sampling: SamplingConfig | None = None, turn_format: str = "{text}\n", attention_sink: int = 4,
-             stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> dict:
-    """Run the loop until end of input or /quit; returns the session's final stats."""
+             sampling: SamplingConfig | None = None, turn_format: str | None = None, system: str | None = None,
+             attention_sink: int = 4, stdin: TextIO | None = None, stdout: TextIO | None = None,
+             stderr: TextIO | None = None) -> dict:
+    """Run the loop until end of input or /quit; returns the session's final stats. Turns are formatted by
+    :func:`chat_format` (``sampling.stop`` empty: its default stop strings)."""
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     check_session_name(session)
-    check_turn_format(turn_format)
-    sampling = sampling or SamplingConfig(max_new_tokens=200, temperature=0.8, stop=["\n"])
+    fmt, default_stop = chat_format(run.tokenizer, turn_format=turn_format, system=system)
+    sampling = sampling or SamplingConfig(max_new_tokens=200, temperature=0.8)
+    if not sampling.stop:
+        sampling = replace(sampling, stop=default_stop)
     store = SessionStore(sessions_dir or default_sessions_dir(run.path), model=run.model)
     sess = store.load(session)
     decoder = Decoder(run.model, attention_sink=attention_sink)
@@ -112,7 +135,9 @@ def run_chat(run, *, session: str = "default", sessions_dir: str | Path | None =
             continue
         if not text:
             continue
-        stream = TextStream(run.model, run.tokenizer, turn_format.format(text=text),
+        prompt = (fmt.format(text=text) if isinstance(fmt, str)
+                  else fmt.user_turn(text, first=sess.turns == 0 or sess.state is None))
+        stream = TextStream(run.model, run.tokenizer, prompt,
                             sampling=replace(sampling, seed=(sampling.seed + sess.turns) % 2**63), state=sess.state,
                             decoder=decoder)
         for piece in stream:
@@ -121,6 +146,9 @@ def run_chat(run, *, session: str = "default", sessions_dir: str | Path | None =
         stdout.write("\n")
         stdout.flush()
         sess.state = stream.state
+        if not isinstance(fmt, str) and (closing := fmt.closing(stream.stopped_by)):
+            sess.state = decoder.feed(torch.tensor([run.tokenizer.encode(closing)], device=decoder.device),
+                                      sess.state)[1]                   # the memory ends where the turn ends
         sess.turns += 1
         sess.tokens += stream.prompt_tokens + stream.completion_tokens
         store.save(sess)

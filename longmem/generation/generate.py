@@ -97,6 +97,7 @@ class TextStream:
         self.prompt_tokens = len(self.tokens.prompt_ids)
         self.text = ""
         self.finish_reason: str | None = None
+        self.stopped_by: str | None = None                 # the stop string that ended it
 
     @property
     def state(self) -> State | None:
@@ -118,6 +119,7 @@ class TextStream:
             pending += decode([tok])
             hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
             if hits:
+                self.stopped_by = min(((pending.find(st), st) for st in stops if pending.find(st) >= 0))[1]
                 self.tokens.stop()
                 if min(hits):
                     yield self._emit(pending[:min(hits)])

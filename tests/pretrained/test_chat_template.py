@@ -112,3 +112,19 @@ def test_end_of_turn_tokens(tok):
     assert stop.ids == (eot, end)
     # without a template, only the configured end-of-sequence tokens stop
     assert end_of_turn(llama, {"eos_token": "<|end_of_text|>"}, {}).ids == (end,)
+
+
+@pytest.mark.parametrize("system", [None, "Be brief."])
+def test_turns_rendered_one_at_a_time_add_up_to_the_whole_conversation(system):
+    """What a chat with memory feeds, turn after turn (user turn, the reply, its stop string, the closing
+    text), is exactly one rendering of the whole conversation."""
+    from longmem.pretrained.chat_template import TurnRenderer, render_chat
+    turns = [("Hi there", "Hello!"), ("What is 2+2?", "4."), ("And 3+3?", "6.")]
+    r = TurnRenderer(CHATML, system=system)
+    fed = ""
+    for i, (user, reply) in enumerate(turns):
+        fed += r.user_turn(user, first=i == 0) + reply + "<|im_end|>" + r.closing("<|im_end|>")
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        m for u, a in turns for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
+    assert fed == render_chat(CHATML, messages, add_generation_prompt=False)
+    assert r.closing(None) == "<|im_end|>\n"                      # a reply cut at the token limit is closed

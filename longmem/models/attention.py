@@ -110,8 +110,10 @@ def smear(k: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
     return a * k + (1 - a) * prev
 
 
-# a hook of a memory on one layer's attention: (q, k, v, y) of the segment before rotary positions
-# (q, y: (B, H, T, Dh); k, v: (B, G, T, Dh)) -> y; it may record k and v, or mix y (kNN memory)
+# a hook of a memory on one layer's attention, called with keyword arguments: q, k, v, y of the segment before
+# rotary positions (q, y: (B, H, T, Dh); k (smeared if the model smears), v: (B, G, T, Dh)), raw_k (B, G, T, Dh)
+# unsmeared, and context = (keys, values) (B, G, M + T, Dh) of [memory; segment] unsmeared; returns y. It may
+# record keys and values (a cache) or mix y (kNN memory).
 AttentionHook = Callable[..., torch.Tensor]
 
 
@@ -175,6 +177,7 @@ class Attention(nn.Module):
             keys, values = torch.cat([view.kv[0].to(k.dtype), k], dim=2), torch.cat([view.kv[1].to(v.dtype), v], dim=2)
         else:
             keys, values = k, v
+        raw_keys = keys                                                          # [memory; segment] unsmeared
         if self.smear is not None:
             keys = smear(keys, self.smear)
         k_seg = keys[:, :, keys.shape[2] - T:]                                   # (B, G, T, Dh) the memories see
@@ -185,7 +188,7 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads)                          # (B, H, T, Dh)
         for hook in view.hooks:
-            y = hook(q=q, k=k_seg, v=v, y=y, raw_k=k)
+            y = hook(q=q, k=k_seg, v=v, y=y, raw_k=k, context=(raw_keys, values))
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)        # (B, T, H*Dh)
         return self.resid_drop(self.out(y))
 

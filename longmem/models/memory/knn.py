@@ -289,7 +289,7 @@ class KNNSegment:
             return None
         j = self.memory.layers.index(layer)
 
-        def retrieve(*, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, y: torch.Tensor, raw_k=None) -> torch.Tensor:
+        def retrieve(*, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, y: torch.Tensor, **_) -> torch.Tensor:
             # q: (B, H, T, Dh), k, v: (B, G, T, Dh) this segment's projections before rotary positions
             self.new_keys[j] = F.normalize(k, dim=-1) if self.memory.normalize else k
             self.new_values[j] = v

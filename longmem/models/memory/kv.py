@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from longmem.models.memory.base import Memory, Segment, keep_last, slide
+from longmem.models.memory.base import Memory, Segment, keep_last
 from longmem.models.memory.state import KVState
 
 
@@ -64,21 +64,27 @@ class KVMemory(Memory):
         return part
 
     def _recorder(self, seg: Segment, i: int):
-        def record(*, q, k, v, y, raw_k):
-            seg.scratch[self.name][i] = (seg.tokens_of(raw_k, dim=2).detach(), seg.tokens_of(v, dim=2).detach())
+        def record(*, q, k, v, y, raw_k, context):
+            if seg.start == 0 and seg.n_tokens == k.shape[2]:               # [cache; segment] as attended
+                seg.scratch[self.name][i] = context
+            else:                                                            # positions added around the tokens
+                seg.scratch[self.name][i] = (seg.tokens_of(raw_k, dim=2), seg.tokens_of(v, dim=2))
             return y
         return record
 
     def end(self, seg: Segment, part: KVState, h: torch.Tensor):
+        """The cache after the segment: the keys and values the attention already joined ([cache; segment]),
+        cut to the window (and the sinks), so a decoded token copies the cache once, not twice."""
         if self.window == 0:
             return part, None
         keys, values, valid = [], [], part.valid
+        T = seg.n_tokens
         for i in range(self.n_layers):
-            k_new, v_new = seg.scratch[self.name][i]
-            k, valid_k = slide(part.keys[i] if part.length else None, k_new,
-                               part.valid, capacity=self.window, n_sinks=self.n_sinks, dim=2)
-            v, _ = slide(part.values[i] if part.length else None, v_new, part.valid, capacity=self.window,
-                         n_sinks=self.n_sinks, dim=2)
+            k, v = seg.scratch[self.name][i]
+            if k.shape[2] == T and part.length:                              # only the segment was recorded
+                k, v = torch.cat([part.keys[i], k], dim=2), torch.cat([part.values[i], v], dim=2)
+            k, valid_k = keep_last(k.detach(), part.valid + T, capacity=self.window, n_sinks=self.n_sinks, dim=2)
+            v, _ = keep_last(v.detach(), part.valid + T, capacity=self.window, n_sinks=self.n_sinks, dim=2)
             keys.append(k)
             values.append(v)
             valid = valid_k

@@ -96,16 +96,44 @@ class TokensConfig:
 
 
 @dataclass
+class RetrievalConfig:
+    """Retrieval of evicted keys/values (InfLLM, Xiao et al. 2024); used by kind retrieval, with no training:
+    every layer attends to [memory.n_sinks sinks; top_k blocks of the store; a window of memory.mem_len]."""
+    block_size: int = _help("tokens per block: the window evicts whole blocks to the store, and retrieval picks "
+                            "whole blocks", default=64)
+    top_k: int = _help("blocks retrieved per segment and layer (each segment's queries choose)", default=8)
+    capacity: int = _help("tokens kept in the store per lane and layer (a multiple of block_size); the oldest "
+                          "blocks are evicted first (FIFO)", default=32768)
+    query_chunk: int = _help("a block's score is its best token's match with the mean query of chunks of this "
+                             "many segment tokens", default=64)
+    store_dtype: Literal["float32", "bfloat16", "float16"] = _help(
+        "precision of the stored keys/values (bfloat16 halves the store's memory)", default="float32")
+
+    def __post_init__(self):
+        for name in ("block_size", "top_k", "capacity", "query_chunk"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"memory.retrieval.{name} must be positive, got {getattr(self, name)}")
+        if self.capacity % self.block_size:
+            raise ValueError(f"memory.retrieval.capacity={self.capacity} must be a multiple of "
+                             f"memory.retrieval.block_size={self.block_size}")
+        if self.store_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"memory.retrieval.store_dtype={self.store_dtype!r}; accepted: float32, bfloat16, "
+                             f"float16")
+
+
+@dataclass
 class MemoryConfig:
     kind: str = _help("memory kind: none | xl (Transformer-XL recurrence) | knn (kNN memory + XL) | tokens "
                       "(memory tokens + XL) | sinks (attention sinks + a window of cached keys/values, no "
-                      "training) | any kind registered with longmem.models.memory.register_kind", default="none")
+                      "training) | retrieval (sinks + window + blocks of evicted keys/values retrieved per segment, "
+                      "no training) | any kind registered with longmem.models.memory.register_kind", default="none")
     mem_len: int = _help("past positions kept per layer and lane: the Transformer-XL memory (Dai et al. 2019 "
                          "§3.2), or the window of a key/value cache (kind sinks); 0 disables recurrence", default=0)
     n_sinks: int = _help("first positions of each lane kept in memory for good besides the last mem_len "
                          "(attention sinks, StreamingLLM, Xiao et al. 2023); kinds xl and sinks", default=0)
     knn: KNNConfig = _help("kNN memory settings", default_factory=KNNConfig)
     tokens: TokensConfig = _help("memory token settings", default_factory=TokensConfig)
+    retrieval: RetrievalConfig = _help("retrieval memory settings", default_factory=RetrievalConfig)
     options: dict = _help("settings of a memory kind registered outside longmem (a mapping it reads)",
                           default_factory=dict)
 
@@ -114,6 +142,8 @@ class MemoryConfig:
             self.knn = KNNConfig(**self.knn)
         if isinstance(self.tokens, dict):
             self.tokens = TokensConfig(**self.tokens)
+        if isinstance(self.retrieval, dict):
+            self.retrieval = RetrievalConfig(**self.retrieval)
         if MEMORY_KINDS and self.kind not in MEMORY_KINDS:
             raise ValueError(f"memory.kind={self.kind!r}; accepted: {', '.join(MEMORY_KINDS)}")
         if self.mem_len < 0:
@@ -121,6 +151,8 @@ class MemoryConfig:
         if self.kind == "none" and self.mem_len:
             raise ValueError("memory.mem_len > 0 needs a memory kind such as 'xl', 'knn', 'tokens' or 'sinks' "
                              "(kind 'none' keeps no memory)")
+        if self.kind == "retrieval" and self.mem_len < 1:
+            raise ValueError("memory.kind retrieval needs memory.mem_len > 0: the local window")
         if not 0 <= self.n_sinks < max(self.mem_len, 1):
             raise ValueError(f"memory.n_sinks must be in [0, memory.mem_len), got {self.n_sinks} "
                              f"(memory.mem_len={self.mem_len})")

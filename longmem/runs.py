@@ -51,8 +51,8 @@ def eval_config(config: RunConfig, overrides: dict[str, str]) -> RunConfig:
     config = config.override(overrides)
     now = flatten(config.to_dict())
     allowed = set(EVAL_MODEL_KEYS)
-    if now["memory.kind"] in TRAINING_FREE:
-        allowed |= {"memory.kind", "memory.n_sinks"}
+    if now["memory.kind"] in TRAINING_FREE:                   # it adds no weights: any of its settings may change
+        allowed |= {k for k in now if k.startswith("memory.")}
     changed = [k for k in now if k.split(".")[0] in ("model", "memory") and now[k] != trained.get(k)
                and k not in allowed]
     if changed:

@@ -110,6 +110,18 @@ def smear(k: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
     return a * k + (1 - a) * prev
 
 
+def prefix_mask(valid: torch.Tensor, memory_len: int, length: int) -> torch.Tensor:
+    """(B, 1, L, M + L) bool, True where attention is allowed: the last ``valid[b]`` of the M memory slots
+    (right-aligned history) and causal attention over the L positions of the segment."""
+    device = valid.device
+    slot = torch.arange(memory_len, device=device)
+    mem_ok = slot.unsqueeze(0) >= (memory_len - valid).unsqueeze(1)                      # (B, M)
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()         # (L, L)
+    B = mem_ok.shape[0]
+    return torch.cat([mem_ok[:, None, :].expand(B, length, memory_len), causal.expand(B, length, length)],
+                     dim=-1).unsqueeze(1)                                                # (B, 1, L, M+L)
+
+
 # a hook of a memory on one layer's attention, called with keyword arguments: q, k, v, y of the segment before
 # rotary positions (q, y: (B, H, T, Dh); k (smeared if the model smears), v: (B, G, T, Dh)), raw_k (B, G, T, Dh)
 # unsmeared, and context = (keys, values) (B, G, M + T, Dh) of [memory; segment] unsmeared; returns y. It may
@@ -123,15 +135,18 @@ class LayerView:
 
     hidden: (B, M, D) past layer inputs to attend to (Transformer-XL memory; normed and projected by
     the block, Dai et al. 2019 eq. 1), or None. kv: (keys, values), each (B, G, M, Dh), cached keys
-    (after smearing is *not* applied: raw) and values before rotary positions, or None. At most one
-    of the two. mask: (B, 1, T, M + T) bool, True where attention is allowed; None means plain causal.
-    cos, sin: (M + T, Dh/2) rotary tables. hooks: called in order after the local attention.
+    (unsmeared) and values before rotary positions; or a function of the segment's queries
+    ``q (B, H, T, Dh) -> (keys, values, valid)`` for memories that choose what to attend to from the
+    queries (retrieval), ``valid`` (B,) the right-aligned slots that hold history; or None. At most
+    one of hidden and kv. mask: (B, 1, T, M + T) bool, True where attention is allowed (for a ``kv``
+    function, built from its ``valid``); None means plain causal. cos, sin: (M + T, Dh/2) rotary
+    tables. hooks: called in order after the local attention.
     """
     mask: torch.Tensor | None
     cos: torch.Tensor
     sin: torch.Tensor
     hidden: torch.Tensor | None = None
-    kv: tuple[torch.Tensor, torch.Tensor] | None = None
+    kv: tuple[torch.Tensor, torch.Tensor] | Callable | None = None
     hooks: list[AttentionHook] = field(default_factory=list)
 
 
@@ -170,11 +185,15 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
         k, v = self.project_kv(x)                                                # (B, G, T, Dh)
+        mask, cached = view.mask, view.kv
+        if callable(cached):                                                     # chosen from the queries
+            pk, pv, valid = cached(q)
+            cached, mask = (pk, pv), prefix_mask(valid, pk.shape[2], T)
         if memory is not None:                                                   # XL: project the memory here
             mk, mv = self.project_kv(memory)
             keys, values = torch.cat([mk, k], dim=2), torch.cat([mv, v], dim=2)  # (B, G, S, Dh)
-        elif view.kv is not None:                                                # a cache of keys and values
-            keys, values = torch.cat([view.kv[0].to(k.dtype), k], dim=2), torch.cat([view.kv[1].to(v.dtype), v], dim=2)
+        elif cached is not None:                                                 # a cache of keys and values
+            keys, values = torch.cat([cached[0].to(k.dtype), k], dim=2), torch.cat([cached[1].to(v.dtype), v], dim=2)
         else:
             keys, values = k, v
         raw_keys = keys                                                          # [memory; segment] unsmeared
@@ -184,7 +203,7 @@ class Attention(nn.Module):
         qr = Rotary.rotate(q, view.cos[-T:], view.sin[-T:])
         kr = Rotary.rotate(keys, view.cos, view.sin)
         y = F.scaled_dot_product_attention(
-            qr, kr, values, attn_mask=view.mask, is_causal=view.mask is None and keys.shape[2] == T,
+            qr, kr, values, attn_mask=mask, is_causal=mask is None and keys.shape[2] == T,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads)                          # (B, H, T, Dh)
         for hook in view.hooks:

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from longmem.config import MEMORY_KINDS
-from longmem.models.attention import LayerView
+from longmem.models.attention import LayerView, prefix_mask
 
 
 class Memory(nn.Module):
@@ -102,28 +102,25 @@ class Segment:
         self.x = torch.cat([front, self.x, back], dim=1)
         self.start += front.shape[1]
 
-    def set_context(self, *, valid: torch.Tensor, hidden=None, kv=None) -> None:
-        """Past context in front of the segment: per layer hidden states or (keys, values)."""
+    def set_context(self, *, valid: torch.Tensor | None, hidden=None, kv=None, length: int | None = None) -> None:
+        """Past context in front of the segment, per layer: hidden states (B, M, D), (keys, values) (B, G, M, Dh)
+        with ``valid`` (B,) right-aligned slots of history, or functions of the queries (see ``LayerView.kv``)
+        that return M = ``length`` slots."""
         if self.hidden is not None or self.kv is not None:
             raise ValueError("two memories of this model put past context in front of the segment; "
                              "a kind may have one (xl or a key/value cache)")
         self.hidden, self.kv, self.valid = hidden, kv, valid
-        self.memory_len = (hidden[0].shape[1] if hidden is not None else kv[0][0].shape[2]) if (hidden or kv) else 0
+        if length is None:
+            length = (hidden[0].shape[1] if hidden is not None else kv[0][0].shape[2]) if (hidden or kv) else 0
+        self.memory_len = length
 
     def mask(self) -> torch.Tensor | None:
         """(B, 1, L, M + L) bool: valid memory slots plus causal attention over the positions; None when
-        there is no memory (plain causal)."""
-        M = self.memory_len
-        if M == 0:
+        there is no memory (plain causal) or a memory chooses its keys from the queries (the layer builds it)."""
+        if self.memory_len == 0 or self.valid is None:
             return None
         if self._mask is None:
-            L, device = self.x.shape[1], self.x.device
-            slot = torch.arange(M, device=device)
-            mem_ok = slot.unsqueeze(0) >= (M - self.valid.to(device)).unsqueeze(1)             # (B, M)
-            causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()                   # (L, L)
-            B = mem_ok.shape[0]
-            self._mask = torch.cat([mem_ok[:, None, :].expand(B, L, M), causal.expand(B, L, L)],
-                                   dim=-1).unsqueeze(1)                                          # (B, 1, L, M+L)
+            self._mask = prefix_mask(self.valid.to(self.x.device), self.memory_len, self.x.shape[1])
         return self._mask
 
     def view(self, i: int, cos: torch.Tensor, sin: torch.Tensor) -> LayerView:

@@ -1,0 +1,250 @@
+"""Retrieval of evicted keys and values, with no training: InfLLM (Xiao et al. 2024) for any model.
+
+Legend: B lanes, G key/value heads, H query heads, T segment tokens, Dh head size, s sinks,
+W window (``memory.mem_len``), b block size, k blocks retrieved, C store capacity (tokens).
+
+Every layer attends, in one softmax, to ``[sinks; k retrieved blocks; local window; segment]``:
+- the first ``s`` positions of a lane, kept for good (attention sinks, StreamingLLM);
+- the last W to W + b - 1 positions (the window evicts whole blocks of b tokens);
+- the k blocks of the store that match the segment best: evicted keys/values, kept per lane and
+  layer in a FIFO ring of C tokens. A block's score is its best token's match with the segment's
+  queries (mean queries of chunks of ``query_chunk`` tokens, pooled over the heads of each key
+  group; InfLLM scores blocks by a few representative tokens, this takes the best of all of them),
+  search exact over the whole store;
+- the selected blocks join in their order in the stream, and the whole context is packed: positions
+  are assigned inside it, so no position exceeds s + k b + W + b - 1 + T however long the stream,
+  within a pretrained model's range. With every block retrieved this is exactly full attention (the
+  packed context *is* the stream): tested.
+InfLLM gives every retrieved token one fixed distance from the queries instead; packing keeps each
+block's own relative positions and makes the all-blocks case exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from longmem.models.memory.base import Memory, Segment
+from longmem.models.memory.state import _keep, register_part
+
+
+@dataclass(frozen=True)
+class RetrievalState:
+    """Per layer: sinks (B, G, s, Dh) with ``n_sink`` (B,) filled; the window (B, G, W + b - 1, Dh),
+    right-aligned with ``valid`` (B,); the store (B, G, C, Dh), a ring whose entry e sits in slot e % C,
+    ``written`` (B,) entries (a multiple of b) since the lane's reset."""
+    sink_k: tuple[torch.Tensor, ...]
+    sink_v: tuple[torch.Tensor, ...]
+    n_sink: torch.Tensor
+    win_k: tuple[torch.Tensor, ...]
+    win_v: tuple[torch.Tensor, ...]
+    valid: torch.Tensor
+    store_k: tuple[torch.Tensor, ...]
+    store_v: tuple[torch.Tensor, ...]
+    written: torch.Tensor
+
+    _TENSORS = ("sink_k", "sink_v", "win_k", "win_v", "store_k", "store_v")
+    _COUNTS = ("n_sink", "valid", "written")
+
+    def reset(self, drop):
+        keep = ~drop.bool().to(self.valid.device)
+        parts = {name: tuple(torch.where(_keep(drop, t), t, 0) for t in getattr(self, name)) for name in self._TENSORS}
+        return RetrievalState(**parts, **{c: getattr(self, c) * keep for c in self._COUNTS})
+
+    def detach(self):
+        return RetrievalState(**{n: tuple(t.detach() for t in getattr(self, n)) for n in self._TENSORS},
+                              **{c: getattr(self, c) for c in self._COUNTS})
+
+    def to_tensors(self):
+        out = {c: getattr(self, c) for c in self._COUNTS}
+        for name in self._TENSORS:
+            out.update({f"{name}.{i}": t.contiguous() for i, t in enumerate(getattr(self, name))})
+        return out
+
+    @classmethod
+    def from_tensors(cls, d):
+        n = sum(1 for k in d if k.startswith("sink_k."))
+        return cls(**{name: tuple(d[f"{name}.{i}"] for i in range(n)) for name in cls._TENSORS},
+                   **{c: d[c].long() for c in cls._COUNTS})
+
+    @property
+    def capacity(self) -> int:
+        return self.store_k[0].shape[2]
+
+
+register_part("retrieval", RetrievalState)
+
+
+class RetrievalMemory(Memory):
+    name = "retrieval"
+
+    def __init__(self, *, window: int, n_layers: int, n_kv_heads: int, head_dim: int, n_sinks: int = 4,
+                 block_size: int = 64, top_k: int = 8, capacity: int = 32768, query_chunk: int = 64,
+                 store_dtype: torch.dtype | None = None):
+        super().__init__()
+        if window < 1 or block_size < 1 or top_k < 1 or query_chunk < 1:
+            raise ValueError("memory.mem_len (the window), memory.retrieval.block_size, top_k and query_chunk must "
+                             "be positive for kind retrieval")
+        if capacity < block_size or capacity % block_size:
+            raise ValueError(f"memory.retrieval.capacity={capacity} must be a positive multiple of "
+                             f"memory.retrieval.block_size={block_size}")
+        self.window, self.n_sinks, self.block, self.top_k = window, n_sinks, block_size, top_k
+        self.capacity, self.query_chunk, self.store_dtype = capacity, query_chunk, store_dtype
+        self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
+
+    @property
+    def span(self) -> int:
+        """Slots of the window buffer: W plus a block that has not left yet."""
+        return self.window + self.block - 1
+
+    @property
+    def context_len(self) -> int:
+        """Keys in front of every segment (packed: sinks, retrieved blocks, window)."""
+        return self.n_sinks + self.top_k * self.block + self.span
+
+    def init(self, batch_size: int, *, device, dtype) -> RetrievalState:
+        G, Dh, L = self.n_kv_heads, self.head_dim, self.n_layers
+        zeros = lambda n, dt=dtype: tuple(torch.zeros(batch_size, G, n, Dh, device=device, dtype=dt)  # noqa: E731
+                                          for _ in range(L))
+        count = lambda: torch.zeros(batch_size, dtype=torch.long, device=device)                    # noqa: E731
+        store_dtype = self.store_dtype or dtype
+        return RetrievalState(sink_k=zeros(self.n_sinks), sink_v=zeros(self.n_sinks), n_sink=count(),
+                              win_k=zeros(self.span), win_v=zeros(self.span), valid=count(),
+                              store_k=zeros(self.capacity, store_dtype), store_v=zeros(self.capacity, store_dtype),
+                              written=count())
+
+    def check(self, part: RetrievalState) -> None:
+        want = (self.n_layers, self.n_kv_heads, self.n_sinks, self.span, self.capacity, self.head_dim)
+        got = (len(part.sink_k), part.sink_k[0].shape[1], part.sink_k[0].shape[2], part.win_k[0].shape[2],
+               part.capacity, part.sink_k[0].shape[3]) if part.sink_k else None
+        if got != want:
+            raise ValueError(f"a retrieval state of (layers, kv heads, sinks, window slots, capacity, head size) = "
+                             f"{got}; this model keeps {want}")
+
+    # -- reading -------------------------------------------------------------------------------------
+    def select(self, q: torch.Tensor, store_k: torch.Tensor, written: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+        """The k blocks of each lane's store that match the queries best, in stream order.
+
+        q: (B, H, T, Dh) queries before rotary positions; store_k: (B, G, C, Dh); written: (B,).
+        Returns block slots (B, k) (ring blocks, indexes into C / b) and how many are real (B,)."""
+        B, H, T, Dh = q.shape
+        G, C, b = store_k.shape[1], store_k.shape[2], self.block
+        n_blocks = C // b
+        stored = written.clamp(max=C) // b                                         # (B,) whole blocks held
+        chunks = -(-T // self.query_chunk)
+        pad = chunks * self.query_chunk - T
+        qc = torch.nn.functional.pad(q, (0, 0, 0, pad)) if pad else q
+        qc = qc.reshape(B, G, H // G, chunks, self.query_chunk, Dh).sum(dim=(2, 4))  # (B, G, chunks, Dh)
+        scores = torch.einsum("bgcd,bgnd->bcn", qc.to(store_k.dtype), store_k).float()   # (B, chunks, C)
+        block = scores.view(B, chunks, n_blocks, b).amax(dim=(1, 3))               # (B, n_blocks) best token
+        # block slot j holds logical block (j - oldest) mod n_blocks; the oldest is written / b - stored
+        slot = torch.arange(n_blocks, device=q.device)
+        oldest = (written // b - stored) % n_blocks
+        age = (slot.unsqueeze(0) - oldest.unsqueeze(1)) % n_blocks                  # 0 = oldest held
+        block = block.masked_fill(age >= stored.unsqueeze(1), float("-inf"))
+        k = min(self.top_k, n_blocks)
+        top = block.topk(k, dim=1).indices                                         # (B, k)
+        chosen = torch.gather(age, 1, top)
+        real = torch.arange(k, device=q.device).unsqueeze(0) < stored.clamp(max=k).unsqueeze(1)
+        order = torch.where(torch.gather(block, 1, top) > float("-inf"), chosen, n_blocks + chosen)
+        top = torch.gather(top, 1, order.argsort(dim=1))                           # stream order, empty last
+        return top, real.sum(dim=1)
+
+    def _context(self, part: RetrievalState, i: int):
+        """Layer i's keys/values in front of the segment, chosen from its queries (``LayerView.kv``)."""
+        b, k_blocks = self.block, self.top_k
+
+        def context(q: torch.Tensor):
+            B, G, _, Dh = part.store_k[i].shape
+            top, n_real = self.select(q, part.store_k[i], part.written)            # (B, k), (B,)
+            k = top.shape[1]
+            tok = (top.unsqueeze(-1) * b + torch.arange(b, device=q.device)).view(B, 1, k * b, 1)
+            idx = tok.expand(B, G, k * b, Dh)
+            blk_k = part.store_k[i].gather(2, idx).to(q.dtype)                      # (B, G, k b, Dh)
+            blk_v = part.store_v[i].gather(2, idx).to(q.dtype)
+            if k < k_blocks:                                                         # a store of fewer blocks
+                fill = torch.zeros(B, G, (k_blocks - k) * b, Dh, dtype=q.dtype, device=q.device)
+                blk_k, blk_v = torch.cat([blk_k, fill], dim=2), torch.cat([blk_v, fill], dim=2)
+            src_k = torch.cat([part.sink_k[i].to(q.dtype), blk_k, part.win_k[i].to(q.dtype)], dim=2)
+            src_v = torch.cat([part.sink_v[i].to(q.dtype), blk_v, part.win_v[i].to(q.dtype)], dim=2)
+            # pack each lane's real slots, in order, to the right: positions are then contiguous
+            s, S = self.n_sinks, src_k.shape[2]
+            j = torch.arange(S, device=q.device)
+            real = ((j < part.n_sink.unsqueeze(1))
+                    | ((j >= s) & (j < s + n_real.unsqueeze(1) * b))
+                    | (j >= S - part.valid.unsqueeze(1)))                           # (B, S)
+            order = torch.sort(real.to(torch.int8), dim=1, stable=True).indices     # empty first, then in order
+            idx = order.view(B, 1, S, 1).expand(B, G, S, Dh)
+            return src_k.gather(2, idx), src_v.gather(2, idx), real.sum(dim=1)
+        return context
+
+    def begin(self, seg: Segment, part: RetrievalState) -> RetrievalState:
+        self.check(part)
+        seg.set_context(kv=[self._context(part, i) for i in range(self.n_layers)], valid=None,
+                        length=self.context_len)
+        seg.scratch[self.name] = {}
+        for i in range(self.n_layers):
+            seg.hooks[i].append(self._recorder(seg, i))
+        return part
+
+    def _recorder(self, seg: Segment, i: int):
+        def record(*, q, k, v, y, raw_k, context):
+            seg.scratch[self.name][i] = (seg.tokens_of(raw_k, dim=2).detach(), seg.tokens_of(v, dim=2).detach())
+            return y
+        return record
+
+    # -- writing -------------------------------------------------------------------------------------
+    def end(self, seg: Segment, part: RetrievalState, h: torch.Tensor):
+        """Fill the sinks, append the segment to the window, move whole blocks that left it to the store."""
+        B, T, s, W, b, C = part.valid.shape[0], seg.n_tokens, self.n_sinks, self.window, self.block, self.capacity
+        device = part.valid.device
+        to_sink = torch.clamp(s - part.n_sink, min=0).clamp(max=T)                   # (B,) first tokens -> sinks
+        span = self.span
+        start = span - part.valid + to_sink                                          # lane's window tokens start
+        count = span + T - start                                                     # ... and how many
+        evict = torch.clamp(count - W, min=0) // b * b                               # whole blocks leave
+        skip = torch.clamp(evict - C, min=0)                                         # beyond capacity: the newest C
+        j_sink = torch.arange(s, device=device)
+        sink_src = (span + j_sink - part.n_sink.unsqueeze(1)).clamp(min=0, max=span + T - 1)   # (B, s)
+        sink_new = (j_sink >= part.n_sink.unsqueeze(1)) & (j_sink < (part.n_sink + to_sink).unsqueeze(1))
+        m = int((evict - skip).max()) if B else 0
+        j_ev = torch.arange(m, device=device)
+        ev_src = ((start + skip).unsqueeze(1) + j_ev).clamp(max=span + T - 1)        # (B, m)
+        ev_dst = ((part.written + skip).unsqueeze(1) + j_ev) % C
+        ev_real = j_ev.unsqueeze(0) < (evict - skip).unsqueeze(1)
+        new = {name: [] for name in RetrievalState._TENSORS}
+        for i in range(self.n_layers):
+            k_new, v_new = seg.scratch[self.name][i]
+            for kind, win, new_tok, sink, store in (("k", part.win_k[i], k_new, part.sink_k[i], part.store_k[i]),
+                                                    ("v", part.win_v[i], v_new, part.sink_v[i], part.store_v[i])):
+                joined = torch.cat([win, new_tok.to(win.dtype)], dim=2)              # (B, G, span + T, Dh)
+                G, Dh = joined.shape[1], joined.shape[3]
+                if s:
+                    got = joined.gather(2, sink_src.view(B, 1, s, 1).expand(B, G, s, Dh))
+                    sink = torch.where(sink_new.view(B, 1, s, 1), got, sink)
+                if m:
+                    out = joined.gather(2, ev_src.view(B, 1, m, 1).expand(B, G, m, Dh)).to(store.dtype)
+                    dst = ev_dst.view(B, 1, m, 1).expand(B, G, m, Dh)
+                    out = torch.where(ev_real.view(B, 1, m, 1), out, store.gather(2, dst))
+                    store = store.scatter(2, dst, out)
+                new[f"win_{kind}"].append(joined[:, :, -span:])
+                new[f"sink_{kind}"].append(sink)
+                new[f"store_{kind}"].append(store)
+        return RetrievalState(**{n: tuple(t) for n, t in new.items()}, n_sink=part.n_sink + to_sink,
+                              valid=count - evict, written=part.written + evict), None
+
+    def nbytes(self, *, batch_size: int, d_model: int, n_layers: int, bytes_per_value: int = 4) -> int:
+        slots = self.n_sinks + self.span + self.capacity
+        return 2 * batch_size * n_layers * self.n_kv_heads * self.head_dim * slots * bytes_per_value
+
+
+def retrieval_memory(c) -> RetrievalMemory:
+    """The retrieval memory of a ModelConfig (``memory.kind: retrieval``)."""
+    r = c.memory.retrieval
+    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[r.store_dtype]
+    return RetrievalMemory(window=c.memory.mem_len, n_layers=c.n_layers, n_kv_heads=c.n_kv_heads_,
+                           head_dim=c.head_dim_, n_sinks=c.memory.n_sinks, block_size=r.block_size, top_k=r.top_k,
+                           capacity=r.capacity, query_chunk=r.query_chunk, store_dtype=dtype)
+
+

@@ -1,0 +1,112 @@
+"""Retrieval of evicted keys/values (kind retrieval, InfLLM-style, no training): with every block retrieved it
+is exactly full attention; positions stay inside its packed context however long the stream; the best-
+matching block is chosen; lanes are independent, a reset lane is fresh, and the state round-trips."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from longmem import State
+from longmem.config import MemoryConfig, ModelConfig, RetrievalConfig
+from longmem.models import MemoryLM
+
+from conftest import spread_weights
+
+V = 37
+
+
+def gqa_model(*, kind="retrieval", segment_len=16, window=24, sinks=3, block=8, top_k=32, capacity=256,
+              n_layers=2, seed=0) -> MemoryLM:
+    """A tiny Llama-style model (GQA 4/2 heads, SwiGLU, untied head) with the retrieval memory."""
+    memory = (MemoryConfig(kind=kind, mem_len=window, n_sinks=sinks,
+                           retrieval=RetrievalConfig(block_size=block, top_k=top_k, capacity=capacity))
+              if kind == "retrieval" else MemoryConfig())
+    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, mlp="swiglu",
+                      tie_embeddings=False, segment_len=segment_len, memory=memory)
+    torch.manual_seed(seed)
+    return spread_weights(MemoryLM(cfg), seed=seed).eval()
+
+
+def tokens(b: int, n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+def feed(model, x, piece: int, state=None):
+    out = []
+    for a in range(0, x.shape[1], piece):
+        res = model(x[:, a:a + piece], state=state)
+        state = res.state
+        out.append(res.logits)
+    return torch.cat(out, dim=1), state
+
+
+@pytest.mark.parametrize("piece", [16, 7, 1])
+def test_every_block_retrieved_equals_full_attention(piece):
+    model = gqa_model()
+    full = gqa_model(kind="none", segment_len=200)
+    full.load_state_dict(model.state_dict())
+    x = tokens(2, 200)
+    with torch.no_grad():
+        got, state = feed(model, x, piece)
+        torch.testing.assert_close(got, full(x).logits, atol=1e-4, rtol=0)
+    assert state.retrieval.written.tolist() == [168, 168]                   # whole blocks went to the store
+    assert state.retrieval.n_sink.tolist() == [3, 3] and 24 <= int(state.retrieval.valid[0]) <= 31
+
+
+def test_fewer_blocks_than_stored_differs_but_stays_close_to_the_window_model():
+    x = tokens(1, 200)
+    with torch.no_grad():
+        few = gqa_model(top_k=2)(x).logits
+        full = gqa_model()(x).logits
+    assert (few - full).abs().max() > 1e-3                                 # it really chooses
+    assert torch.isfinite(few).all()
+
+
+def test_positions_stay_inside_the_packed_context_over_a_long_stream():
+    model = gqa_model(segment_len=64, window=32, block=16, top_k=2, capacity=256, n_layers=1)
+    model.rope.max_position_seen = -1
+    x = tokens(1, 20_000, seed=3)
+    with torch.no_grad():
+        out, state = feed(model, x, 64)
+    assert torch.isfinite(out).all()
+    bound = model.retrieval.context_len + 64
+    assert model.rope.max_position_seen < bound == 3 + 2 * 16 + 47 + 64
+    assert int(state.retrieval.written[0]) > 256                            # the ring wrapped (FIFO)
+
+
+def test_the_block_holding_the_best_match_is_chosen():
+    mem = gqa_model().retrieval
+    g = torch.Generator().manual_seed(0)
+    store = torch.randn(1, 2, 256, 8, generator=g) * 0.1
+    needle = torch.randn(2, 8, generator=g)
+    store[0, :, 8 * 13 + 5] = needle * 3                                   # in block 13
+    q = needle.view(1, 2, 1, 1, 8).expand(1, 2, 2, 4, 8).reshape(1, 4, 4, 8)   # every query head asks for it
+    top, n = mem.select(q, store, written=torch.tensor([200]))             # 25 blocks held
+    assert 13 in top[0].tolist() and n.tolist() == [25]
+    assert top[0].tolist() == sorted(top[0].tolist())                      # stream order
+    top, n = mem.select(q, store, written=torch.tensor([64]))              # block 13 not written yet
+    assert 13 not in top[0, :int(n[0])].tolist() and n.tolist() == [8]
+
+
+def test_lanes_are_independent_and_a_reset_lane_is_fresh():
+    model = gqa_model(top_k=3)
+    a, b = tokens(1, 120, seed=4), tokens(1, 120, seed=5)
+    with torch.no_grad():
+        both, state = feed(model, torch.cat([a, b]), 16)
+        alone, _ = feed(model, b, 16)
+        torch.testing.assert_close(both[1:], alone, atol=1e-5, rtol=0)
+        y = tokens(2, 40, seed=6)
+        reset = model(y, state=state, reset=torch.tensor([True, False])).logits
+        torch.testing.assert_close(reset[:1], model(y[:1]).logits, atol=1e-5, rtol=0)
+
+
+def test_state_round_trips_through_safetensors():
+    model = gqa_model(top_k=3)
+    with torch.no_grad():
+        state = model(tokens(2, 100)).state
+        back = State.from_state_dict(st_load(st_save(state.state_dict())))
+        assert back.parts() == ["retrieval"]
+        y = tokens(2, 20, seed=9)
+        torch.testing.assert_close(model(y, state=back).logits, model(y, state=state).logits, atol=0, rtol=0)

@@ -119,6 +119,8 @@ class Segment:
         there is no memory (plain causal) or a memory chooses its keys from the queries (the layer builds it)."""
         if self.memory_len == 0 or self.valid is None:
             return None
+        if self.x.shape[1] == 1 and bool((self.valid >= self.memory_len).all()):
+            return None                                              # one new token, every slot real: no mask
         if self._mask is None:
             self._mask = prefix_mask(self.valid.to(self.x.device), self.memory_len, self.x.shape[1])
         return self._mask

@@ -177,7 +177,7 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict) -> Path | None:
+def plot(results: dict, path: Path = PLOT) -> Path | None:
     from longmem.utils import pyplot
     plt = pyplot()
     if plt is None or not results:
@@ -199,14 +199,15 @@ def plot(results: dict) -> Path | None:
         ax.set_title(task, fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(PLOT, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return PLOT
+    return path
 
 
-def run(quick: bool) -> str:
+def run(quick: bool, *, out_dir: Path, figures: Path | None = None) -> str:
     """The ``longmem bench`` module: every kind on passkey (and recall in the full run); ``quick`` is a
-    smoke run (12 steps, 1 example per cell, up to 8 segments) whose accuracies mean nothing."""
+    smoke run (12 steps, 1 example per cell, up to 8 segments) whose accuracies mean nothing. The picture goes
+    to ``figures`` (default: ``out_dir``, the folder of the page), linked relative to ``out_dir``."""
     import tempfile
     n, lengths = (1, [1024]) if quick else (16, LENGTHS)
     results = {}
@@ -216,11 +217,11 @@ def run(quick: bool) -> str:
                 steps, curriculum = (12, CURRICULUM) if quick else recipe(kind)
                 results[f"{task}/{kind}"] = bench(task, kind, steps=steps, lr=LR, n=n, runs=Path(tmp),
                                                   lengths=lengths, curriculum=curriculum)
-    figure = plot(results)
+    figure = plot(results, (figures or out_dir) / PLOT.name)
     head = ["## Long-range probes: every memory kind" + (" (quick smoke run)" if quick else ""), "",
             f"`python benchmarks/rmt_probes.py` through `longmem bench{' --quick' if quick else ''}`: "
             f"{n} examples per (length, depth).", ""]
-    return "\n".join(head) + report(results) + (f"\n![probes](benchmarks/{figure.name})\n" if figure else "")
+    return "\n".join(head) + report(results) + (f"\n![probes]({figure.relative_to(out_dir)})\n" if figure else "")
 
 
 def gate_trace(run_dir: Path, *, segments: int = 128, depth: float = 0.5, seed: int = 0) -> str:

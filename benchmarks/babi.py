@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from longmem.config import IMPLEMENTED_KINDS, RunConfig
+from longmem.config import BUILTIN_KINDS, RunConfig
 from longmem.data.tasks.babi import encode_babi
 from longmem.data.tasks.sources import babi_examples
 from longmem.evaluation.qa import evaluate_babi
@@ -63,7 +63,7 @@ def lm_kinds() -> list[str]:
     unknown = [k for k in kinds if k not in LM_KINDS]
     if unknown:
         raise ValueError(f"LONGMEM_BABI_LM={raw!r}; accepted kinds: {', '.join(LM_KINDS)} (comma-separated)")
-    return [k for k in kinds if k in IMPLEMENTED_KINDS]
+    return [k for k in kinds if k in BUILTIN_KINDS]
 
 
 def memn2n_config(path: Path, *, seed: int, quick: bool) -> RunConfig:

@@ -42,7 +42,7 @@ def make_model(kind: str, *, capacity: int = 1024) -> MemoryLM:
     torch.manual_seed(0)
     mem = {"none": MemoryConfig(kind="none"),
            "xl": MemoryConfig(kind="xl", mem_len=SEG),
-           "knn": MemoryConfig(kind="knn", mem_len=0, knn_layers=[KNN_LAYER], knn_k=32, knn_capacity=capacity)}[kind]
+           "knn": MemoryConfig(kind="knn", mem_len=0, knn=dict(layers=[KNN_LAYER], k=32, capacity=capacity))}[kind]
     return MemoryLM(ModelConfig(vocab_size=TASK.vocab_size, d_model=D_MODEL, n_layers=2, n_heads=4, segment_len=SEG,
                                 smear_keys=SMEAR_KEYS, memory=mem))
 
@@ -143,9 +143,10 @@ def _elimination() -> float:
     return sum(1.0 / (N_PAIRS - j) for j in range(N_PAIRS)) / N_PAIRS if TASK.distinct_values else TASK.chance
 
 
-def render(results: dict, *, steps: int, seconds: float) -> str:
+def render(results: dict, *, steps: int, seconds: float, out_dir: Path, figures: Path | None = None) -> str:
+    """The markdown section. The picture goes to ``figures`` (default: ``out_dir``, the folder of the page), linked relative to ``out_dir``."""
     fillers = list(next(iter(results.values()))["eval"])
-    png = plot(results, OUT_DIR / "benchmarks" / "knn_recall.png")
+    png = plot(results, (figures or out_dir) / "knn_recall.png")
     trained = ", ".join(f"{k} {r['steps']}" for k, r in results.items())
     lines = [
         "## kNN memory: associative recall vs distance", "",
@@ -184,11 +185,11 @@ def render(results: dict, *, steps: int, seconds: float) -> str:
     lines += ["", "Training time and final training loss (answers only, mean of the last 50 steps): " + "; ".join(
         f"{k} {r['train_s']:.0f}s, {r['final_loss']:.3f}" for k, r in results.items()) + ".", ""]
     if png:
-        lines += [f"![recall accuracy vs distance]({png.relative_to(OUT_DIR)})", ""]
+        lines += [f"![recall accuracy vs distance]({png.relative_to(out_dir)})", ""]
     return "\n".join(lines)
 
 
-def run(quick: bool) -> str:
+def run(quick: bool, *, out_dir: Path, figures: Path | None = None) -> str:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                 # small matmuls: one thread is faster on a shared CPU
     steps = 40 if quick else STEPS            # quick: a smoke run of the pipeline (seconds), not a result
@@ -196,7 +197,7 @@ def run(quick: bool) -> str:
     t0 = time.perf_counter()
     results = {kind: train_and_eval(kind, steps=steps, fillers=fillers) for kind in ("none", "xl", "knn")}
     torch.set_num_threads(threads)
-    return render(results, steps=steps, seconds=time.perf_counter() - t0)
+    return render(results, steps=steps, seconds=time.perf_counter() - t0, out_dir=out_dir, figures=figures)
 
 
 if __name__ == "__main__":
@@ -213,7 +214,7 @@ if __name__ == "__main__":
                 r["eval"] = {int(f): v for f, v in r["eval"].items()}
                 results[kind], steps, seconds = r, r["steps"], seconds + r["train_s"]
         results = {k: results[k] for k in ("none", "xl", "knn") if k in results}
-        print(render(results, steps=steps, seconds=seconds))
+        print(render(results, steps=steps, seconds=seconds, out_dir=OUT_DIR, figures=OUT_DIR / "benchmarks"))
     else:
         kinds, steps, out = sys.argv[1].split(","), int(sys.argv[2]), Path(sys.argv[3])
         res = {}

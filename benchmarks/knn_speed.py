@@ -20,7 +20,7 @@ HNSW_MAX_QUICK = 10_000                      # quick mode: HNSW only where its b
 def _model(kind: str, *, capacity: int = 0) -> MemoryLM:
     torch.manual_seed(0)
     mem = (MemoryConfig(kind="xl", mem_len=SEG) if kind == "xl" else
-           MemoryConfig(kind="knn", mem_len=SEG, knn_k=K, knn_capacity=capacity))
+           MemoryConfig(kind="knn", mem_len=SEG, knn=dict(k=K, capacity=capacity)))
     return MemoryLM(ModelConfig(**WIDTH, segment_len=SEG, memory=mem))
 
 

@@ -27,12 +27,11 @@ import torch
 WIDTH = dict(vocab_size=256, d_model=128, n_layers=4, n_heads=4)
 SEGMENT = 128
 FULL, QUICK = (1024, 2048, 4096, 8192, 16384), (512, 1024, 2048)
-PLOT = Path(__file__).resolve().parent / "profiles.png"
 
 
 def kinds() -> list[str]:
-    from longmem.config import IMPLEMENTED_KINDS
-    return [k for k in ("none", "xl", "knn", "tokens") if k in IMPLEMENTED_KINDS] + ["lstm"]
+    from longmem.config import BUILTIN_KINDS
+    return list(BUILTIN_KINDS) + ["lstm"]
 
 
 def _model(kind: str, length: int):
@@ -45,7 +44,7 @@ def _model(kind: str, length: int):
     else:
         mem = dict(kind=kind, mem_len=SEGMENT)
         if kind == "knn":
-            mem.update(knn_capacity=max(length, 1024), knn_k=32)
+            mem.update(knn=dict(capacity=max(length, 1024), k=32))
         cfg = ModelConfig(**WIDTH, segment_len=SEGMENT, memory=MemoryConfig(**mem))
     torch.manual_seed(0)
     return build_model(cfg).eval()
@@ -98,7 +97,7 @@ def measure(*, quick: bool) -> list[dict]:
     return rows
 
 
-def _plot(rows: list[dict]) -> Path | None:
+def _plot(rows: list[dict], path: Path) -> Path | None:
     from longmem.utils import pyplot
     plt = pyplot()
     if plt is None:
@@ -114,14 +113,15 @@ def _plot(rows: list[dict]) -> Path | None:
     ax2.set_ylabel("peak memory growth (MiB)")
     ax1.legend()
     fig.tight_layout()
-    fig.savefig(PLOT, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return PLOT
+    return path
 
 
-def run(quick: bool) -> str:
+def run(quick: bool, *, out_dir: Path, figures: Path | None = None) -> str:
+    """The markdown section. The picture goes to ``figures`` (default: ``out_dir``, the folder of the page), linked relative to ``out_dir``."""
     rows = measure(quick=quick)
-    plot = _plot(rows)
+    plot = _plot(rows, (figures or out_dir) / "profiles.png")
     lengths = sorted({r["length"] for r in rows})
     lines = ["## Speed and memory against context length", "",
              f"Model: {WIDTH['n_layers']} layers, d_model {WIDTH['d_model']}, {WIDTH['n_heads']} heads "
@@ -140,7 +140,7 @@ def run(quick: bool) -> str:
                      + f" | {t_exp:.2f} | " + " | ".join(f"{r['peak_growth_mib']:,.1f}" for r in rs)
                      + f" | {'-' if m_exp is None else f'{m_exp:.2f}'} |")
     if plot:
-        lines += ["", f"![speed and memory against context length](benchmarks/{plot.name})"]
+        lines += ["", f"![speed and memory against context length]({plot.relative_to(out_dir)})"]
     return "\n".join(lines + [""])
 
 
@@ -148,4 +148,5 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--child":
         print(json.dumps(child(sys.argv[2], int(sys.argv[3]))))
     else:
-        print(run(quick="--quick" in sys.argv))
+        here = Path(__file__).resolve().parent                  # the section of BENCHMARKS.md, beside benchmarks/
+        print(run(quick="--quick" in sys.argv, out_dir=here.parent, figures=here))

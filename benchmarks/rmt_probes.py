@@ -8,9 +8,9 @@ only): examples of 4 segments of 128 tokens (``task.length 512``), backpropagati
 copy the key at all, 1/4 on two, the rest on four), 3,000 steps. Every model has smeared keys; the kNN
 memory retrieves in block 0. Memory tokens (``RECIPES``) train 6,000 steps with 750 on one segment,
 750 on two and the rest on four (``1,2,4,4,4,4,4,4``), through a stretched gate
-(``memory.token_gate``, ``memory.token_gate_stretch``) charged for opening (``memory.token_gate_penalty``)
-from the first two-segment step (``train.penalty_start 750``: on one segment the written memory is
-never read), and are scored with gates below 0.05 taken as 0 (``memory.token_gate_floor``, an
+(``memory.tokens.gate``, ``memory.tokens.stretch``) charged for opening (``train.aux_weight``)
+from the first two-segment step (``train.aux_start 750``: on one segment the written memory is
+never read), and are scored with gates below 0.05 taken as 0 (``memory.tokens.floor``, an
 evaluation setting). Each run is then scored with ``longmem eval``'s probe sweep at 4, 8, 32 and 128
 segments (512 tokens to 16K; 1x to 32x the training length), needle depths 0, 0.5 and 1, the context
 fed segment by segment through the memory. The kNN store holds one training example (512 entries: a
@@ -49,17 +49,18 @@ STEPS, LR = 3000, 3e-3
 # a kind's own training length where it differs: (steps, curriculum); --steps / --curriculum override
 RECIPES = {"tokens": (6000, "1,2,4,4,4,4,4,4")}
 # evaluation settings: the kNN store holds every test token; gates that settled a little above 0 are shut
-TEST_OVERRIDES = {"knn": {"memory.knn_capacity": str(max(LENGTHS))}, "tokens": {"memory.token_gate_floor": "0.05"}}
+TEST_OVERRIDES = {"knn": {"memory.knn.capacity": str(max(LENGTHS))}, "tokens": {"memory.tokens.floor": "0.05"}}
 KINDS = {
     "none": {"memory.kind": "none"},
     "xl": {"memory.kind": "xl", "memory.mem_len": SEG},
     # the block that learns the lookup locally retrieves (BENCHMARKS.md, kNN recall)
-    "knn": {"memory.kind": "knn", "memory.mem_len": 0, "memory.knn_capacity": 4 * SEG, "memory.knn_layers": "[0]"},
+    "knn": {"memory.kind": "knn", "memory.mem_len": 0, "memory.knn.capacity": 4 * SEG, "memory.knn.layers": "[0]"},
     # gated update (0.83 at the training length against 0.15 with the plain, replacing one), stretched so it can
     # shut exactly and charged for opening (from the first two-segment step of RECIPES' curriculum), so it shuts
     # in filler and the memory stays put; BENCHMARKS.md has the ablations
-    "tokens": {"memory.kind": "tokens", "memory.n_mem_tokens": 8, "memory.mem_len": 0, "memory.token_gate": "true",
-               "memory.token_gate_stretch": 0.1, "memory.token_gate_penalty": 0.002, "train.penalty_start": 750},
+    "tokens": {"memory.kind": "tokens", "memory.tokens.n_tokens": 8, "memory.mem_len": 0,
+               "memory.tokens.gate": "sigmoid", "memory.tokens.stretch": 0.1, "train.aux_weight": 0.002,
+               "train.aux_start": 750},
 }
 
 
@@ -177,7 +178,7 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict) -> Path | None:
+def plot(results: dict, path: Path = PLOT) -> Path | None:
     from longmem.utils import pyplot
     plt = pyplot()
     if plt is None or not results:
@@ -199,14 +200,15 @@ def plot(results: dict) -> Path | None:
         ax.set_title(task, fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(PLOT, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return PLOT
+    return path
 
 
-def run(quick: bool) -> str:
+def run(quick: bool, *, out_dir: Path, figures: Path | None = None) -> str:
     """The ``longmem bench`` module: every kind on passkey (and recall in the full run); ``quick`` is a
-    smoke run (12 steps, 1 example per cell, up to 8 segments) whose accuracies mean nothing."""
+    smoke run (12 steps, 1 example per cell, up to 8 segments) whose accuracies mean nothing. The picture goes
+    to ``figures`` (default: ``out_dir``, the folder of the page), linked relative to ``out_dir``."""
     import tempfile
     n, lengths = (1, [1024]) if quick else (16, LENGTHS)
     results = {}
@@ -216,11 +218,11 @@ def run(quick: bool) -> str:
                 steps, curriculum = (12, CURRICULUM) if quick else recipe(kind)
                 results[f"{task}/{kind}"] = bench(task, kind, steps=steps, lr=LR, n=n, runs=Path(tmp),
                                                   lengths=lengths, curriculum=curriculum)
-    figure = plot(results)
+    figure = plot(results, (figures or out_dir) / PLOT.name)
     head = ["## Long-range probes: every memory kind" + (" (quick smoke run)" if quick else ""), "",
             f"`python benchmarks/rmt_probes.py` through `longmem bench{' --quick' if quick else ''}`: "
             f"{n} examples per (length, depth).", ""]
-    return "\n".join(head) + report(results) + (f"\n![probes](benchmarks/{figure.name})\n" if figure else "")
+    return "\n".join(head) + report(results) + (f"\n![probes]({figure.relative_to(out_dir)})\n" if figure else "")
 
 
 def gate_trace(run_dir: Path, *, segments: int = 128, depth: float = 0.5, seed: int = 0) -> str:
@@ -234,8 +236,8 @@ def gate_trace(run_dir: Path, *, segments: int = 128, depth: float = 0.5, seed: 
     from longmem.data.tasks.probes import passkey
     from longmem.runs import load_run, load_run_config
     memory = load_run_config(run_dir).model.memory
-    if memory.kind != "tokens" or not memory.token_gate:
-        raise SystemExit(f"{run_dir} has no gated memory tokens (memory.kind tokens, memory.token_gate true)")
+    if memory.kind != "tokens" or memory.tokens.gate == "none":
+        raise SystemExit(f"{run_dir} has no gated memory tokens (memory.kind tokens, memory.tokens.gate sigmoid)")
     model = (run := load_run(run_dir, overrides=TEST_OVERRIDES["tokens"])).model.eval()    # as it is scored
     probe = passkey(run.tokenizer, length=segments * SEG, depth=depth, rng=random.Random(seed))
     x = torch.as_tensor(probe.tokens).view(1, -1)[:, :segments * SEG]

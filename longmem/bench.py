@@ -1,7 +1,13 @@
-"""``longmem bench``: run the modules of ``benchmarks/`` and write BENCHMARKS.md."""
+"""``longmem bench``: run the modules of ``benchmarks/`` and write their page (``runs/bench/BENCHMARKS.md`` by
+default; ``--out BENCHMARKS.md`` replaces the published one).
+
+A module defines ``run(quick: bool) -> str``, a markdown section; one that draws pictures also takes the page's
+folder and the pictures' folder, ``run(quick, *, out_dir: Path, figures: Path)``, and links them relative to the
+page: beside the page, or in ``benchmarks/`` for the published BENCHMARKS.md (its layout)."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import platform
 import statistics
 import sys
@@ -14,6 +20,7 @@ import torch
 from longmem.training.checkpoint import atomic_write_text
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+PUBLISHED = BENCH_DIR.parent / "BENCHMARKS.md"           # its pictures live in benchmarks/
 SUITE = ("xl_speed", "shakespeare", "profiles", "rmt_probes", "knn_speed", "knn_recall", "gen_memory",
          "serve_load", "babi", "seq2seq_passage")
 
@@ -60,11 +67,16 @@ def _load(name: str, folder: Path):
 def run_benchmarks(*, out: str | Path, quick: bool, argv: list[str] | None = None,
                    folder: Path = BENCH_DIR, suite=SUITE) -> str:
     command = "longmem " + " ".join(argv) if argv else f"longmem bench{' --quick' if quick else ''} --out {out}"
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figures = BENCH_DIR if out.resolve() == PUBLISHED else out.parent
     sections = []
     t0 = time.perf_counter()
     for name in suite:
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
-        sections.append(_load(name, folder).run(quick))
+        run = _load(name, folder).run
+        draws = "out_dir" in inspect.signature(run).parameters
+        sections.append(run(quick, out_dir=out.parent, figures=figures) if draws else run(quick))
     seconds = time.perf_counter() - t0
     header = [
         "# longmem benchmarks", "",

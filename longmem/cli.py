@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from longmem.config import config_help, valid_keys
+from longmem.config import LEGACY_KEYS, REMOVED_KEYS, config_help, did_you_mean, valid_keys
+from longmem.runs import EVAL_KEYS, IMPORT_KEYS, RUN_KEYS
 
 
 @dataclass
@@ -22,17 +25,34 @@ class Command:
     add_args: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace, dict[str, str]], int]
     takes_overrides: bool = False
+    keys: tuple[str, ...] | None = None       # the config keys it honours (None: all); the others are refused
 
 
-def parse_overrides(args: list[str]) -> dict[str, str]:
-    """``["--train.lr", "3e-4", "--memory.mem_len=64"]`` -> ``{"train.lr": "3e-4", "memory.mem_len": "64"}``."""
+def parse_overrides(args: list[str], *, keys: list[str] | tuple[str, ...] | None = None, flags: list[str] = (),
+                    command: str = "this command") -> dict[str, str]:
+    """``["--train.lr", "3e-4", "--memory.mem_len=64"]`` -> ``{"train.lr": "3e-4", "memory.mem_len": "64"}``.
+
+    ``keys``: the config keys ``command`` accepts (default: all); ``flags``: its own options. A mistyped
+    option or key is refused with the closest of them suggested."""
+    accepted = valid_keys() if keys is None else list(keys)
+    options = [*flags, *(f"--{k}" for k in accepted)]
     out, i = {}, 0
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or "." not in arg:
-            raise ValueError(f"unrecognized argument {arg!r}; config overrides look like --train.lr 3e-4 "
-                             f"(valid keys: {', '.join(valid_keys())})")
+            hint = did_you_mean(arg.partition("=")[0], options) if arg.startswith("-") else ""
+            raise ValueError(f"unrecognized argument {arg!r}{hint}" + (
+                f" (config overrides look like --train.lr 3e-4)" if accepted and not hint else ""))
         key, eq, value = arg[2:].partition("=")
+        key = LEGACY_KEYS.get(key, key)                         # a key of longmem 0.1: today's name
+        if key in REMOVED_KEYS:
+            raise ValueError(REMOVED_KEYS[key])
+        if key not in accepted:
+            listed = ", ".join(f"--{k}" for k in accepted) if accepted else "none"
+            if key in valid_keys():
+                raise ValueError(f"--{key} is not used by `longmem {command}`; the config keys it accepts: {listed}")
+            raise ValueError(f"unknown config key --{key}{did_you_mean('--' + key, options)} (config keys of "
+                             f"`longmem {command}`: {listed})")
         if not eq:
             if i + 1 >= len(args):
                 raise ValueError(f"--{key} needs a value")
@@ -42,48 +62,65 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
-def _overrides_epilog() -> str:
-    lines = ["config keys (override any with --KEY VALUE):"]
+def _overrides_epilog(keys: tuple[str, ...] | None) -> str:
+    lines = ["config keys (override any with --KEY VALUE):" if keys is None else
+             "config keys this command honours (--KEY VALUE; default: the run's own value):"]
     for key, text, default in config_help():
-        lines.append(f"  --{key:<22} {text} [default: {default!r}]")
+        if keys is None or key in keys:
+            lines.append(f"  --{key:<22} {text}" + (f" [default: {default!r}]" if keys is None else ""))
     return "\n".join(lines)
 
 
 # -- train ---------------------------------------------------------------------
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (sections model, memory, data, train); defaults if omitted")
-    p.add_argument("--out", help="run directory to write")
+    p.add_argument("--out", help="run directory to write: a new or empty directory (see --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="delete the run already in --out before training "
+                   "(only a longmem run directory is ever deleted)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint "
-                   "(train.* overrides allowed, e.g. a larger --train.max_steps)")
+                   "(train.* overrides allowed, e.g. a larger --train.max_steps); a run already at its "
+                   "train.max_steps says so and exits 0")
 
 
 def _train(args, overrides) -> int:
     from longmem.config import RunConfig
-    from longmem.runs import load_run_config
+    from longmem.runs import load_run_config, prepare_run_dir
+    from longmem.training.state import latest_checkpoint
     from longmem.training.trainer import TrainingStopped, train
     if args.resume:
-        if args.config or (args.out and args.out != args.resume):
-            raise ValueError("--resume DIR continues DIR with its own config.yaml; drop --config/--out")
+        if args.config or args.overwrite or (args.out and args.out != args.resume):
+            raise ValueError("--resume DIR continues DIR with its own config.yaml; drop --config/--out/--overwrite")
         bad = [k for k in overrides if not k.startswith("train.")]
         if bad:
             raise ValueError(f"only train.* settings can change on resume, not {', '.join(bad)}")
+        if not Path(args.resume).is_dir():
+            raise FileNotFoundError(f"run directory not found: {args.resume}")
         cfg = load_run_config(args.resume).override(overrides)
         out = args.resume
+        ckpt = latest_checkpoint(Path(out))
+        done = int(ckpt.name.removeprefix("step-")) if ckpt is not None else 0
+        if ckpt is not None and done >= cfg.train.max_steps:     # nothing to train: say so, exit 0
+            print(f"longmem train: {out} is already at step {done} (train.max_steps {cfg.train.max_steps}); "
+                  f"nothing to do. Pass --train.max_steps M with M > {done} to train further.", file=sys.stderr)
+            return 0
     else:
         if not args.out:
             raise ValueError("--out DIR is required (or --resume DIR)")
         cfg = RunConfig.load(args.config) if args.config else RunConfig()
         cfg = cfg.override(overrides)
         out = args.out
+        if os.environ.get("RANK", "0") == "0":           # under torchrun only rank 0 touches the directory
+            prepare_run_dir(out, overwrite=args.overwrite)
     try:
         res = train(cfg, out, resume=bool(args.resume))
     except TrainingStopped as e:
         print(f"longmem train: {e}", file=sys.stderr)
-        return 130 if "interrupted" in str(e) else 1
+        return 128 + e.signum if e.signum else 1        # the shell's code for the signal: 130 SIGINT, 143 SIGTERM
     if res.val:
-        print(f"trained to step {res.steps} in {res.seconds:.1f}s: loss {res.first_loss:.3f} -> "
-              f"{res.last_loss:.3f}, val loss {res.val['loss']:.4f} (ppl {res.val['ppl']:.2f})"
-              f"{' (stopped early)' if res.stopped_early else ''}; wrote {res.out_dir}", file=sys.stderr)
+        print(f"trained to step {res.steps} in {res.seconds:.1f}s: train loss {res.first_loss:.4f} -> "
+              f"{res.last_loss:.4f} (first and last logged means, as in report.md), val loss "
+              f"{res.val['loss']:.4f} (ppl {res.val['ppl']:.2f}){' (stopped early)' if res.stopped_early else ''}; "
+              f"wrote {res.out_dir}", file=sys.stderr)
     return 0
 
 
@@ -131,10 +168,20 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 def _eval(args, overrides) -> int:
     from longmem.evaluation.suite import eval_ppl
+    if args.out is not None:                                  # refused before any work
+        out = Path(args.out)
+        if out.is_dir() or out.suffix != ".json":
+            raise ValueError(f"--out takes a FILE.json (its picture goes beside it as FILE.png); {args.out} is "
+                             f"{'a directory' if out.is_dir() else 'not a .json file'}")
     run = _load_run(args, overrides)
     arch = run.config.model.arch
     if args.task == "text" and arch != "seq2seq":
         raise ValueError(f"--task text scores the decoded targets of a seq2seq run; this is a {arch} run")
+    printed_only = args.task == "text" or (args.task == "babi" and arch == "memn2n") or (
+        args.task == "ppl" and not args.mem_lens)
+    if printed_only and args.out is not None:
+        raise ValueError(f"--out is for sweeps (--mem-lens) and probes; this evaluation prints its result "
+                         f"(--json for one JSON object)")
     if args.task == "text" or (args.task == "babi" and arch == "memn2n"):
         from longmem.evaluation.qa import eval_babi, eval_text, format_task_result
         res = (eval_babi if args.task == "babi" else eval_text)(run, split=args.split or "test")
@@ -328,7 +375,9 @@ def _demo(args, overrides) -> int:
 # -- bench ---------------------------------------------------------------------
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes: finishes within minutes on 2 CPU cores")
-    p.add_argument("--out", default="BENCHMARKS.md", help="markdown file to write")
+    p.add_argument("--out", default="runs/bench/BENCHMARKS.md", help="markdown file to write, its pictures "
+                   "beside it [default: runs/bench/BENCHMARKS.md]; --out BENCHMARKS.md replaces the published "
+                   "page (make bench)")
     p.add_argument("--only", default="", help="comma-separated benchmark names (default: the whole suite)")
 
 
@@ -338,7 +387,7 @@ def _bench(args, overrides) -> int:
     unknown = [n for n in suite if n not in SUITE]
     if unknown:
         raise ValueError(f"unknown benchmark(s) {unknown}; available: {', '.join(SUITE)}")
-    run_benchmarks(out=args.out, quick=args.quick, argv=sys.argv[1:], suite=suite)
+    run_benchmarks(out=args.out, quick=args.quick, argv=args._argv, suite=suite)
     return 0
 
 
@@ -380,19 +429,20 @@ COMMANDS = [
     Command("train", "train a model and write a run directory", _train_args, _train, takes_overrides=True),
     Command("eval", "evaluate a run (perplexity; --memory.mem_len N changes the memory; CPU threads: the run's "
             "train.threads, or --train.threads N)", _eval_args, _eval,
-            takes_overrides=True),
-    Command("generate", "stream text from a run", _generate_args, _generate, takes_overrides=True),
+            takes_overrides=True, keys=EVAL_KEYS),
+    Command("generate", "stream text from a run", _generate_args, _generate, takes_overrides=True, keys=RUN_KEYS),
     Command("chat", "talk with a run; the memory of each --session is kept on disk", _chat_args, _chat,
-            takes_overrides=True),
+            takes_overrides=True, keys=RUN_KEYS),
     Command("serve", "HTTP completions API with per-session memory (needs the 'serve' extra)", _serve_args,
-            _serve, takes_overrides=True),
+            _serve, takes_overrides=True, keys=RUN_KEYS),
     Command("demo", "train no-memory and XL models and compare perplexity against memory length",
             _demo_args, _demo, takes_overrides=True),
-    Command("bench", "run the benchmark suite and write BENCHMARKS.md", _bench_args, _bench),
+    Command("bench", "run the benchmark suite and write its page (runs/bench/BENCHMARKS.md unless --out)",
+            _bench_args, _bench, keys=()),
     Command("import", "import a pretrained Llama-family model (Hugging Face folder, GGUF file or a known name) as "
             "a run directory; --model.segment_len and --memory.* choose how it reads", _import_args, _import,
-            takes_overrides=True),
-    Command("export", "write a run as a Hugging Face folder (Llama-family blocks only)", _export_args, _export),
+            takes_overrides=True, keys=IMPORT_KEYS),
+    Command("export", "write a run as a Hugging Face folder (Llama-family blocks only)", _export_args, _export, keys=()),
 ]
 
 
@@ -404,28 +454,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help,
-                           epilog=_overrides_epilog() if cmd.takes_overrides else None,
+                           epilog=_overrides_epilog(cmd.keys) if cmd.takes_overrides else None,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         cmd.add_args(p)
-        p.set_defaults(_cmd=cmd)
+        p.set_defaults(_cmd=cmd, _parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    args._argv = sys.argv[1:] if argv is None else list(argv)
     cmd: Command = args._cmd
+    flags = [s for a in args._parser._actions for s in a.option_strings if s.startswith("--")]
     try:
-        if rest and not cmd.takes_overrides:
-            raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
-        overrides = parse_overrides(rest)
+        overrides = parse_overrides(rest, keys=cmd.keys if cmd.takes_overrides else (), flags=flags,
+                                    command=cmd.name)
         return cmd.run(args, overrides)
     except (ValueError, FileNotFoundError) as e:
         print(f"longmem {cmd.name}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:                                # a second Ctrl-C (or signal) while stopping
         print(f"longmem {cmd.name}: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ BUILTIN_KINDS = ("none", "xl", "knn", "tokens")
 # memory kinds by name -> builder(ModelConfig) -> list of memories. ``longmem.models.memory`` registers the
 # built-in kinds (and users theirs, with ``longmem.models.memory.register_kind``); config only checks names.
 MEMORY_KINDS: dict[str, Any] = {}
+MAX_INT = 2**31 - 1         # no count, size, step or seed of a run is larger: a larger value can only be a mistake
+MAX_PER_STEP = 2**16        # micro-batches (train.grad_accum) or segments (bptt, curriculum) in one optimizer step
 
 
 def _help(text: str, **kw) -> Any:
@@ -46,6 +48,7 @@ class KNNConfig:
     chunk: int = _help("memory entries scored per matmul in the torch search (bounds extra memory)", default=4096)
 
     def __post_init__(self):
+        _check_numbers(self, "memory.knn")
         if isinstance(self.layers, int) and not isinstance(self.layers, bool):
             self.layers = [self.layers]
         if (not isinstance(self.layers, (list, tuple))
@@ -82,6 +85,7 @@ class TokensConfig:
                          "evaluation only (longmem eval RUN --memory.tokens.floor 0.05); 0: off", default=0.0)
 
     def __post_init__(self):
+        _check_numbers(self, "memory.tokens")
         if self.n_tokens <= 0:
             raise ValueError(f"memory.tokens.n_tokens must be positive, got {self.n_tokens}")
         if self.gate not in ("none", "sigmoid"):
@@ -110,6 +114,7 @@ class RetrievalConfig:
         "precision of the stored keys/values (bfloat16 halves the store's memory)", default="float32")
 
     def __post_init__(self):
+        _check_numbers(self, "memory.retrieval")
         for name in ("block_size", "top_k", "capacity", "query_chunk"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"memory.retrieval.{name} must be positive, got {getattr(self, name)}")
@@ -144,6 +149,7 @@ class MemoryConfig:
             self.tokens = TokensConfig(**self.tokens)
         if isinstance(self.retrieval, dict):
             self.retrieval = RetrievalConfig(**self.retrieval)
+        _check_numbers(self, "memory")
         if MEMORY_KINDS and self.kind not in MEMORY_KINDS:
             raise ValueError(f"memory.kind={self.kind!r}; accepted: {', '.join(MEMORY_KINDS)}")
         if self.mem_len < 0:
@@ -214,6 +220,7 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.memory, dict):
             self.memory = MemoryConfig(**self.memory)
+        _check_numbers(self, "model")
         if self.arch not in typing.get_args(Arch):
             raise ValueError(f"model.arch={self.arch!r}; accepted: {', '.join(typing.get_args(Arch))}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "segment_len", "hops", "memory_size"):
@@ -287,6 +294,9 @@ class DataConfig:
     seed: int = _help("seed of the document split and lane order", default=0)
 
     def __post_init__(self):
+        _check_numbers(self, "data")
+        if self.vocab_size <= 0:
+            raise ValueError(f"data.vocab_size must be positive, got {self.vocab_size}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.batch_size <= 0:
@@ -345,6 +355,11 @@ class TrainConfig:
                            "written freely first, then writing is made to cost. 0: from the start", default=0)
 
     def __post_init__(self):
+        for name in ("grad_accum", "bptt_segments"):         # each multiplies the work of one step
+            if not 1 <= getattr(self, name) <= MAX_PER_STEP:
+                raise ValueError(f"train.{name} must be from 1 to {MAX_PER_STEP} (an optimizer step reads "
+                                 f"grad_accum x bptt_segments batches), got {getattr(self, name)}")
+        _check_numbers(self, "train")
         if self.max_steps <= 0:
             raise ValueError(f"train.max_steps must be positive, got {self.max_steps}")
         if self.lr <= 0 or self.min_lr < 0:
@@ -353,11 +368,10 @@ class TrainConfig:
                      "patience", "log_every", "threads", "aux_start"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("grad_accum", "keep_last", "bptt_segments"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.aux_weight >= 0 and math.isfinite(self.aux_weight)):
-            raise ValueError(f"train.aux_weight must be >= 0, got {self.aux_weight}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"train.beta1 and train.beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
+        if self.keep_last < 1:
+            raise ValueError(f"train.keep_last must be >= 1, got {self.keep_last}")
         self.curriculum_stages()                          # validates
 
     def curriculum_stages(self) -> list[int]:
@@ -366,9 +380,9 @@ class TrainConfig:
         if not text:
             return []
         parts = [p.strip() for p in text.split(",")]
-        if not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"train.curriculum={self.curriculum!r}: give positive segment counts separated by "
-                             f"commas, e.g. '1,2,4,8'")
+        if not all(p.isdigit() and 0 < int(p) <= MAX_PER_STEP for p in parts):
+            raise ValueError(f"train.curriculum={self.curriculum!r}: give segment counts from 1 to {MAX_PER_STEP} "
+                             f"separated by commas, e.g. '1,2,4,8'")
         stages = [int(p) for p in parts]
         if len(stages) > self.max_steps:
             raise ValueError(f"train.curriculum has {len(stages)} stages but train.max_steps={self.max_steps}")
@@ -424,6 +438,7 @@ class TaskConfig:
                               "(random noise, Sukhbaatar et al. 2015 §4.1)", default=0.1)
 
     def __post_init__(self):
+        _check_numbers(self, "task")
         for name in ("n_train", "n_test", "source_len", "length", "n_pairs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"task.{name} must be positive, got {getattr(self, name)}")
@@ -493,8 +508,11 @@ class RunConfig:
             raise FileNotFoundError(f"config file not found: {path}")
         try:
             d = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, RecursionError) as e:
             raise ValueError(f"{path} is not valid YAML: {e}") from None
+        if d is not None and not isinstance(d, dict):
+            raise ValueError(f"{path} holds a YAML {type(d).__name__}, not a run config: a mapping with sections "
+                             f"{', '.join(SECTIONS)}")
         return d or {}
 
     @classmethod
@@ -579,14 +597,33 @@ def config_help() -> list[tuple[str, str, Any]]:
     return out
 
 
+def _check_numbers(config, section: str) -> None:
+    """No number of a config is negative, NaN, infinite or beyond MAX_INT (a size, count, step, seed, rate or
+    weight); each class's ``__post_init__`` adds the tighter ranges of its fields."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if hint is int and not 0 <= value <= MAX_INT:
+            raise ValueError(f"{section}.{f.name} must be an integer from 0 to {MAX_INT}, got {value}")
+        if hint is float and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{section}.{f.name} must be a finite number >= 0, got {value}")
+
+
+def did_you_mean(word: str, options) -> str:
+    """ "; did you mean X?" for the option closest to a mistyped ``word`` (difflib), or ""."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
 def _check_keys(klass: type, values: dict, section: str) -> None:
     allowed = _fields(klass)
     for k in values:
         if k not in allowed:
-            near = difflib.get_close_matches(k, list(allowed), n=1)
-            raise ValueError(f"unknown config key '{section}.{k}'"
-                             + (f" (did you mean '{section}.{near[0]}'?)" if near else "")
-                             + f"; valid keys in '{section}': {', '.join(f'{section}.{n}' for n in allowed)}")
+            keys = [f"{section}.{n}" for n in allowed]
+            raise ValueError(f"unknown config key '{section}.{k}'{did_you_mean(f'{section}.{k}', keys)} (valid keys "
+                             f"in '{section}': {', '.join(keys)})")
 
 
 def _build(klass: type, values: Any, prefix: str):
@@ -669,7 +706,7 @@ def _parse_scalar(klass: type, name: str, raw: Any, key: str) -> Any:
         return raw
     try:
         return yaml.safe_load(raw)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         raise ValueError(f"{key}: cannot read value {raw!r}") from None
 
 
@@ -688,6 +725,11 @@ def _coerce(klass: type, name: str, value: Any, key: str) -> Any:
             raise ValueError(f"{key} must be true or false, got {value!r}")
         return value
     if hint is int:
+        if isinstance(value, str):                     # 1e4: YAML 1.1 reads it as text
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
             raise ValueError(f"{key} must be an integer, got {value!r}")
         return int(value)

@@ -1,10 +1,11 @@
 """A run directory (``config.yaml``, ``model.safetensors``, ``tokenizer.json``) and loading it back."""
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from longmem.config import RunConfig, flatten
+from longmem.config import SECTIONS, RunConfig, flatten, valid_keys
 from longmem.data.tokenizer import Tokenizer, load_tokenizer
 from longmem.models import MemoryLM, build_model
 from longmem.models.memory.base import TRAINING_FREE
@@ -16,6 +17,16 @@ CONFIG, WEIGHTS, TOKENIZER, METRICS = "config.yaml", "model.safetensors", "token
 # values (e.g. a kNN store larger than in training, as Wu et al. 2022 evaluate)
 EVAL_MODEL_KEYS = ("memory.mem_len", "memory.knn.capacity", "memory.knn.k", "memory.knn.backend",
                    "memory.knn.index", "memory.knn.chunk", "memory.tokens.floor")
+# every memory setting: a kind that needs no training (none, xl, sinks, retrieval) may replace the trained one at
+# evaluation, with any settings (eval_config refuses what would not fit the weights)
+MEMORY_KEYS = tuple(k for k in valid_keys() if k.startswith("memory."))
+# the config keys a command reading a finished run honours (the CLI refuses the others): the memory settings and
+# torch's CPU threads; eval also the text and examples it scores, rebuilt from data.* and task.*
+# (the run's tokenizer.json fixes data.tokenizer and data.vocab_size)
+RUN_KEYS = (*MEMORY_KEYS, "train.threads")
+EVAL_KEYS = (*RUN_KEYS, "data.path", "data.text_field", "data.hf_dataset", "data.hf_config", "data.hf_split",
+             "data.cache", "data.val_fraction", "data.batch_size", "data.seed", "task.babi_tasks", "task.n_train",
+             "task.n_test", "task.source_len", "task.min_source_len", "task.n_pairs", "task.distractor")
 
 
 @dataclass
@@ -43,6 +54,11 @@ def load_run_config(run: str | Path) -> RunConfig:
     return RunConfig.from_dict(d)
 
 
+# what `longmem import` may set: how the imported model reads (its sizes come from the checkpoint)
+IMPORT_KEYS = ("model.segment_len", "model.dropout", *MEMORY_KEYS,
+               *(k for k in valid_keys() if k.split(".")[0] in ("data", "train")))
+
+
 def eval_config(config: RunConfig, overrides: dict[str, str]) -> RunConfig:
     """The run's config with evaluation-time overrides: the settings of ``EVAL_MODEL_KEYS``, ``data.*``, and a
     training-free memory kind (``--memory.kind sinks --memory.mem_len 1024``: it adds no weights); anything
@@ -66,6 +82,9 @@ def load_run(path: str | Path, *, overrides: dict[str, str] | None = None) -> Ru
     """Rebuild the model of a run from its files; ``overrides`` (dotted keys) may change
     evaluation settings such as ``memory.mem_len``."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file, not a run directory (the folder `longmem train --out` writes, "
+                         f"holding {CONFIG}, {WEIGHTS} and {TOKENIZER})")
     if not path.is_dir():
         raise FileNotFoundError(f"run directory not found: {path}")
     for name in (CONFIG, WEIGHTS, TOKENIZER):
@@ -83,3 +102,52 @@ def load_run(path: str | Path, *, overrides: dict[str, str] | None = None) -> Ru
     load_weights(model, path / WEIGHTS)
     model.eval()
     return Run(config=config, model=model, tokenizer=tokenizer, path=path)
+
+
+# what a run directory holds: the run's files, its checkpoints, and what eval and chat write into it by default
+RUN_ENTRIES = {CONFIG, WEIGHTS, TOKENIZER, METRICS, "trainer_state.safetensors", "trainer_state.json", "report.md",
+               "loss.png", "checkpoints", "eval", "sessions"}
+
+
+def prepare_run_dir(path: str | Path, *, overwrite: bool = False) -> None:
+    """Make ``path`` ready for a new run. A directory that already holds files is refused (a second run would be
+    mixed into the first: checkpoints, metrics.jsonl); with ``overwrite`` its files are deleted, but only when it
+    is a longmem run directory (a run config.yaml and nothing but run files) and not the root, the home or the
+    current directory (or one holding it)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file; --out takes a directory (new or empty) for the run")
+    if not path.exists() or not any(path.iterdir()):
+        return
+    names = sorted(p.name for p in path.iterdir())
+    foreign = [n for n in names if n not in RUN_ENTRIES and not (n.startswith(".") and n.endswith(".tmp"))]
+    shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+    is_run = not foreign and _is_run_config(path / CONFIG)
+    if not overwrite:
+        if is_run:
+            raise ValueError(f"{path} already holds a run ({shown}); continue it with `longmem train --resume "
+                             f"{path}`, write the new run to another --out, or pass --overwrite to delete the old "
+                             f"run first")
+        raise ValueError(f"{path} is not empty ({shown}); give --out a new or empty directory")
+    here = Path.cwd().resolve()
+    real = path.resolve()
+    if real in (Path(real.anchor), Path.home().resolve(), here) or real in here.parents:
+        raise ValueError(f"--overwrite never clears {path}: it is the root, the home or the current directory, or "
+                         f"holds it; give --out the run directory itself")
+    if not is_run:
+        raise ValueError(f"--overwrite deletes only a longmem run directory; {path} "
+                         + (f"also holds {', '.join(foreign[:6])}" if foreign else f"has no run {CONFIG}")
+                         + "; delete it yourself or give --out another directory")
+    for entry in path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a run's config.yaml: a YAML mapping of config sections."""
+    try:
+        return path.is_file() and set(RunConfig.read(path)) <= set(SECTIONS)
+    except (ValueError, OSError):
+        return False

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 
@@ -132,8 +134,8 @@ def test_bad_input_gets_one_paragraph_and_exit_2(tmp_path, capsys):
     cases = [(["--data.path", str(tmp_path / "empty")], "empty"),
              (["--train.max_steps", "abc"], "train.max_steps must be an integer"),
              (["--data.path", str(tmp_path / "nowhere.txt")], "not found"),
-             (["--memory.mem_len", "3000000000"], "does not fit"),
-             (["--memory.kind", "knn", "--memory.knn.capacity", "3000000000"], "Lower memory.knn.capacity")]
+             (["--memory.mem_len", "2000000000"], "does not fit"),
+             (["--memory.kind", "knn", "--memory.knn.capacity", "2000000000"], "Lower memory.knn.capacity")]
     for extra, message in cases:
         code = main(["train", "--config", str(TINY), "--out", str(tmp_path / "r"), "--train.progress", "false",
                      *extra])
@@ -157,7 +159,7 @@ def test_parse_overrides():
     assert parse_overrides([]) == {}
     with pytest.raises(ValueError, match="needs a value"):
         parse_overrides(["--train.lr"])
-    with pytest.raises(ValueError, match="valid keys"):
+    with pytest.raises(ValueError, match="unrecognized argument '--verbose'"):
         parse_overrides(["--verbose"])
 
 
@@ -176,3 +178,141 @@ def test_commands_reading_a_run_use_its_thread_count(run_dir):
         assert torch.get_num_threads() == before
     finally:
         torch.set_num_threads(before)
+
+
+def tiny_train(out, *extra: str) -> int:
+    return main(["train", "--config", str(TINY), "--out", str(out), "--train.progress", "false",
+                 "--train.threads", "1", "--train.max_steps", "4", *extra])
+
+
+def test_train_refuses_a_directory_holding_a_run_and_overwrite_clears_only_a_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert tiny_train("RUN") == 0
+    capsys.readouterr()
+    metrics = (tmp_path / "RUN" / "metrics.jsonl").read_text()
+    assert tiny_train("RUN", "--train.max_steps", "2") == 2                # not mixed into the old run
+    err = capsys.readouterr().err
+    assert "--resume RUN" in err and "--overwrite" in err and "--out" in err and err.count("\n") == 1
+    assert (tmp_path / "RUN" / "metrics.jsonl").read_text() == metrics
+    assert tiny_train("RUN", "--train.max_steps", "2", "--overwrite") == 0
+    assert sorted(p.name for p in (tmp_path / "RUN" / "checkpoints").iterdir()) == ["best", "step-00000002"]
+    assert max(json.loads(line)["step"] for line in (tmp_path / "RUN" / "metrics.jsonl").read_text().splitlines()) == 2
+    capsys.readouterr()
+    # --overwrite clears nothing but a run directory: not other files, a file, the cwd, home or root
+    (tmp_path / "OTHER").mkdir()
+    (tmp_path / "OTHER" / "notes.txt").write_text("mine")
+    (tmp_path / "FILE").write_text("mine")
+    shutil.copytree(tmp_path / "RUN", tmp_path / "HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "HOME"))
+    for out in ("OTHER", "FILE", "HOME", "/"):
+        assert tiny_train(out, "--overwrite") == 2, out
+        assert "Traceback" not in capsys.readouterr().err
+    assert tiny_train("OTHER") == 2                                      # not empty: refused without --overwrite
+    assert (tmp_path / "OTHER" / "notes.txt").read_text() == (tmp_path / "FILE").read_text() == "mine"
+    assert (tmp_path / "HOME" / "config.yaml").is_file()
+    monkeypatch.chdir(tmp_path / "RUN")
+    assert tiny_train(".", "--overwrite") == 2 and tiny_train(tmp_path, "--overwrite") == 2
+    assert "current directory" in capsys.readouterr().err
+    assert (tmp_path / "RUN" / "config.yaml").is_file()
+
+
+def test_resume_of_a_finished_run_says_so_and_how_to_go_further(tmp_path, capsys):
+    assert tiny_train(tmp_path / "RUN") == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "RUN")]) == 0
+    err = capsys.readouterr().err
+    assert "already at step 4" in err and "--train.max_steps" in err
+    assert main(["train", "--resume", str(tmp_path / "RUN"), "--train.max_steps", "6", "--train.progress",
+                 "false"]) == 0
+    assert "trained to step 6" in capsys.readouterr().err
+
+
+def test_summary_line_and_report_give_the_same_train_loss(tmp_path, capsys):
+    assert tiny_train(tmp_path / "RUN", "--train.max_steps", "12") == 0               # logs at 5, 10, 12
+    err = capsys.readouterr().err
+    first, last = (float(x) for x in re.search(r"train loss ([\d.]+) -> ([\d.]+)", err).groups())
+    logged = [r["loss"] for r in map(json.loads, (tmp_path / "RUN" / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert (first, last) == (round(logged[0], 4), round(logged[-1], 4))
+    report = (tmp_path / "RUN" / "report.md").read_text()
+    assert f"{first:.4f} (steps 1-5) -> {last:.4f} (steps 11-12)" in report
+
+
+def test_eval_out_must_be_a_json_file_refused_before_any_work(run_dir, tmp_path, capsys):
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    for out in (folder, tmp_path / "result.txt"):
+        assert main(["eval", str(run_dir), "--mem-lens", "0,16", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "FILE.json" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]       # no existing.png beside it
+    assert not any(folder.iterdir())
+    assert main(["eval", str(run_dir), "--out", str(tmp_path / "ppl.json")]) == 2     # plain ppl only prints
+    assert "--out is for sweeps" in capsys.readouterr().err
+
+
+def test_a_file_given_as_run_directory_is_named_as_a_file(run_dir, capsys):
+    assert main(["eval", str(run_dir / "config.yaml")]) == 2
+    assert "is a file, not a run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("config.yaml", "- model\n- train\n", "holds a YAML list"),
+    ("config.yaml", "7\n", "holds a YAML int"),
+    ("tokenizer.json", "[" * 100_000, "not valid JSON"),
+])
+def test_damaged_run_files_exit_2_with_one_paragraph(run_dir, tmp_path, capsys, name, text, message):
+    run = tmp_path / "RUN"
+    shutil.copytree(run_dir, run)
+    (run / name).write_text(text)
+    commands = [["eval", str(run)], ["generate", str(run), "--max-new-tokens", "1"]]
+    if name == "config.yaml":
+        commands.append(["train", "--resume", str(run)])
+    for argv in commands:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_weights_holding_nan_are_refused_naming_the_tensor(run_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    run = tmp_path / "RUN"
+    shutil.copytree(run_dir, run)
+    tensors = load_file(run / "model.safetensors")
+    name = sorted(tensors)[-1]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, run / "model.safetensors", metadata={"format": "longmem-weights", "version": "1"})
+    assert main(["eval", str(run), "--json"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and name in out.err and "NaN" in out.err
+
+
+def test_each_command_shows_and_accepts_only_the_config_keys_it_uses(capsys):
+    def help_of(command: str) -> str:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        return capsys.readouterr().out
+    assert "--train.lr" in help_of("train") and "--model.d_model" in help_of("train")
+    for command in ("eval", "generate", "chat", "serve"):
+        text = help_of(command)
+        assert "--memory.mem_len" in text and "--train.threads" in text
+        assert "--train.lr" not in text and "--model.d_model" not in text and "--train.max_steps" not in text
+    assert ("--data.path" in help_of("eval")) and ("--data.path" not in help_of("generate"))
+    for argv in (["generate", "RUN", "--train.lr", "5"], ["generate", "RUN", "--data.path", "/nonexistent"],
+                 ["serve", "RUN", "--model.d_model", "64"], ["eval", "RUN", "--train.max_steps", "3"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"not used by `longmem {argv[0]}`" in err and "--memory.mem_len" in err
+
+
+@pytest.mark.parametrize("argv,suggestion", [
+    (["generate", "RUN", "--max_new_tokens", "5"], "--max-new-tokens"),
+    (["generate", "RUN", "--temprature", "0.5"], "--temperature"),
+    (["chat", "RUN", "--sesion", "a"], "--session"),
+    (["train", "--out", "R", "--train.lrr", "1"], "--train.lr"),
+    (["eval", "RUN", "--memory.mem_lenn=64"], "--memory.mem_len"),
+    (["bench", "--quik"], "--quick"),
+])
+def test_a_mistyped_option_gets_the_closest_one_suggested(argv, suggestion, capsys):
+    assert main(argv) == 2
+    assert f"did you mean {suggestion}?" in capsys.readouterr().err

@@ -1,10 +1,13 @@
 """Typed configs: validation, YAML round trip, dotted overrides."""
 from __future__ import annotations
 
+import re
+import typing
+
 import pytest
 import yaml
 
-from longmem.config import (DataConfig, MemoryConfig, ModelConfig, RunConfig, TrainConfig, config_help,
+from longmem.config import (DataConfig, MemoryConfig, ModelConfig, RunConfig, TaskConfig, TrainConfig, config_help,
                             valid_keys)
 
 from conftest import REPO_ROOT
@@ -115,17 +118,18 @@ def test_tokens_memory_and_bptt_options_from_the_command_line(tmp_path):
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("train.bptt_segments", "0", "bptt_segments must be >= 1"),
-    ("train.curriculum", "1,two,4", "positive segment counts"),
-    ("train.curriculum", "1,0", "positive segment counts"),
+    ("train.bptt_segments", "0", "bptt_segments must be from 1 to"),
+    ("train.curriculum", "1,two,4", "segment counts from 1 to"),
+    ("train.curriculum", "1,0", "segment counts from 1 to"),
     ("memory.tokens.n_tokens", "-1", "n_tokens"),
     ("memory.token_noise", "-0.1", "token_noise was removed"),
     ("memory.tokens.floor", "1.0", "tokens.floor"),
     ("memory.tokens.floor", "0.05", "needs memory.tokens.gate sigmoid"),
-    ("memory.tokens.stretch", "-0.1", "tokens.stretch must be >= 0"),
+    ("memory.tokens.stretch", "-0.1", "tokens.stretch must be a finite number >= 0"),
     ("memory.tokens.stretch", "0.1", "needs memory.tokens.gate sigmoid"),
-    ("train.aux_weight", "-1", "aux_weight must be >= 0"),
+    ("train.aux_weight", "-1", "aux_weight must be a finite number >= 0"),
     ("memory.tokens.gate", "gru", "accepted: none, sigmoid"),
+    ("memory.token_gate_stretch", "-0.1", "tokens.stretch must be a finite number >= 0"),   # 0.1 names still read
     ("task.linear_start_patience", "-1", "linear_start_patience"),
 ])
 def test_bptt_and_tokens_options_are_validated(key, value, match):
@@ -191,3 +195,49 @@ def test_every_key_has_help_and_a_valid_default():
     assert all(text for _, text, _ in rows)
     # every default survives the override path (keys and types agree)
     RunConfig().override({k: d for k, _, d in rows})
+
+
+NUMERIC = [(key, type(default)) for key, _, default in config_help()
+           if isinstance(default, (int, float)) and not isinstance(default, bool)]
+
+
+@pytest.mark.parametrize("key,kind", NUMERIC, ids=[k for k, _ in NUMERIC])
+def test_every_number_of_every_config_is_range_checked(key, kind):
+    """No size, count, step, seed, rate or weight may be negative, NaN, infinite or (integers) beyond 2**31:
+    each is refused with a ValueError naming its key, from the command line and from Python."""
+    bad = ["-1", "nan", "inf", "-inf"] + ([str(2**31), "1e23"] if kind is int else [])
+    for value in bad:
+        with pytest.raises(ValueError, match=re.escape(key)):
+            RunConfig().override({key: value})
+    section, *groups, name = key.split(".")
+    klass = {"model": ModelConfig, "memory": MemoryConfig, "data": DataConfig, "train": TrainConfig,
+             "task": TaskConfig}[section]
+    for group in groups:                                       # memory.knn.k -> KNNConfig
+        klass = typing.get_type_hints(klass)[group]
+    with pytest.raises(ValueError, match=re.escape(key)):
+        klass(**{name: kind(-1)})
+
+
+@pytest.mark.parametrize("key,value", [("train.grad_accum", "1e23"), ("train.grad_accum", "100000"),
+                                       ("train.bptt_segments", "1e9"), ("train.curriculum", "1,1000000000")])
+def test_work_per_step_that_could_never_finish_is_refused(key, value):
+    with pytest.raises(ValueError, match=f"{re.escape(key)}.*1 to 65536"):
+        RunConfig().override({key: value})
+    assert RunConfig().override({key: "1,4" if key == "train.curriculum" else "4"})      # sane values pass
+
+
+def test_a_mistyped_key_gets_the_closest_one_suggested(tmp_path):
+    with pytest.raises(ValueError, match=r"did you mean train\.lr\?"):
+        RunConfig().override({"train.lrr": "1"})
+    (tmp_path / "c.yaml").write_text("model:\n  d_modle: 64\n")
+    with pytest.raises(ValueError, match=r"did you mean model\.d_model\?"):
+        RunConfig.load(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("text,kind", [("- a\n- b\n", "list"), ("42\n", "int"), ("just words\n", "str"),
+                                       ("[" * 100_000, None)])
+def test_a_config_file_that_is_not_a_mapping_is_refused(tmp_path, text, kind):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"YAML {kind}" if kind else "not valid YAML"):
+        RunConfig.load(path)

@@ -84,18 +84,24 @@ def test_sigkill_then_resume_gives_the_same_losses(corpus, reference, tmp_path):
         == ["step-00000020", "step-00000024"]                          # keep_last = 2
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_finishes_identically(corpus, reference, tmp_path):
+def interrupt(corpus: Path, cwd: Path, sig: int, *extra: str) -> tuple[int, str]:
+    """Start a training run in ``cwd``/RUN, send ``sig`` once it has logged 3 lines; (exit code, stderr)."""
     proc = subprocess.Popen([sys.executable, "-m", "longmem", "train",
-                             *base_args(corpus, "--train.max_steps", "24"), "--out", "RUN"],
-                            cwd=tmp_path, stderr=subprocess.PIPE, encoding="utf-8")
-    metrics = tmp_path / "RUN" / "metrics.jsonl"
+                             *base_args(corpus, "--train.max_steps", "24", *extra), "--out", "RUN"],
+                            cwd=cwd, stderr=subprocess.PIPE, encoding="utf-8")
+    metrics = cwd / "RUN" / "metrics.jsonl"
     deadline = time.time() + 240
     while (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3) and proc.poll() is None \
             and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    return proc.returncode, err
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes_identically(corpus, reference, tmp_path):
+    code, err = interrupt(corpus, tmp_path, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM == 143, err                     # the shell's code for SIGTERM
     assert "interrupted at step" in err and "--resume" in err
     saved = S.latest_checkpoint(tmp_path / "RUN")
     assert saved is not None
@@ -103,6 +109,35 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_identically(corpus, refe
     assert res.returncode == 0, res.stderr
     ref, got = step_losses(reference), step_losses(tmp_path / "RUN")
     assert all(abs(ref[s] - got[s]) <= 1e-6 for s in ref)
+
+
+def test_sigint_exits_130_after_saving_a_checkpoint(corpus, tmp_path):
+    code, err = interrupt(corpus, tmp_path, signal.SIGINT)
+    assert code == 128 + signal.SIGINT == 130, err
+    assert "interrupted at step" in err
+    assert S.latest_checkpoint(tmp_path / "RUN") is not None
+
+
+def test_first_log_after_resume_equals_the_uninterrupted_run(corpus, tmp_path):
+    """The logged loss is the mean over train.log_every steps; a run resumed inside such a window (here at
+    step 8 of the window 6-10) logs the mean of the whole window, as the uninterrupted run did."""
+    cfg = _cfg(corpus, max_steps=12, checkpoint_every=4, keep_last=3, log_every=5)
+    run = tmp_path / "run"
+    train(cfg, run)
+    ref = step_losses(run)
+    assert sorted(ref) == [5, 10, 12]
+    shutil.rmtree(run / "checkpoints" / "step-00000012")
+    train(cfg, run, resume=True)
+    got = step_losses(run)
+    assert sorted(got) == [5, 10, 12]
+    assert all(abs(ref[s] - got[s]) <= 1e-6 for s in ref), (ref, got)
+
+
+def test_a_validation_of_the_whole_split_shows_progress(corpus, tmp_path, capsys):
+    train(_cfg(corpus, max_steps=2, progress="true"), tmp_path / "run")
+    assert "validate" in capsys.readouterr().err
+    train(_cfg(corpus, max_steps=2, progress="false"), tmp_path / "quiet")
+    assert capsys.readouterr().err == ""
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(corpus, tmp_path):

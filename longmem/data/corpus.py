@@ -91,8 +91,8 @@ def iter_jsonl(p: Path):
             continue
         try:
             yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{n} is not valid JSON: {e.msg}") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"{p}:{n} is not valid JSON: {getattr(e, 'msg', 'nested too deeply')}") from None
 
 
 def _read_jsonl(p: Path, field: str) -> list[str]:

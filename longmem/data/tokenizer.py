@@ -257,7 +257,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise FileNotFoundError(f"tokenizer file not found: {path}")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{path} is not a longmem tokenizer (not valid JSON: {e})") from None
     if isinstance(d, dict) and "model" in d and "format" not in d:       # a plain Hugging Face tokenizer.json
         return _load_hf(path, path.read_text(encoding="utf-8"))

@@ -79,7 +79,7 @@ def read_safetensors(path: str | Path, *, what: str = "file") -> tuple[dict[str,
     try:
         tensors = st_load(data)
         metadata = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
-    except (SafetensorError, ValueError) as e:
+    except (SafetensorError, ValueError, RecursionError) as e:
         raise ValueError(f"{bad}: {e}") from None
     return tensors, metadata
 
@@ -104,4 +104,9 @@ def load_weights(module: torch.nn.Module, path: str | Path) -> None:
         problems.append("shape mismatch " + "; ".join(shape_diff[:5]))
     if problems:
         raise ValueError(f"{path} does not fit this model: " + ", ".join(problems))
+    nonfinite = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if nonfinite:
+        raise ValueError(f"{path}: tensor {nonfinite[0]!r} holds NaN or infinite values"
+                         f"{f' (and {len(nonfinite) - 1} more tensors)' if len(nonfinite) > 1 else ''}; "
+                         f"these weights cannot be used (a diverged or damaged run): load an earlier checkpoint")
     module.load_state_dict(tensors, strict=False)

@@ -18,7 +18,7 @@ def read_metrics(path: Path) -> list[dict]:
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 out.append(json.loads(line))
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue
     return out
 
@@ -32,7 +32,9 @@ def write_run_report(out_dir: Path, cfg: RunConfig) -> Path:
     if train:
         tps = [r["tokens_per_s"] for r in train[1:]] or [train[0]["tokens_per_s"]]
         lines += [f"- steps: {train[-1]['step']}, training tokens: {train[-1]['tokens']:,}",
-                  f"- train loss: {train[0]['loss']:.4f} (first log) -> {train[-1]['loss']:.4f} (last log)",
+                  f"- train loss, the mean per target token of a logged window (as in the summary line): "
+                  f"{train[0]['loss']:.4f} (steps 1-{train[0]['step']}) -> {train[-1]['loss']:.4f} (steps "
+                  f"{train[-2]['step'] + 1 if len(train) > 1 else 1}-{train[-1]['step']})",
                   f"- tokens/s: median {sorted(tps)[len(tps) // 2]:,.0f}"]
     if val:
         best = min(val, key=lambda r: r["val_loss"])

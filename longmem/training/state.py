@@ -152,7 +152,7 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(meta, tensors) of a checkpoint folder; refuses files that are not longmem trainer state."""
     try:
         meta = json.loads((path / STATE_J).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{path / STATE_J} is not valid JSON: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
         raise ValueError(f"{path / STATE_J} is not a longmem trainer state")
@@ -207,6 +207,6 @@ def truncate_metrics(path: Path, step: int) -> None:
         try:
             if json.loads(line).get("step", 0) <= step:
                 keep.append(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError, AttributeError):
             continue                                      # a line torn by a kill
     atomic_write_text(path, "".join(line + "\n" for line in keep))

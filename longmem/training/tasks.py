@@ -113,7 +113,7 @@ def train_task(cfg: RunConfig, out_dir: str | Path, *, desc: str = "train") -> T
 
     model.train()
     first_loss, loss_sum, n_loss, seen, t_log = None, 0.0, 0, 0, time.perf_counter()
-    start, val, best, loss = t_log, {}, None, float("nan")
+    start, val, best, avg = t_log, {}, None, float("nan")
     # linear start (memn2n): steps [0, ls_end) without the softmax; the schedule counts from ls_end
     ls_end = min(cfg.task.linear_start_steps, t.max_steps) if name == "babi" else 0
     ls_lr, ls_val_loss, ls_bad = cfg.task.linear_start_lr or t.lr, None, 0
@@ -137,12 +137,12 @@ def train_task(cfg: RunConfig, out_dir: str | Path, *, desc: str = "train") -> T
         loss = out_loss.item()
         if not math.isfinite(loss):
             raise RuntimeError(f"loss became {loss} at step {step + 1}; lower train.lr or check the data")
-        first_loss = loss if first_loss is None else first_loss
         loss_sum, n_loss, seen = loss_sum + loss, n_loss + 1, seen + len(idx)
         bar.update(1)
         if (step + 1) % max(1, t.log_every) == 0 or step + 1 == t.max_steps:
             now = time.perf_counter()
             avg = loss_sum / n_loss
+            first_loss = avg if first_loss is None else first_loss
             log({"step": step + 1, "loss": avg, "lr": opt.param_groups[0]["lr"], "examples": seen,
                  "examples_per_s": n_loss * d.batch_size / max(now - t_log, 1e-9),
                  **({"grad_norm": float(grad_norm)} if grad_norm is not None else {})})
@@ -168,5 +168,5 @@ def train_task(cfg: RunConfig, out_dir: str | Path, *, desc: str = "train") -> T
                 ls_val_loss = ls_loss if ls_val_loss is None else min(ls_val_loss, ls_loss)
     bar.close()
     metrics.close()
-    return TrainResult(out_dir=out_dir, steps=t.max_steps, first_loss=first_loss, last_loss=loss, val=val,
+    return TrainResult(out_dir=out_dir, steps=t.max_steps, first_loss=first_loss, last_loss=avg, val=val,
                        seconds=time.perf_counter() - start)

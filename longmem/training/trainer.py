@@ -25,11 +25,11 @@ import torch.utils.checkpoint
 from longmem.config import RunConfig
 from longmem.data.cache import cache_dir_for
 from longmem.data.corpus import load_corpus, split_documents
-from longmem.data.stream import TaskStream, TrainStream, encode_documents
+from longmem.data.stream import TaskStream, TrainStream, encode_documents, n_eval_batches
 from longmem.data.tasks.sources import probe_fit_texts, probe_maker, task_name
 from longmem.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 from longmem.evaluation.perplexity import evaluate_ppl, predicted_chars
-from longmem.evaluation.probes import score_probes, summarize
+from longmem.evaluation.probes import n_segments, score_probes, summarize
 from longmem.models import IGNORE_INDEX, build_model
 from longmem.models.memory import Memory, State
 from longmem.runs import CONFIG, METRICS, TOKENIZER
@@ -41,15 +41,20 @@ from longmem.utils import check_memory_fits, progress
 
 
 class TrainingStopped(RuntimeError):
-    """The run stopped before max_steps (a signal or a diverged loss); a checkpoint tells where."""
+    """The run stopped before max_steps (a signal or a diverged loss); a checkpoint tells where. ``signum``:
+    the signal that stopped it (None for a diverged loss)."""
+
+    def __init__(self, message: str, *, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass
 class TrainResult:
     out_dir: Path
     steps: int
-    first_loss: float
-    last_loss: float
+    first_loss: float           # the first and last training loss of metrics.jsonl (and report.md): the mean per
+    last_loss: float            # target token over a train.log_every window
     val: dict
     seconds: float
     stopped_early: bool = False
@@ -144,7 +149,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
     opt = build_optimizer(model, t, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     state: State | None = None
-    info = {"tokens_seen": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0}
+    info = {"tokens_seen": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0,
+            "loss_window": [0.0, 0]}          # the unlogged part of the running loss: a resume continues it
     start_step = 0
     if ckpt is not None:
         start_step, state, info = _resume(ckpt, model=model, opt=opt, scaler=scaler, stream=stream, lanes=lanes,
@@ -169,6 +175,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
         return D.broadcast_object(res, dist)
 
     def checkpoint(step: int, *, best: bool) -> Path:
+        info["loss_window"] = [loss_sum, n_loss]
         mem = state.state_dict() if state is not None else {}
         gathered = D.all_gather_objects({"data": stream.state_dict()["positions"], "rng": S.capture_rng(),
                                          "memory": {k: v.cpu() for k, v in mem.items()}}, dist)
@@ -184,8 +191,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
         return out_dir / S.CKPT_DIR / f"step-{step:08d}"
 
     model.train()
-    first_loss = last_loss = None
-    loss_sum = n_loss = tokens_since = 0
+    loss_sum, n_loss = info["loss_window"]
+    tokens_since = 0
     val: dict = {}
     stopped_early = False
     done = start_step
@@ -233,9 +240,6 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
                     f"the loss became {loss_value} at step {step + 1}; the last good checkpoint is "
                     f"{last_good or 'none (no checkpoint was saved yet)'}. Lower train.lr, raise "
                     f"train.warmup_steps or use train.precision fp32, then resume or restart.")
-            if n_global:                                         # a task step may hold no answer
-                first_loss = loss_value if first_loss is None else first_loss
-                last_loss = loss_value
             loss_sum, n_loss = loss_sum + loss_value * n_global, n_loss + n_global
             info["tokens_seen"] += int(n_inputs)
             tokens_since += n_inputs
@@ -268,7 +272,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
             if interrupted:
                 bar.close()
                 raise TrainingStopped(f"interrupted at step {done}; saved {path}. "
-                                      f"Continue with: longmem train --resume {out_dir}")
+                                      f"Continue with: longmem train --resume {out_dir}", signum=stop.signum)
             if stopped_early:
                 log({"step": done, "event": "early_stop", "best_step": info["best_step"],
                      "best_val_loss": info["best_val_loss"]})
@@ -276,12 +280,14 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
     bar.close()
     if metrics is not None:
         metrics.close()
+    logged = []
     if dist.main:
-        from longmem.training.report import write_run_report
+        from longmem.training.report import read_metrics, write_run_report
         write_run_report(out_dir, cfg)
+        logged = [r["loss"] for r in read_metrics(out_dir / METRICS) if "loss" in r]
     result = TrainResult(out_dir=out_dir, steps=done,
-                         first_loss=first_loss if first_loss is not None else float("nan"),
-                         last_loss=last_loss if last_loss is not None else float("nan"), val=val,
+                         first_loss=logged[0] if logged else float("nan"),
+                         last_loss=logged[-1] if logged else float("nan"), val=val,
                          seconds=time.perf_counter() - start, stopped_early=stopped_early)
     return result
 
@@ -328,6 +334,7 @@ def _resume(ckpt: Path, *, model, opt, scaler, stream: TrainStream | TaskStream,
         state = State.from_state_dict({k: v.to(device) for k, v in S.slice_lane_state(mem, lanes).items()})
     S.restore_rng(S.rng_states(meta, tensors)[dist.rank])
     info = {k: meta[k] for k in ("tokens_seen", "best_val_loss", "best_step", "bad_evals")}
+    info["loss_window"] = meta.get("loss_window", [0.0, 0])          # absent in checkpoints of older versions
     return meta["step"], state, info
 
 
@@ -358,8 +365,11 @@ def _data(cfg: RunConfig, out_dir: Path, *, resume: bool, lanes: range) -> _Data
         n_chars = predicted_chars(val_texts)
 
         def validate_lm(model, *, full: bool) -> dict:
-            return evaluate_ppl(model, val_docs, batch_size=d.batch_size, n_chars=n_chars,
-                                max_segments=0 if full else t.eval_segments)
+            limit = 0 if full else t.eval_segments
+            with _validation_bar(n_eval_batches(val_docs, batch_size=d.batch_size, seg_len=seg_len), limit,
+                                 enabled=t.progress) as bar:
+                return evaluate_ppl(model, val_docs, batch_size=d.batch_size, n_chars=n_chars, max_segments=limit,
+                                    progress_bar=bar)
         return _Data(tokenizer, TrainStream(train_docs, batch_size=d.batch_size, seg_len=seg_len, seed=d.seed,
                                             lanes=lanes), validate_lm, ("loss", "ppl", "bpc", "tokens"))
 
@@ -368,8 +378,14 @@ def _data(cfg: RunConfig, out_dir: Path, *, resume: bool, lanes: range) -> _Data
     val_probes = [make_val(i, cfg.task.length) for i in range(cfg.task.n_test)]
 
     def validate_probe(model, *, full: bool) -> dict:
-        res = summarize(score_probes(model, val_probes, batch_size=d.batch_size))
+        with _validation_bar(n_segments(val_probes, model, batch_size=d.batch_size), 0, enabled=t.progress) as bar:
+            res = summarize(score_probes(model, val_probes, batch_size=d.batch_size, progress_bar=bar))
         return {"loss": res["answer_loss"], "ppl": math.exp(min(res["answer_loss"], 50.0)), **res}
     stream = TaskStream(lambda index, length: make_train(index, length).as_doc(), batch_size=d.batch_size,
                         seg_len=seg_len, length=cfg.task.length, lanes=lanes)
     return _Data(tokenizer, stream, validate_probe, ("loss", "ppl", "accuracy", "answers"))
+
+
+def _validation_bar(total: int, limit: int, *, enabled: bool):
+    """A progress bar for a validation that reads the whole split (``limit`` 0); a capped one is short."""
+    return progress(total=total, desc="validate", enabled=enabled and not limit, unit="seg")

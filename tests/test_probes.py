@@ -41,7 +41,8 @@ def test_passkey_places_the_needle_at_the_depth_and_is_seeded(depth):
     room = 700 - prefix - len(P.PASSKEY_QUESTION) - 6 - len(needle + " ")
     assert at == prefix + round(depth * room)
     assert text(p.tokens).endswith(P.PASSKEY_QUESTION + " " + key)
-    assert p.answer[-6:].tolist() == [1] * 6 and p.answer[:-6].sum() == 0
+    # the 5 digits are the answer; the space before them (its own byte) is context
+    assert p.answer[-6:].tolist() == [0] + [1] * 5 and p.answer[:-5].sum() == 0
     assert P.passkey(TOK, length=700, depth=depth, rng=random.Random(6)).tokens.tolist() != p.tokens.tolist()
 
 
@@ -70,7 +71,7 @@ def test_haystack_keeps_the_story_in_order_and_the_question_last():
     positions = [s.index(" " + sentence) for sentence in ex.story]
     assert positions == sorted(positions)
     assert s.endswith(f"Question: {ex.question} Answer: {ex.answer}\n")
-    assert answer_text(p) == " " + ex.answer
+    assert answer_text(p) == ex.answer                                  # the space before it is context
     assert P.story_length(TOK, ex) == len(P.babi(TOK, ex))
     with pytest.raises(ValueError, match="too short"):
         P.haystack(TOK, ex, length=P.story_length(TOK, ex) - 1, rng=random.Random(0), source=source)
@@ -190,3 +191,18 @@ def test_train_on_passkey_and_eval_sweep_through_the_cli(tmp_path, capsys, one_t
     babi = json.loads(cli(capsys, "eval", str(out), "--task", "babi", "--n", "2", "--json"))
     assert [r["babi_task"] for r in babi["results"]] == [1, 2, 3] and 0 <= babi["mean_error"] <= 100
     assert main(["eval", str(out), "--task", "passkey", "--depths", "2"]) == 2
+
+
+def test_an_answer_s_leading_whitespace_tokens_are_context_not_answer():
+    """A pretrained tokenizer often writes the space before a number as a token of its own: scoring it would
+    count "It is a ..." against a model that knows the key. Only the key's own tokens are the answer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from longmem.data.tokenizer import PretrainedTokenizer
+    vocab = {c: i for i, c in enumerate([" ", *"0123456789", *"abcdefghijklmnopqrstuvwxyz", *".?TWRFpkhyst"])}
+    hf = Tokenizer(models.WordLevel(vocab, unk_token=" "))
+    hf.pre_tokenizer = pre_tokenizers.Split("", "isolated")                  # one token per character
+    tok = PretrainedTokenizer(hf)
+    p = P.passkey(tok, length=400, depth=0.5, rng=random.Random(0))
+    answer = [int(t) for t, a in zip(p.tokens, p.answer) if a]
+    assert "".join(tok.decode([t]) for t in answer) == p.answers[0]["text"].strip() and len(answer) == 5
+    assert tok.decode([int(p.tokens[len(p.tokens) - 6])]) == " "          # the space, just before, not scored

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from longmem.data.tokenizer import start_ids
+
 from longmem.training.checkpoint import atomic_write_bytes
 
 
@@ -43,9 +45,10 @@ def _key(texts: list[str], tokenizer) -> str:
 
 
 def _encode_all(texts: list[str], tokenizer) -> list[np.ndarray]:
+    """Each text's token ids, as a document (a pretrained model's BOS token in front if it expects one)."""
     if tokenizer.kind == "byte":                       # no Python list of ints for bytes
         return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int64) for t in texts]
-    return [np.asarray(tokenizer.encode(t), dtype=np.int64) for t in texts]
+    return [np.asarray(start_ids(tokenizer, tokenizer.encode(t)), dtype=np.int64) for t in texts]
 
 
 def encode_texts(texts: list[str], tokenizer, *, cache_dir: Path | None = None) -> list[np.ndarray]:

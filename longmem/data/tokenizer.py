@@ -120,9 +120,9 @@ class HFTokenizer:
 
 class PretrainedTokenizer(HFTokenizer):
     """The tokenizer of an imported pretrained model: its special tokens, chat template (``chat_template``)
-    and end-of-turn tokens. ``encode`` adds the BOS token when the model's config asks for it
-    (``add_bos_token``), as Hugging Face tokenizers do; prompts made by a chat template hold it already
-    (``encode(text, add_bos=False)``)."""
+    and end-of-turn tokens. ``encode`` gives the text's own tokens; a document or a fresh prompt starts
+    with the BOS token when the model's config asks for it (``add_bos``, see :func:`start_ids`), as Hugging
+    Face tokenizers do."""
     kind = "pretrained"
 
     @property
@@ -134,10 +134,9 @@ class PretrainedTokenizer(HFTokenizer):
         tok = self.config.get("bos_token")
         return self.hf.token_to_id(tok) if isinstance(tok, str) else None
 
-    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
-        ids = self.hf.encode(text, add_special_tokens=False).ids
-        add = self.config.get("add_bos_token", False) if add_bos is None else add_bos
-        return ([self.bos_id] if add and self.bos_id is not None and ids[:1] != [self.bos_id] else []) + ids
+    @property
+    def add_bos(self) -> bool:
+        return bool(self.config.get("add_bos_token")) and self.bos_id is not None
 
     def end_of_turn(self):
         """The token ids and strings that end an assistant turn (``chat_template.StopTokens``)."""
@@ -199,6 +198,14 @@ class WordTokenizer:
 
 
 Tokenizer = ByteTokenizer | CharTokenizer | BPETokenizer | WordTokenizer | PretrainedTokenizer
+
+
+def start_ids(tokenizer, ids: list[int]) -> list[int]:
+    """``ids`` as the start of a document or a fresh prompt: with the BOS token in front when the tokenizer's
+    model expects one (a pretrained tokenizer with ``add_bos_token``) and it is not there already."""
+    if getattr(tokenizer, "add_bos", False) and ids[:1] != [tokenizer.bos_id]:
+        return [tokenizer.bos_id] + list(ids)
+    return list(ids)
 CONFIG_FILE, GENERATION_FILE = "tokenizer_config.json", "generation_config.json"
 
 

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from longmem.data.tokenizer import start_ids
 from longmem.generation.decoding import Decoder
 from longmem.generation.processors import (GREEDY_BELOW, SamplingConfig, TokenCounts, TopK, apply_processors,
                                            build_processors, sample)
@@ -92,7 +93,9 @@ class TextStream:
                  recompute: bool = False):
         self.tokenizer = tokenizer
         self.sampling = sampling
-        self.tokens = TokenStream(model, tokenizer.encode(prompt), sampling=sampling, state=state,
+        ids = tokenizer.encode(prompt)
+        ids = start_ids(tokenizer, ids) if state is None else ids           # a fresh stream starts a document
+        self.tokens = TokenStream(model, ids, sampling=sampling, state=state,
                                   decoder=decoder, attention_sink=attention_sink, recompute=recompute)
         self.prompt_tokens = len(self.tokens.prompt_ids)
         self.text = ""

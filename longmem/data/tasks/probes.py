@@ -103,6 +103,16 @@ class _Text:
         return ids
 
 
+    def answer(self, text: str, k: int) -> list[tuple[np.ndarray, int]]:
+        """Pieces of an answer text: its leading tokens that are only whitespace (the space before a word or a
+        number, a token of its own for many pretrained tokenizers) are context, the rest is answer ``k``."""
+        ids = self(text)
+        n = 0
+        while n < len(ids) - 1 and not self.tok.decode([int(ids[n])]).strip():
+            n += 1
+        return [(ids[:n], 0), (ids[n:], k)]
+
+
 _ENCODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -148,14 +158,15 @@ def passkey(tokenizer, *, length: int, depth: float, rng: random.Random, digits:
     enc = _texts(tokenizer)
     key = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
     needle = enc(f" The pass key is {key}. Remember it. ")
-    prefix, question, answer = enc(PASSKEY_PREFIX), enc(PASSKEY_QUESTION), enc(" " + key)
-    room = _check_room("passkey", length, len(prefix) + len(needle) + len(question) + len(answer))
+    prefix, question, answer = enc(PASSKEY_PREFIX), enc(PASSKEY_QUESTION), enc.answer(" " + key, 1)
+    room = _check_room("passkey", length, len(prefix) + len(needle) + len(question)
+                       + sum(len(ids) for ids, _ in answer))
     before = round(depth * room)
     filler = _filler(enc, room, rng)
     tokens, ans, starts = _assemble([(prefix, 0), (filler[:before], 0), (needle, 0), (filler[before:], 0),
-                                     (question, 0), (answer, 1)])
+                                     (question, 0), *answer])
     return Probe(tokens, ans, info={"task": "passkey", "length": length, "depth": depth, "needle": starts[2]},
-                 answers=[{"text": " " + key, "distance": starts[5] - starts[2]}])
+                 answers=[{"text": " " + key, "distance": starts[6] - starts[2]}])
 
 
 def recall(tokenizer, *, length: int, depth: float, rng: random.Random, n_pairs: int = 8,
@@ -197,7 +208,7 @@ def recall(tokenizer, *, length: int, depth: float, rng: random.Random, n_pairs:
 
 def _story_pieces(enc: _Text, ex: BabiExample) -> tuple[list[np.ndarray], list[tuple[np.ndarray, int]]]:
     sentences = [enc(" " + s) for s in ex.story]
-    tail = [(enc(f"\nQuestion: {ex.question} Answer:"), 0), (enc(" " + ex.answer), 1), (enc("\n"), 0)]
+    tail = [(enc(f"\nQuestion: {ex.question} Answer:"), 0), *enc.answer(" " + ex.answer, 1), (enc("\n"), 0)]
     return sentences, tail
 
 

@@ -43,7 +43,7 @@ def _probe_stories(run: Run, babi_path: str | None) -> list:
     cfg = run.config
     if babi_path is None and task_name(cfg) in ("babi", "haystack"):
         return babi_examples(cfg, "test")
-    return babi_examples(cfg.override({"data.path": babi_path or "", "data.hf_dataset": "", "task.babi_tasks": ""}),
+    return babi_examples(cfg.override({"data.path": babi_path or "", "data.hf_dataset": ""}),   # task.babi_tasks kept
                          "test")
 
 

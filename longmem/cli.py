@@ -159,6 +159,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    "the run's own bAbI data, else generated stories of tasks 1-3)")
     p.add_argument("--distractor", default=None, metavar="PATH", help="haystack: corpus that hides the facts "
                    "(default: the run's validation text, or the embedded corpus for task runs)")
+    p.add_argument("--shots", type=int, default=0, help="babi/haystack: start each example with N solved training "
+                   "stories of its task (few-shot, as BABILong prompts pretrained models) [default: 0]")
     p.add_argument("--batch-size", type=int, default=8, help="probes: examples scored at once [default: 8]")
     p.add_argument("--max-segments", type=int, default=0, help="ppl: stop after N batches (0: the whole split)")
     p.add_argument("--out", default=None, metavar="FILE.json", help="probes and sweeps: where to write the "
@@ -227,7 +229,8 @@ def _eval_sweep(args, run, overrides) -> dict:
     if n < 0 or (n == 0 and args.task != "babi"):
         raise ValueError(f"--n must be positive (0 means all, for babi only), got {n}")
     return eval_probe(run, args.task, lengths=parse_lengths(args.lengths), depths=parse_depths(args.depths), n=n,
-                      seed=args.seed, batch_size=args.batch_size, babi_path=args.babi, distractor=args.distractor)
+                      seed=args.seed, batch_size=args.batch_size, babi_path=args.babi, distractor=args.distractor,
+                      shots=args.shots)
 
 
 def _ints(text: str, flag: str) -> list[int]:

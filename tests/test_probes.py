@@ -206,3 +206,20 @@ def test_an_answer_s_leading_whitespace_tokens_are_context_not_answer():
     answer = [int(t) for t, a in zip(p.tokens, p.answer) if a]
     assert "".join(tok.decode([t]) for t in answer) == p.answers[0]["text"].strip() and len(answer) == 5
     assert tok.decode([int(p.tokens[len(p.tokens) - 6])]) == " "          # the space, just before, not scored
+
+
+def test_demonstrations_come_first_as_context_and_distances_count_from_the_story():
+    stories = generate_babi(task=1, n=4, seed=0)
+    tok = ByteTokenizer()
+    ex, demos = stories[0], stories[1:3]
+    source = np.asarray(tok.encode(P.FILLER * 40), dtype=np.int64)
+    plain = P.haystack(tok, ex, length=900, rng=random.Random(0), source=source)
+    shot = P.haystack(tok, ex, length=900, rng=random.Random(0), source=source, demos=demos)
+    assert len(shot.tokens) == len(plain.tokens) == 900 and shot.answer.max() == 1
+    head = tok.decode(shot.tokens[:60].tolist())
+    assert head.startswith(" ".join(demos[0].story)[:60])                      # the demonstration leads
+    assert int(shot.answer[:len(shot.tokens) // 2].sum()) == 0                  # demo answers are context
+    text = tok.decode(shot.tokens.tolist())
+    first = text.index(" " + ex.story[0], len(" ".join(demos[0].story)) + 30)  # the story's first sentence
+    question = text.rindex("\nQuestion:")
+    assert shot.answers[0]["distance"] == question - first                      # bytes: tokens = characters

@@ -47,6 +47,22 @@ def _probe_stories(run: Run, babi_path: str | None) -> list:
                          "test")
 
 
+def _demos(run: Run, babi_path: str | None, shots: int, *, tasks: set[int]) -> dict[int, list]:
+    """``shots`` solved training stories per bAbI task (the first ones of the training split), for few-shot
+    prompts; never test stories."""
+    if shots < 0:
+        raise ValueError(f"--shots must be >= 0, got {shots}")
+    if not shots:
+        return {}
+    from longmem.data.tasks.sources import babi_examples
+    cfg = run.config.override({"data.path": babi_path or "", "data.hf_dataset": ""}) if babi_path else run.config
+    out: dict[int, list] = {}
+    for ex in babi_examples(cfg, "train"):
+        if ex.task in tasks and len(out.setdefault(ex.task, [])) < shots:
+            out[ex.task].append(ex)
+    return out
+
+
 def _distractor(run: Run, path: str | None) -> str:
     """Haystack text: ``path``, else the run's task.distractor (a haystack run), else the run's own
     validation text (a corpus run), else the embedded corpus."""
@@ -61,11 +77,12 @@ def _distractor(run: Run, path: str | None) -> str:
 
 
 def eval_probe(run: Run, task: str, *, lengths: list[int], depths: list[float], n: int, seed: int = 0,
-               batch_size: int = 8, babi_path: str | None = None, distractor: str | None = None,
+               batch_size: int = 8, babi_path: str | None = None, distractor: str | None = None, shots: int = 0,
                show_progress: bool = True) -> dict:
     """Answer accuracy of a language-model run on a probe, per cell of the sweep:
     passkey and recall per (length, depth); haystack per (length, bAbI task); babi per bAbI task.
-    ``n`` examples per cell (babi: per task, 0 = all)."""
+    ``n`` examples per cell (babi: per task, 0 = all). ``shots``: babi and haystack examples start with this many
+    solved training stories of their task (few-shot demonstrations, as BABILong prompts pretrained models)."""
     if run.config.model.arch not in ("transformer", "lstm"):
         raise ValueError(f"--task {task} scores a language model (transformer or lstm); this is a "
                          f"{run.config.model.arch} run")
@@ -80,15 +97,16 @@ def eval_probe(run: Run, task: str, *, lengths: list[int], depths: list[float], 
                 cells.append(({"length": length, "depth": depth}, probes))
     elif task in ("babi", "haystack"):
         stories = _probe_stories(run, babi_path)
+        demos = _demos(run, babi_path, shots, tasks={ex.task for ex in stories})
         by_task: dict[int, list] = {}
         for ex in stories:
             by_task.setdefault(ex.task, []).append(ex)
         if task == "babi":
             for k, exs in sorted(by_task.items()):
-                cells.append(({"babi_task": k}, [P.babi(tok, ex) for ex in (exs[:n] if n else exs)]))
+                cells.append(({"babi_task": k}, [P.babi(tok, ex, demos=demos.get(k, ())) for ex in (exs[:n] if n else exs)]))
         else:
             source = np.asarray(tok.encode(_distractor(run, distractor)), dtype=np.int64)
-            sizes = {id(ex): P.story_length(tok, ex) for ex in stories}
+            sizes = {id(ex): P.story_length(tok, ex, demos.get(ex.task, ())) for ex in stories}
             for length in lengths:
                 for k, exs in sorted(by_task.items()):
                     fit = [ex for ex in exs if sizes[id(ex)] <= length]     # stories longer than the haystack
@@ -97,7 +115,8 @@ def eval_probe(run: Run, task: str, *, lengths: list[int], depths: list[float], 
                     rng = random.Random(f"haystack/eval/{seed}/{length}/{k}")
                     picked = [fit[rng.randrange(len(fit))] for _ in range(n)]
                     cells.append(({"length": length, "babi_task": k, "stories_too_long": len(exs) - len(fit)},
-                                  [P.haystack(tok, ex, length=length, rng=rng, source=source) for ex in picked]))
+                                  [P.haystack(tok, ex, length=length, rng=rng, source=source,
+                                              demos=demos.get(k, ())) for ex in picked]))
             if not cells:
                 raise ValueError(f"no bAbI story fits in {max(lengths)} tokens; use longer --lengths")
     else:
@@ -112,7 +131,7 @@ def eval_probe(run: Run, task: str, *, lengths: list[int], depths: list[float], 
                         **({"mean_distance": sum(dist) / len(dist)} if dist else {})})
     bar.close()
     answers = sum(r["answers"] for r in results)
-    out = {"task": task, "run": str(run.path), "split": "test", "seed": seed, "n": n,
+    out = {"task": task, "run": str(run.path), "split": "test", "seed": seed, "n": n, "shots": shots,
            "arch": run.config.model.arch, "memory": run.config.model.memory.kind,
            "mem_len": run.config.model.memory.mem_len, "segment_len": run.config.model.segment_len,
            "accuracy": sum(r["accuracy"] * r["answers"] for r in results) / max(answers, 1),

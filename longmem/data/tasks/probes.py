@@ -21,6 +21,7 @@ from __future__ import annotations
 import random
 import string
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -212,39 +213,51 @@ def _story_pieces(enc: _Text, ex: BabiExample) -> tuple[list[np.ndarray], list[t
     return sentences, tail
 
 
-def story_length(tokenizer, ex: BabiExample) -> int:
-    """Tokens of ``ex`` as text (story, question, answer): the shortest haystack that holds it."""
-    sentences, tail = _story_pieces(_texts(tokenizer), ex)
-    return sum(map(len, sentences)) + sum(len(ids) for ids, _ in tail)
+def _demo_pieces(enc: _Text, demos: Sequence[BabiExample]) -> list[tuple[np.ndarray, int]]:
+    """Solved examples put first (few-shot demonstrations, as BABILong prompts pretrained models): context."""
+    return [(enc(" ".join(d.story) + f"\nQuestion: {d.question} Answer: {d.answer}\n\n"), 0) for d in demos]
 
 
-def babi(tokenizer, ex: BabiExample) -> Probe:
-    """A bAbI story as text, its question and the answer (the answer tokens are the target)."""
+def story_length(tokenizer, ex: BabiExample, demos: Sequence[BabiExample] = ()) -> int:
+    """Tokens of ``ex`` as text (demonstrations, story, question, answer): the shortest haystack that holds it."""
     enc = _texts(tokenizer)
     sentences, tail = _story_pieces(enc, ex)
-    tokens, ans, _ = _assemble([(s, 0) for s in sentences] + tail)
+    return (sum(len(ids) for ids, _ in _demo_pieces(enc, demos)) + sum(map(len, sentences))
+            + sum(len(ids) for ids, _ in tail))
+
+
+def babi(tokenizer, ex: BabiExample, *, demos: Sequence[BabiExample] = ()) -> Probe:
+    """A bAbI story as text, its question and the answer (the answer tokens are the target), after
+    ``demos`` (solved examples, context)."""
+    enc = _texts(tokenizer)
+    sentences, tail = _story_pieces(enc, ex)
+    tokens, ans, _ = _assemble(_demo_pieces(enc, demos) + [(s, 0) for s in sentences] + tail)
     return Probe(tokens, ans, info={"task": "babi", "babi_task": ex.task, "length": len(tokens)},
                  answers=[{"text": ex.answer, "babi_task": ex.task}])
 
 
-def haystack(tokenizer, ex: BabiExample, *, length: int, rng: random.Random, source: np.ndarray) -> Probe:
+def haystack(tokenizer, ex: BabiExample, *, length: int, rng: random.Random, source: np.ndarray,
+             demos: Sequence[BabiExample] = ()) -> Probe:
     """The sentences of ``ex``'s story, in order, at random places in ``length`` tokens of ``source`` text
-    (a random window of it, tiled if shorter); the question and answer at the end."""
+    (a random window of it, tiled if shorter); the question and answer at the end. ``demos`` (solved
+    examples, context) come first, before the text."""
     enc = _texts(tokenizer)
     sentences, tail = _story_pieces(enc, ex)
-    fixed = sum(map(len, sentences)) + sum(len(ids) for ids, _ in tail)
+    head = _demo_pieces(enc, demos)
+    fixed = sum(len(ids) for ids, _ in head) + sum(map(len, sentences)) + sum(len(ids) for ids, _ in tail)
     room = _check_room("haystack", length, fixed)
     filler = _filler(enc, room, rng, source)
     cuts = sorted(rng.randrange(room + 1) for _ in sentences)
-    pieces, prev = [], 0
+    pieces, prev = list(head), 0
     for cut, s in zip(cuts, sentences):
         pieces += [(filler[prev:cut], 0), (s, 0)]
         prev = cut
     pieces += [(filler[prev:], 0)] + tail
     tokens, ans, starts = _assemble(pieces)
-    first = starts[1] if sentences else starts[-3]
-    supporting = [starts[2 * i + 1] for i in ex.supporting if i < len(sentences)]
-    question_at = starts[-3]
+    question_at = starts[len(pieces) - len(tail)]
+    sentence_at = [starts[len(head) + 2 * i + 1] for i in range(len(sentences))]
+    first = sentence_at[0] if sentences else question_at
+    supporting = [sentence_at[i] for i in ex.supporting if i < len(sentences)]
     return Probe(tokens, ans, info={"task": "haystack", "babi_task": ex.task, "length": length},
                  answers=[{"text": ex.answer, "babi_task": ex.task, "distance": question_at - first,
                            "support_distance": question_at - min(supporting) if supporting else None}])

@@ -32,7 +32,11 @@ from longmem.models.memory.state import _keep, register_part
 class RetrievalState:
     """Per layer: sinks (B, G, s, Dh) with ``n_sink`` (B,) filled; the window (B, G, W + b - 1, Dh),
     right-aligned with ``valid`` (B,); the store (B, G, C, Dh), a ring whose entry e sits in slot e % C,
-    ``written`` (B,) entries (a multiple of b) since the lane's reset."""
+    ``written`` (B,) entries (a multiple of b) since the lane's reset.
+
+    The store is written in place (a copy would move gigabytes per segment at 128K tokens), as caches of
+    Hugging Face transformers are: the state a call returns replaces the one passed to it, which must
+    not be used again (``State.reset`` and the round trip through tensors make copies)."""
     sink_k: tuple[torch.Tensor, ...]
     sink_v: tuple[torch.Tensor, ...]
     n_sink: torch.Tensor
@@ -223,11 +227,11 @@ class RetrievalMemory(Memory):
                 if s:
                     got = joined.gather(2, sink_src.view(B, 1, s, 1).expand(B, G, s, Dh))
                     sink = torch.where(sink_new.view(B, 1, s, 1), got, sink)
-                if m:
+                if m:                                                                # in place: see RetrievalState
                     out = joined.gather(2, ev_src.view(B, 1, m, 1).expand(B, G, m, Dh)).to(store.dtype)
                     dst = ev_dst.view(B, 1, m, 1).expand(B, G, m, Dh)
                     out = torch.where(ev_real.view(B, 1, m, 1), out, store.gather(2, dst))
-                    store = store.scatter(2, dst, out)
+                    store.scatter_(2, dst, out)
                 new[f"win_{kind}"].append(joined[:, :, -span:])
                 new[f"sink_{kind}"].append(sink)
                 new[f"store_{kind}"].append(store)

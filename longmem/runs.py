@@ -9,6 +9,7 @@ from longmem.config import SECTIONS, RunConfig
 from longmem.data.tokenizer import Tokenizer, load_tokenizer
 from longmem.models import MemoryLM, build_model
 from longmem.training.checkpoint import load_weights
+from longmem.utils import check_model_fits
 
 CONFIG, WEIGHTS, TOKENIZER, METRICS = "config.yaml", "model.safetensors", "tokenizer.json", "metrics.jsonl"
 # model settings that evaluation may change; everything else is fixed by the weights
@@ -76,6 +77,7 @@ def load_run(path: str | Path, *, overrides: dict[str, str] | None = None) -> Ru
         if changed:
             raise ValueError(f"{', '.join(changed)} cannot change after training (only "
                              f"{', '.join(EVAL_MODEL_KEYS)} and data.* can); train a new run instead")
+    check_model_fits(config.model, device="cpu", training=False)
     model = build_model(config.model)
     load_weights(model, path / WEIGHTS)
     model.eval()

@@ -42,17 +42,18 @@ def parse_overrides(args: list[str], *, keys: list[str] | tuple[str, ...] | None
         if not arg.startswith("--") or "." not in arg:
             hint = did_you_mean(arg.partition("=")[0], options) if arg.startswith("-") else ""
             raise ValueError(f"unrecognized argument {arg!r}{hint}" + (
-                f" (config overrides look like --train.lr 3e-4)" if accepted and not hint else ""))
+                " (config overrides look like --train.lr 3e-4)" if accepted and not hint else ""))
         key, eq, value = arg[2:].partition("=")
         key = LEGACY_KEYS.get(key, key)                         # a key of longmem 0.1: today's name
         if key in REMOVED_KEYS:
             raise ValueError(REMOVED_KEYS[key])
         if key not in accepted:
-            listed = ", ".join(f"--{k}" for k in accepted) if accepted else "none"
+            listed = (f"the config keys it accepts: {', '.join(f'--{k}' for k in accepted)}" if accepted
+                      else "it takes no config keys")
             if key in valid_keys():
-                raise ValueError(f"--{key} is not used by `longmem {command}`; the config keys it accepts: {listed}")
-            raise ValueError(f"unknown config key --{key}{did_you_mean('--' + key, options)} (config keys of "
-                             f"`longmem {command}`: {listed})")
+                raise ValueError(f"--{key} is not used by `longmem {command}`; {listed}")
+            raise ValueError(f"unknown config key --{key}{did_you_mean('--' + key, options)} (`longmem {command}`: "
+                             f"{listed})")
         if not eq:
             if i + 1 >= len(args):
                 raise ValueError(f"--{key} needs a value")

@@ -10,6 +10,7 @@ from longmem.data.tokenizer import Tokenizer, load_tokenizer
 from longmem.models import MemoryLM, build_model
 from longmem.models.memory.base import TRAINING_FREE
 from longmem.training.checkpoint import load_weights
+from longmem.utils import check_model_fits
 
 CONFIG, WEIGHTS, TOKENIZER, METRICS = "config.yaml", "model.safetensors", "tokenizer.json", "metrics.jsonl"
 # model settings that evaluation may change; everything else is fixed by the weights
@@ -98,6 +99,7 @@ def load_run(path: str | Path, *, overrides: dict[str, str] | None = None) -> Ru
                          f"{config.model.vocab_size}")
     if overrides:
         config = eval_config(config, overrides)
+    check_model_fits(config.model, device="cpu", training=False)
     model = build_model(config.model)
     load_weights(model, path / WEIGHTS)
     model.eval()

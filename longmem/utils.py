@@ -43,11 +43,40 @@ def memory_need_bytes(model_config, *, batch_size: int, training: bool) -> int:
     return state + scores + acts
 
 
-def check_memory_fits(model_config, *, batch_size: int, device, training: bool) -> None:
-    """Refuse a memory configuration whose state alone cannot fit in memory, before allocating it."""
-    c, m = model_config, model_config.memory
-    need = memory_need_bytes(c, batch_size=batch_size, training=training)
+def parameter_count(model_config) -> int | None:
+    """Parameters of the model ``model_config`` describes, built on the meta device (nothing allocated);
+    None when it cannot be built there."""
+    import torch
+    from longmem.models import build_model
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in build_model(model_config).parameters())
+    except Exception:                                    # a module that needs real tensors to build: no estimate
+        return None
+
+
+def check_model_fits(model_config, *, device, training: bool) -> None:
+    """Refuse a model whose weights (in training with their gradients and AdamW moments) cannot fit in memory,
+    before allocating them."""
+    c = model_config
     free = available_memory_bytes(device)
+    params = parameter_count(c) or 0
+    weights = params * 4 * (4 if training else 1)        # fp32
+    if free is not None and weights > 0.9 * free:
+        raise ValueError(
+            f"this model does not fit: {params:,} parameters (model.vocab_size {c.vocab_size}, model.d_model "
+            f"{c.d_model}, model.d_ff {c.d_ff}, model.n_layers {c.n_layers}) need about {weights / 2**30:.1f} GiB"
+            f"{' with their gradients and optimizer state' if training else ''}, but only {free / 2**30:.1f} GiB "
+            f"is free on {device}. Make the model smaller.")
+
+
+def check_memory_fits(model_config, *, batch_size: int, device, training: bool) -> None:
+    """Refuse a model (``check_model_fits``) or a memory configuration whose state cannot fit in memory, before
+    allocating them."""
+    check_model_fits(model_config, device=device, training=training)
+    c, m = model_config, model_config.memory
+    free = available_memory_bytes(device)
+    need = memory_need_bytes(c, batch_size=batch_size, training=training)
     if free is not None and need > 0.9 * free:
         what = (f"memory.knn.capacity={m.knn.capacity} and memory.mem_len={m.mem_len}" if m.kind == "knn"
                 else f"memory.mem_len={m.mem_len}")

@@ -135,7 +135,8 @@ def test_bad_input_gets_one_paragraph_and_exit_2(tmp_path, capsys):
              (["--train.max_steps", "abc"], "train.max_steps must be an integer"),
              (["--data.path", str(tmp_path / "nowhere.txt")], "not found"),
              (["--memory.mem_len", "2000000000"], "does not fit"),
-             (["--memory.kind", "knn", "--memory.knn.capacity", "2000000000"], "Lower memory.knn.capacity")]
+             (["--memory.kind", "knn", "--memory.knn.capacity", "2000000000"], "Lower memory.knn.capacity"),
+             (["--model.d_ff", "2000000000"], "this model does not fit")]
     for extra, message in cases:
         code = main(["train", "--config", str(TINY), "--out", str(tmp_path / "r"), "--train.progress", "false",
                      *extra])

@@ -109,3 +109,24 @@ def test_load_run_errors(tmp_path):
     write_run(tmp_path / "run2", tokenizer=CharTokenizer.fit(["abc"]))
     with pytest.raises(ValueError, match="tokenizer has 4 tokens"):
         load_run(tmp_path / "run2")
+
+
+def test_files_nested_too_deeply_are_refused_with_a_value_error(tmp_path):
+    """JSON and YAML a user hands over, nested 100,000 deep: a ValueError naming the file, not a RecursionError."""
+    from longmem.data.corpus import iter_jsonl
+    from longmem.data.tokenizer import load_tokenizer
+    from longmem.training import state as S
+    from longmem.training.checkpoint import read_safetensors
+    deep = "[" * 100_000
+    (tmp_path / "ck").mkdir()
+    files = {"tokenizer.json": deep, "config.yaml": deep, "ck/trainer_state.json": deep, "docs.jsonl": deep + "\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    header = b'{"a":' + b"[" * 100_000
+    (tmp_path / "w.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    loaders = [lambda: load_tokenizer(tmp_path / "tokenizer.json"), lambda: RunConfig.load(tmp_path / "config.yaml"),
+               lambda: S.load_checkpoint(tmp_path / "ck"), lambda: list(iter_jsonl(tmp_path / "docs.jsonl")),
+               lambda: read_safetensors(tmp_path / "w.safetensors")]
+    for load in loaders:
+        with pytest.raises(ValueError, match="not valid|not a valid"):
+            load()

@@ -32,7 +32,7 @@ from longmem.models import build_model
 from longmem.runs import CONFIG, METRICS, TOKENIZER, WEIGHTS
 from longmem.training.checkpoint import save_weights
 from longmem.training.trainer import TrainResult, build_optimizer, lr_at
-from longmem.utils import progress
+from longmem.utils import check_memory_fits, progress
 
 VAL_PAIRS = 256          # decoding is slow: periodic seq2seq validation reads at most this many pairs
 
@@ -100,6 +100,7 @@ def train_task(cfg: RunConfig, out_dir: str | Path, *, desc: str = "train") -> T
             return (val["loss"],)
 
     cfg.model.vocab_size = tokenizer.vocab_size
+    check_memory_fits(cfg.model, batch_size=d.batch_size, device=torch.device("cpu"), training=True)
     model = build_model(cfg.model)
     cfg.save(out_dir / CONFIG)
     save_tokenizer(tokenizer, out_dir / TOKENIZER)

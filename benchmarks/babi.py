@@ -25,7 +25,7 @@ from pathlib import Path
 from longmem.config import BUILTIN_KINDS, RunConfig
 from longmem.data.tasks.babi import encode_babi
 from longmem.data.tasks.sources import babi_examples
-from longmem.evaluation.qa import evaluate_babi
+from longmem.classic.qa import evaluate_babi
 from longmem.evaluation.suite import eval_probe
 from longmem.runs import CONFIG, METRICS, WEIGHTS, load_run, load_run_config
 from longmem.training.trainer import train

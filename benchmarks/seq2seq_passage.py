@@ -2,7 +2,7 @@
 
 Each source holds four ``key:value`` facts at its start, filler, and a question
 ``key?`` at its very end; the target is that key's 4-digit value (see
-``longmem/data/tasks/pairs.py``). A model that ignores the far part of its
+``longmem/classic/pairs.py``). A model that ignores the far part of its
 source is at chance: 1 in 10,000 for the exact answer, 1 in 4 if it knew the
 four values but not which one is asked. Test passages are always the full
 ``task.source_len`` (96 characters: the answer sits 65 or more characters before
@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from longmem.config import RunConfig
-from longmem.data.tasks.sources import pair_examples
-from longmem.evaluation.qa import evaluate_pairs
+from longmem.classic.pairs import pair_examples
+from longmem.classic.qa import evaluate_pairs
 from longmem.runs import load_run
 from longmem.training.trainer import train
 

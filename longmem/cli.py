@@ -186,7 +186,7 @@ def _eval(args, overrides) -> int:
         raise ValueError(f"--out is for sweeps (--mem-lens) and probes; this evaluation prints its result "
                          f"(--json for one JSON object)")
     if args.task == "text" or (args.task == "babi" and arch == "memn2n"):
-        from longmem.evaluation.qa import eval_babi, eval_text, format_task_result
+        from longmem.classic.qa import eval_babi, eval_text, format_task_result
         res = (eval_babi if args.task == "babi" else eval_text)(run, split=args.split or "test")
         print(json.dumps(res) if args.json else format_task_result(res))
         return 0
@@ -305,7 +305,7 @@ def _generate(args, overrides) -> int:
     sampling = _sampling(args)
     run = _load_run(args, overrides)
     if run.config.model.arch in ("seq2seq", "memn2n"):
-        from longmem.generation.tasks import task_generate
+        from longmem.classic.decoding import task_generate
         print(task_generate(run.model, run.tokenizer, args.prompt, max_new_tokens=sampling.max_new_tokens,
                             temperature=sampling.temperature, top_k=sampling.top_k, seed=sampling.seed))
         return 0

@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 import yaml
 
-Arch = Literal["transformer", "lstm", "seq2seq", "memn2n"]
 BUILTIN_KINDS = ("none", "xl", "knn", "tokens")
 
 # memory kinds by name -> builder(ModelConfig) -> list of memories. ``longmem.models.memory`` registers the
@@ -170,9 +169,9 @@ class MemoryConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Arch = _help("transformer (MemoryLM) | lstm (LSTM LM, state carried across segments) | seq2seq "
-                       "(Transformer encoder-decoder, source -> target) | memn2n (end-to-end memory network, bAbI)",
-                       default="transformer")
+    arch: str = _help("transformer (MemoryLM, these settings) | lstm (LSTM LM, state carried across segments) | "
+                      "seq2seq (Transformer encoder-decoder, source -> target) | memn2n (end-to-end memory network, "
+                      "bAbI): the classic baselines (longmem.classic) have settings of their own", default="transformer")
     vocab_size: int = _help("vocabulary size (set from the tokenizer when training)", default=256)
     d_model: int = _help("width of the residual stream", default=128)
     n_layers: int = _help("number of Transformer blocks", default=4)
@@ -204,26 +203,16 @@ class ModelConfig:
                              "\"the token after an earlier occurrence of this one\", and copying / associative "
                              "recall is learned many times faster; kNN memory stores the smeared keys",
                              default=False)
-    hops: int = _help("memn2n: memory hops K (Sukhbaatar et al. 2015 §2.2)", default=3)
-    memory_size: int = _help("memn2n: most recent sentences kept in memory", default=50)
-    pe_formula: Literal["code", "paper"] = _help(
-        "memn2n position encoding: code: l_kj = 1 + 4 (k - (d+1)/2)(j - (J+1)/2) / (d J), the authors' released "
-        "code (word weights average 1) | paper: (1 - j/J) - (k/d)(1 - 2j/J) as printed in §4.1 (about half the "
-        "code's weights; bAbI task 16 stays at half its answers wrong with it, BENCHMARKS.md); J is each "
-        "sentence's own length", default="code")
-    attend_empty: bool = _help(
-        "memn2n: the attention softmax also counts the empty slots up to memory_size, at score 0 (the authors' "
-        "code: an empty slot holds the zero nil embedding), so a hop can attend to nothing; off: softmax over "
-        "the story's sentences only", default=True)
     memory: MemoryConfig = field(default_factory=MemoryConfig, metadata={"help": "memory settings"})
 
     def __post_init__(self):
         if isinstance(self.memory, dict):
             self.memory = MemoryConfig(**self.memory)
         _check_numbers(self, "model")
-        if self.arch not in typing.get_args(Arch):
-            raise ValueError(f"model.arch={self.arch!r}; accepted: {', '.join(typing.get_args(Arch))}")
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "segment_len", "hops", "memory_size"):
+        if self.arch != "transformer":
+            raise ValueError(f"model.arch={self.arch!r}: a ModelConfig is the memory Transformer's; the baselines have "
+                             f"their own config classes ({', '.join(a for a in ARCH_CONFIGS if a != 'transformer')})")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "segment_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
         for name in ("n_kv_heads", "head_dim", "d_ff", "max_position_embeddings"):
@@ -233,21 +222,10 @@ class ModelConfig:
             raise ValueError(f"model.norm_eps must be a positive number, got {self.norm_eps}")
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise ValueError(f"model.rope_theta must be a positive number, got {self.rope_theta}")
-        if self.arch != "transformer" and self.memory.kind != "none":
-            raise ValueError(f"model.arch={self.arch!r} has its own memory; memory.kind must be 'none', "
-                             f"got {self.memory.kind!r}")
-        if self.pe_formula not in ("code", "paper"):
-            raise ValueError(f"model.pe_formula={self.pe_formula!r}; accepted: code, paper")
         if self.mlp not in ("gelu", "swiglu"):
             raise ValueError(f"model.mlp={self.mlp!r}; accepted: gelu, swiglu")
-        if self.smear_keys and self.arch != "transformer":
-            raise ValueError(f"model.smear_keys is a transformer (MemoryLM) option; model.arch={self.arch!r} has "
-                             f"no smeared keys")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.arch in ("lstm", "memn2n"):                       # no attention heads to check
-            self.d_ff = self.d_ff or 4 * self.d_model
-            return
         if not self.head_dim and self.d_model % self.n_heads:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads} "
                              f"(or set model.head_dim)")
@@ -346,6 +324,10 @@ class TrainConfig:
                             "separated (e.g. '1,2,4,8'); a stage's bptt window is min(stage, bptt_segments) and a "
                             "task stream's examples are stage * segment_len tokens; empty: no curriculum",
                             default="")
+    init_from: str = _help("a run directory whose weights start this run (fine-tuning): a pretrained model made by "
+                           "longmem import, or any run of the same architecture; its model settings and tokenizer "
+                           "are kept (memory.*, model.segment_len and model.dropout may differ), the parameters of "
+                           "a memory it lacks start fresh. Empty: from scratch", default="")
     aux_weight: float = _help("weight of the memories' auxiliary training loss, added to the summed cross-entropy "
                               "(which is divided by the number of targets): memory tokens with a gate are charged "
                               "their mean gate per lane and write (memory.tokens.gate), so writing costs and the "
@@ -403,7 +385,7 @@ class TrainConfig:
 
 @dataclass
 class TaskConfig:
-    """Tasks: bAbI for memn2n, source -> target pairs for seq2seq (see training/tasks.py), and the long-range
+    """Tasks: bAbI for memn2n, source -> target pairs for seq2seq (see longmem/classic/tasks.py), and the long-range
     probes a language model (transformer, lstm) can train on, the loss on answer tokens only
     (data/tasks/probes.py)."""
     name: Literal["auto", "babi", "copy", "passage", "passkey", "recall", "haystack"] = _help(
@@ -461,15 +443,10 @@ class TaskConfig:
 @dataclass
 class RunConfig:
     """Everything a run needs; what ``config.yaml`` holds."""
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: Any = field(default_factory=ModelConfig)        # ModelConfig, or a baseline's (ARCH_CONFIGS)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-
-    def __post_init__(self):
-        if self.model.arch != "transformer" and self.model.memory.kind != "none":
-            raise ValueError(f"model.arch={self.model.arch!r} has its own memory; memory.kind must be 'none', "
-                             f"got {self.model.memory.kind!r}")
 
     @property
     def memory(self) -> MemoryConfig:
@@ -478,8 +455,8 @@ class RunConfig:
     # -- (de)serialization ---------------------------------------------------
     def to_dict(self) -> dict:
         model = dataclasses.asdict(self.model)
-        memory = model.pop("memory")
-        return {"model": model, "memory": memory,
+        model.pop("memory", None)
+        return {"model": model, "memory": dataclasses.asdict(self.model.memory),
                 "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train),
                 "task": dataclasses.asdict(self.task)}
 
@@ -491,9 +468,17 @@ class RunConfig:
         unknown = set(d) - set(SECTIONS)
         if unknown:
             raise ValueError(f"unknown config section(s) {sorted(unknown)}; valid sections: {', '.join(SECTIONS)}")
-        parts = {section: _build(klass, d.get(section) or {}, section) for section, klass in SECTIONS.items()}
+        values = d.get("model") or {}
+        klass = model_class(values)
+        parts = {section: _build(klass if section == "model" else k,
+                                 _model_values(klass, values) if section == "model" else d.get(section) or {},
+                                 section) for section, k in SECTIONS.items()}
         memory = parts.pop("memory")
-        parts["model"].memory = memory
+        if klass is ModelConfig:
+            parts["model"].memory = memory
+        elif memory.kind != "none":
+            raise ValueError(f"model.arch={parts['model'].arch!r} has its own memory; memory.kind must be 'none', "
+                             f"got {memory.kind!r}")
         return cls(**parts)
 
     def save(self, path: str | Path) -> None:
@@ -523,6 +508,7 @@ class RunConfig:
         """A new config with dotted overrides applied (``{"train.lr": "3e-4", "memory.knn.k": "16"}``);
         values are YAML scalars (text fields keep the raw text)."""
         d = self.to_dict()
+        overrides = dict(sorted(overrides.items(), key=lambda kv: kv[0] != "model.arch"))    # the arch first
         for key, raw in overrides.items():
             key, raw = _legacy_key(key, raw)
             if key is None:
@@ -531,6 +517,8 @@ class RunConfig:
             if path[0] not in SECTIONS or len(path) < 2:
                 raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
             klass, node = SECTIONS[path[0]], d[path[0]]
+            if path[0] == "model":
+                klass = model_class(node) if key != "model.arch" else ModelConfig
             for depth, name in enumerate(path[1:-1], start=1):
                 _check_keys(klass, {name: None}, ".".join(path[:depth]))
                 hint = typing.get_type_hints(klass)[name]
@@ -553,12 +541,43 @@ class RunConfig:
         return RunConfig.from_dict(d)
 
 
+# model.arch -> its config class: the memory Transformer here, the baselines registered by longmem.classic
+ARCH_CONFIGS: dict[str, type] = {"transformer": ModelConfig}
+
+
+def model_class(values: dict) -> type:
+    """The config class of a ``model:`` mapping, by its ``arch`` (default transformer)."""
+    arch = values.get("arch", "transformer") if isinstance(values, dict) else "transformer"
+    if arch not in ARCH_CONFIGS:
+        raise ValueError(f"model.arch={arch!r}; accepted: {', '.join(ARCH_CONFIGS)}")
+    return ARCH_CONFIGS[arch]
+
+
+def _model_values(klass: type, values: dict) -> dict:
+    """A ``model:`` mapping without the settings other architectures have and ``klass`` has not (a Transformer
+    setting left in an LSTM's section, as files of longmem 0.1 and presets switched with --model.arch have)."""
+    if not isinstance(values, dict):
+        return values
+    mine = set(_fields(klass))
+    others = {n for k in ARCH_CONFIGS.values() if k is not klass for n in _fields(k)}
+    return {k: v for k, v in values.items() if k in mine or k not in others}
+
+
 SECTIONS: dict[str, type] = {"model": ModelConfig, "memory": MemoryConfig, "data": DataConfig, "train": TrainConfig,
                              "task": TaskConfig}
 
 
 def _fields(klass: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(klass) if not (klass is ModelConfig and f.name == "memory")}
+    return {f.name: f for f in dataclasses.fields(klass) if f.name != "memory"}
+
+
+def _baseline_leaves():
+    """(dotted key, field, arch) of the baselines' model settings the Transformer does not have."""
+    mine = _fields(ModelConfig)
+    for arch, klass in ARCH_CONFIGS.items():
+        for name, f in _fields(klass).items():
+            if name not in mine:
+                yield f"model.{name}", f, arch
 
 
 def _leaves(klass: type, prefix: str):
@@ -584,16 +603,25 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def valid_keys() -> list[str]:
-    return [key for s, k in SECTIONS.items() for key, _ in _leaves(k, s)]
+    """Every dotted config key: the Transformer's model settings, then the baselines' own (see ``config_help``)."""
+    return [key for key, _, _ in config_help()]
 
 
 def config_help() -> list[tuple[str, str, Any]]:
-    """(dotted key, help, default) for every config field; the CLI shows these."""
+    """(dotted key, help, default) for every config field; the CLI shows these. The baselines' own model
+    settings come after the Transformer's, their help naming the ``model.arch`` they belong to."""
     out = []
     for section, klass in SECTIONS.items():
         for key, f in _leaves(klass, section):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             out.append((key, f.metadata.get("help", ""), default))
+        if section == "model":
+            seen = set()
+            for key, f, arch in _baseline_leaves():
+                if key not in seen:
+                    seen.add(key)
+                    archs = [a for a, k in ARCH_CONFIGS.items() if key.split(".")[1] in _fields(k)]
+                    out.append((key, f"(model.arch {' | '.join(archs)}) " + f.metadata.get("help", ""), f.default))
     return out
 
 
@@ -620,6 +648,11 @@ def did_you_mean(word: str, options) -> str:
 def _check_keys(klass: type, values: dict, section: str) -> None:
     allowed = _fields(klass)
     for k in values:
+        if k not in allowed and section == "model":
+            archs = [a for a, c in ARCH_CONFIGS.items() if k in _fields(c)]
+            if archs:
+                raise ValueError(f"model.{k} is a setting of model.arch {' | '.join(archs)}, not of "
+                                 f"{getattr(klass, '__dataclass_fields__')['arch'].default}: set --model.arch too")
         if k not in allowed:
             keys = [f"{section}.{n}" for n in allowed]
             raise ValueError(f"unknown config key '{section}.{k}'{did_you_mean(f'{section}.{k}', keys)} (valid keys "

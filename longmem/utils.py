@@ -35,11 +35,12 @@ def memory_need_bytes(model_config, *, batch_size: int, training: bool) -> int:
     and the scores and activations of one segment over its window (positions memories add included)."""
     from longmem.models.memory import build_memories
     c = model_config
-    memories = build_memories(c) if c.arch == "transformer" else []
-    state = sum(m.nbytes(batch_size=batch_size, d_model=c.d_model, n_layers=c.n_layers) for m in memories)
-    window = c.memory.mem_len + c.memory.n_sinks + c.segment_len + sum(m.added_positions for m in memories)
-    scores = batch_size * c.n_heads * c.segment_len * window * 4 * (c.n_layers if training else 1)
-    acts = batch_size * window * c.d_model * 4 * 8 * (c.n_layers if training else 1)
+    memories = build_memories(c)                                    # a baseline's config: kind none, no memory
+    n_layers, segment_len = getattr(c, "n_layers", 1), getattr(c, "segment_len", 0)
+    state = sum(m.nbytes(batch_size=batch_size, d_model=c.d_model, n_layers=n_layers) for m in memories)
+    window = c.memory.mem_len + c.memory.n_sinks + segment_len + sum(m.added_positions for m in memories)
+    scores = batch_size * getattr(c, "n_heads", 0) * segment_len * window * 4 * (n_layers if training else 1)
+    acts = batch_size * window * c.d_model * 4 * 8 * (n_layers if training else 1)
     return state + scores + acts
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from longmem.cli import main
-from longmem.models.lstm import LSTMLM
-from longmem.models.memn2n import MemN2N
-from longmem.models.seq2seq import Seq2Seq
+from longmem.classic.lstm import LSTMLM
+from longmem.classic.memn2n import MemN2N
+from longmem.classic.seq2seq import Seq2Seq
 from longmem.runs import load_run
 
 from conftest import REPO_ROOT

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from longmem.data.tasks.babi import babi_files, generate_babi, load_babi, parse_babi, read_babi_file, words
-from longmem.data.tasks.pairs import generate_pairs, read_pairs
+from longmem.classic.pairs import generate_pairs, read_pairs
 from longmem.data.tokenizer import WordTokenizer, load_tokenizer, save_tokenizer
 from longmem.evaluation.metrics import accuracy, bleu, exact_match, lcs_length, rouge_l, token_f1, tokens
 
@@ -101,7 +101,7 @@ def test_pairs_from_jsonl_and_generated(tmp_path):
     lengths = {len(p.source) for p in generate_pairs("passage", n=200, seed=0, source_len=96, min_source_len=40)}
     assert min(lengths) >= 40 and max(lengths) <= 96 and len(lengths) > 30        # varied training lengths
     from longmem.config import RunConfig
-    from longmem.data.tasks.sources import pair_examples
+    from longmem.classic.pairs import pair_examples
     cfg = RunConfig().override({"model.arch": "seq2seq", "task.name": "passage", "task.source_len": "60",
                                 "task.min_source_len": "30", "task.n_train": "50", "task.n_test": "20"})
     assert {len(p.source) for p in pair_examples(cfg, "test")} == {60}           # tested at full length

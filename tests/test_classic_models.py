@@ -4,19 +4,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from longmem.classic.config import LSTMConfig, MemN2NConfig, Seq2SeqConfig
 from longmem.config import ModelConfig, RunConfig
 from longmem.data.tasks.babi import babi_batch, babi_texts, encode_babi, generate_babi
-from longmem.data.tasks.pairs import Pair, pairs_batch
+from longmem.classic.pairs import Pair, pairs_batch
 from longmem.data.tokenizer import ByteTokenizer, WordTokenizer
-from longmem.evaluation.qa import evaluate_babi, evaluate_pairs
+from longmem.classic.qa import evaluate_babi, evaluate_pairs
 from longmem.generation.generate import generate_ids
-from longmem.generation.tasks import answer_story, decode_seq2seq
+from longmem.classic.decoding import answer_story, decode_seq2seq
 from longmem.models import build_model
-from longmem.models.lstm import LSTMLM
-from longmem.models.memn2n import MemN2N, position_encoding
+from longmem.classic.lstm import LSTMLM
+from longmem.classic.memn2n import MemN2N, position_encoding
 from longmem.models.memory import State
-from longmem.models.seq2seq import Seq2Seq
-from longmem.training.trainer import lr_at, param_groups
+from longmem.classic.seq2seq import Seq2Seq
+from longmem.training.optim import lr_at, param_groups
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -29,7 +30,7 @@ def _one_thread():
 
 
 def lstm(**kw) -> LSTMLM:
-    return build_model(ModelConfig(arch="lstm", vocab_size=23, d_model=12, n_layers=2, **kw)).eval()
+    return build_model(LSTMConfig(vocab_size=23, d_model=12, n_layers=2, **kw)).eval()
 
 
 # -- LSTM -----------------------------------------------------------------------------------------------
@@ -80,7 +81,7 @@ def test_lstm_generation_carries_state_token_by_token():
 
 # -- seq2seq --------------------------------------------------------------------------------------------
 def s2s(n_layers: int = 2) -> Seq2Seq:
-    return build_model(ModelConfig(arch="seq2seq", vocab_size=256, d_model=32, n_heads=2, n_layers=n_layers)).eval()
+    return build_model(Seq2SeqConfig(vocab_size=256, d_model=32, n_heads=2, n_layers=n_layers)).eval()
 
 
 def test_seq2seq_shapes_causal_decoder_and_padding_invariance():
@@ -103,7 +104,7 @@ def test_seq2seq_shapes_causal_decoder_and_padding_invariance():
 
 
 def test_cross_attention_reads_the_matching_key_however_far_and_never_a_masked_one():
-    from longmem.models.seq2seq import CrossAttention
+    from longmem.classic.seq2seq import CrossAttention
     D, S = 32, 24
     attn = CrossAttention(d_model=D, n_heads=1, dropout=0.0).eval()
     with torch.no_grad():                                       # q = 16 x sqrt(D), k = v = x, out = identity
@@ -154,12 +155,12 @@ def test_position_encoding_matches_the_paper_and_the_code_formulas():
             assert code[j - 1, k - 1].item() == pytest.approx(1 + 4 * (k - (d + 1) / 2) * (j - (J + 1) / 2) / (d * J))
     assert code.mean().item() == pytest.approx(1.0, abs=1e-6) and paper.mean().item() == pytest.approx(0.5, abs=0.05)
     with pytest.raises(ValueError, match="code, paper"):
-        ModelConfig(arch="memn2n", pe_formula="papr")
+        MemN2NConfig(pe_formula="papr")
 
 
 @pytest.mark.parametrize("formula", ["code", "paper"])
 def test_memn2n_bags_equal_explicit_position_encoding_and_tying(formula):
-    model = MemN2N(ModelConfig(arch="memn2n", vocab_size=30, d_model=8, hops=2, pe_formula=formula))
+    model = MemN2N(MemN2NConfig(vocab_size=30, d_model=8, hops=2, pe_formula=formula))
     words = torch.tensor([[3, 4, 5, 0, 0], [7, 1, 0, 0, 0]])
     tables = model.embed.weight.view(30, 3, 8)                     # C^0, C^1, C^2
     pe = position_encoding((words != 0).sum(-1), 5, 8, formula) * (words != 0)[..., None]
@@ -177,7 +178,7 @@ def babi_data(n: int, *, task: int = 1, seed: int = 0):
 
 def test_memn2n_shapes_and_attention_sums_to_one_per_hop():
     _, tok, data = babi_data(16)
-    model = MemN2N(ModelConfig(arch="memn2n", vocab_size=tok.vocab_size, d_model=16, hops=3, memory_size=20))
+    model = MemN2N(MemN2NConfig(vocab_size=tok.vocab_size, d_model=16, hops=3, memory_size=20))
     import random
     batch = babi_batch(data, list(range(16)), memory_size=20, noise=0.2, rng=random.Random(0))
     out = model(**batch)
@@ -192,7 +193,7 @@ def test_memn2n_shapes_and_attention_sums_to_one_per_hop():
         max=int(n - 1)))[None, :, :16], model.encode(q)[:, 0, :, None])[0, :int(n), 0]
     expected_empty = (20 - n.item()) / ((20 - n.item()) + scores.exp().sum())
     assert model(story[:, :int(n)], n, q).empty[0, 0].item() == pytest.approx(expected_empty.item(), rel=1e-4)
-    closed = MemN2N(ModelConfig(**{**vars(model.config), "attend_empty": False}))
+    closed = MemN2N(MemN2NConfig(**{**vars(model.config), "attend_empty": False}))
     closed.load_state_dict(model.state_dict())
     out_closed = closed(**batch)
     torch.testing.assert_close(out_closed.attention.sum(-1), torch.ones(16, 3))
@@ -208,7 +209,7 @@ def test_memn2n_trains_to_95_percent_on_generated_task_1():
     ex, tok, data = babi_data(1000)
     test_ex = generate_babi(task=1, n=300, seed=99)
     torch.manual_seed(0)
-    model = MemN2N(ModelConfig(arch="memn2n", vocab_size=tok.vocab_size, d_model=20, hops=3, memory_size=20))
+    model = MemN2N(MemN2NConfig(vocab_size=tok.vocab_size, d_model=20, hops=3, memory_size=20))
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     import random
     rng = random.Random(0)
@@ -228,13 +229,21 @@ def test_memn2n_trains_to_95_percent_on_generated_task_1():
 
 
 def test_build_model_and_config_validation():
-    assert isinstance(build_model(ModelConfig(arch="lstm")), LSTMLM)
+    assert isinstance(build_model(LSTMConfig()), LSTMLM)
     with pytest.raises(ValueError, match="model.arch"):
-        ModelConfig(arch="gru")
+        RunConfig().override({"model.arch": "gru"})
+    with pytest.raises(ValueError, match="model.arch"):
+        ModelConfig(arch="lstm")                        # the baselines have config classes of their own
+    # the Transformer's settings left in a section switched to a baseline are dropped; a baseline's own
+    # setting on the Transformer names the arch it belongs to
+    lstm_cfg = RunConfig().override({"model.arch": "lstm", "model.d_model": "24"}).model
+    assert isinstance(lstm_cfg, LSTMConfig) and lstm_cfg.d_model == 24 and not hasattr(lstm_cfg, "n_heads")
+    with pytest.raises(ValueError, match="model.hops is a setting of model.arch memn2n"):
+        RunConfig().override({"model.hops": "2"})
     with pytest.raises(ValueError, match="memory.kind must be 'none'"):
         RunConfig().override({"model.arch": "lstm", "memory.kind": "xl", "memory.mem_len": "8"})
     with pytest.raises(ValueError, match="model.hops"):
-        ModelConfig(arch="memn2n", hops=0)
+        MemN2NConfig(hops=0)
     with pytest.raises(ValueError, match="task.babi_tasks"):
         RunConfig().override({"task.babi_tasks": "1,21"})
     with pytest.raises(ValueError, match="task.time_noise"):

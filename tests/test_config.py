@@ -1,14 +1,15 @@
 """Typed configs: validation, YAML round trip, dotted overrides."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import typing
 
 import pytest
 import yaml
 
-from longmem.config import (DataConfig, MemoryConfig, ModelConfig, RunConfig, TaskConfig, TrainConfig, config_help,
-                            valid_keys)
+from longmem.config import (ARCH_CONFIGS, DataConfig, MemoryConfig, ModelConfig, RunConfig, TaskConfig, TrainConfig,
+                            config_help, valid_keys)
 
 from conftest import REPO_ROOT
 
@@ -26,7 +27,7 @@ def test_defaults_and_derived_fields():
     (dict(dropout=1.0), "dropout"),
     (dict(n_layers=0), "n_layers"),
     (dict(segment_len=0), "segment_len"),
-    (dict(arch="lstm", smear_keys=True), "smear_keys"),
+    (dict(arch="lstm"), "the baselines have their own config classes"),
 ])
 def test_model_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -193,8 +194,15 @@ def test_every_key_has_help_and_a_valid_default():
     assert [k for k, _, _ in rows] == valid_keys()
     assert "memory.mem_len" in valid_keys() and "model.memory" not in valid_keys()
     assert all(text for _, text, _ in rows)
-    # every default survives the override path (keys and types agree)
-    RunConfig().override({k: d for k, _, d in rows})
+    # every default survives the override path (keys and types agree), each model key under its own arch
+    baseline = {k for k, text, _ in rows if text.startswith("(model.arch ")}
+    RunConfig().override({k: d for k, _, d in rows if k not in baseline})
+    for arch in ("lstm", "seq2seq", "memn2n"):
+        own = {k: d for k, text, d in rows if k in baseline and f" {arch}" in text.split(")")[0]}
+        assert RunConfig().override({"model.arch": arch, **own}).model.arch == arch
+    # a setting of the Transformer explicitly given to a baseline is refused, naming its arch
+    with pytest.raises(ValueError, match="model.smear_keys is a setting of model.arch transformer"):
+        RunConfig().override({"model.arch": "lstm", "model.smear_keys": "true"})
 
 
 NUMERIC = [(key, type(default)) for key, _, default in config_help()
@@ -206,12 +214,17 @@ def test_every_number_of_every_config_is_range_checked(key, kind):
     """No size, count, step, seed, rate or weight may be negative, NaN, infinite or (integers) beyond 2**31:
     each is refused with a ValueError naming its key, from the command line and from Python."""
     bad = ["-1", "nan", "inf", "-inf"] + ([str(2**31), "1e23"] if kind is int else [])
+    arch = {} if key.split(".")[1] in {f.name for f in dataclasses.fields(ModelConfig)} or not key.startswith(
+        "model.") else {"model.arch": next(a for a, c in ARCH_CONFIGS.items()
+                                           if key.split(".")[1] in {f.name for f in dataclasses.fields(c)})}
     for value in bad:
         with pytest.raises(ValueError, match=re.escape(key)):
-            RunConfig().override({key: value})
+            RunConfig().override({**arch, key: value})
     section, *groups, name = key.split(".")
     klass = {"model": ModelConfig, "memory": MemoryConfig, "data": DataConfig, "train": TrainConfig,
              "task": TaskConfig}[section]
+    if section == "model" and name not in {f.name for f in dataclasses.fields(ModelConfig)}:
+        klass = next(c for c in ARCH_CONFIGS.values() if name in {f.name for f in dataclasses.fields(c)})
     for group in groups:                                       # memory.knn.k -> KNNConfig
         klass = typing.get_type_hints(klass)[group]
     with pytest.raises(ValueError, match=re.escape(key)):

@@ -210,7 +210,7 @@ def test_gradient_accumulation_reads_consecutive_micro_batches(corpus, tmp_path)
 
 
 def test_early_stopping_on_validation_loss(corpus, tmp_path, monkeypatch):
-    import longmem.training.trainer as T
+    import longmem.training.task as T
     losses = iter([3.0, 3.1, 3.2, 3.3, 3.4, 3.5])
     monkeypatch.setattr(T, "evaluate_ppl", lambda *a, **k: {"loss": next(losses), "ppl": 1.0, "bpc": 1.0,
                                                             "tokens": 1})

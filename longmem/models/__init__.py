@@ -1,20 +1,24 @@
+"""The memory Transformer (``MemoryLM``), its memories, and the registry of architectures: ``build_model`` builds
+the model a config names (``model.arch``); the classic baselines (``longmem.classic``) register themselves."""
+from typing import Callable
+
+from longmem.config import ARCH_CONFIGS
 from longmem.models.transformer import IGNORE_INDEX, LMOutput, MemoryLM
+
+ARCHITECTURES: dict[str, Callable] = {"transformer": MemoryLM}
+
+
+def register_arch(name: str, config_class: type, build: Callable) -> None:
+    """Make ``model.arch: name`` read its settings into ``config_class`` and build ``build(config)``."""
+    ARCH_CONFIGS[name] = config_class
+    ARCHITECTURES[name] = build
 
 
 def build_model(config):
-    """The model named by ``config.arch`` (a ModelConfig): every place that builds a model from a config uses this."""
-    if config.arch == "transformer":
-        return MemoryLM(config)
-    if config.arch == "lstm":
-        from longmem.models.lstm import LSTMLM
-        return LSTMLM(config)
-    if config.arch == "seq2seq":
-        from longmem.models.seq2seq import Seq2Seq
-        return Seq2Seq(config)
-    if config.arch == "memn2n":
-        from longmem.models.memn2n import MemN2N
-        return MemN2N(config)
-    raise ValueError(f"model.arch={config.arch!r}; accepted: transformer, lstm, seq2seq, memn2n")
+    """The model of a model config (``config.arch``): every place that builds a model from a config uses this."""
+    if config.arch not in ARCHITECTURES:
+        raise ValueError(f"model.arch={config.arch!r}; accepted: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[config.arch](config)
 
 
-__all__ = ["IGNORE_INDEX", "LMOutput", "MemoryLM", "build_model"]
+__all__ = ["ARCHITECTURES", "IGNORE_INDEX", "LMOutput", "MemoryLM", "build_model", "register_arch"]

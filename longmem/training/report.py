@@ -30,16 +30,19 @@ def write_run_report(out_dir: Path, cfg: RunConfig) -> Path:
     plot = _plot(out_dir / "loss.png", train, val)
     lines = ["# Run report", ""]
     if train:
-        tps = [r["tokens_per_s"] for r in train[1:]] or [train[0]["tokens_per_s"]]
-        lines += [f"- steps: {train[-1]['step']}, training tokens: {train[-1]['tokens']:,}",
+        unit = "tokens" if "tokens_per_s" in train[0] else "examples"      # a language model's, or a task's
+        tps = [r[f"{unit}_per_s"] for r in train[1:]] or [train[0][f"{unit}_per_s"]]
+        lines += [f"- steps: {train[-1]['step']}, training {unit}: {train[-1][unit]:,}",
                   f"- train loss, the mean per target token of a logged window (as in the summary line): "
                   f"{train[0]['loss']:.4f} (steps 1-{train[0]['step']}) -> {train[-1]['loss']:.4f} (steps "
                   f"{train[-2]['step'] + 1 if len(train) > 1 else 1}-{train[-1]['step']})",
-                  f"- tokens/s: median {sorted(tps)[len(tps) // 2]:,.0f}"]
+                  f"- {unit}/s: median {sorted(tps)[len(tps) // 2]:,.0f}"]
     if val:
         best = min(val, key=lambda r: r["val_loss"])
         last = val[-1]
         extra = (f"bpc {last['val_bpc']:.4f}" if "val_bpc" in last
+                 else f"mean error {last['val_mean_error']:.2f}%" if "val_mean_error" in last
+                 else f"exact match {last['val_exact_match']:.3f}" if "val_exact_match" in last
                  else f"answer accuracy {last.get('val_accuracy', float('nan')):.3f}")
         lines += [f"- final validation: loss {last['val_loss']:.4f}, ppl {last['val_ppl']:.3f}, "
                   f"{extra} at step {last['step']}",
@@ -70,9 +73,10 @@ def _plot(path: Path, train: list[dict], val: list[dict]) -> Path | None:
     ax1.set_xlabel("step")
     ax1.set_ylabel("loss (nats/token)")
     ax1.legend()
-    ax2.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train])
+    unit = "tokens" if "tokens_per_s" in train[0] else "examples"          # a language model's, or a task's
+    ax2.plot([r["step"] for r in train], [r.get(f"{unit}_per_s", float("nan")) for r in train])
     ax2.set_xlabel("step")
-    ax2.set_ylabel("tokens/s")
+    ax2.set_ylabel(f"{unit}/s")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

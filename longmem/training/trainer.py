@@ -1,43 +1,38 @@
-"""The training loop.
+"""The one training loop, for every model and task.
 
-AdamW (decay on matrices only) or SGD, warm-up + cosine decay (or halving steps), gradient clipping and
-accumulation, mixed precision (autocast in the loop only), ordered lanes with
-the memory carried across steps, periodic validation with the memory carried
-across validation segments, early stopping, checkpoints for exact resume,
-SIGINT/SIGTERM handling, and DistributedDataParallel under ``torchrun``.
+AdamW (decay on matrices only) or SGD (``optim.py``), the task's learning-rate schedule, gradient
+clipping and accumulation, mixed precision (autocast in the loop only), the model's memory carried
+across steps (ordered lanes), validation, the best validation kept, early stopping, checkpoints for
+exact resume, SIGINT/SIGTERM handling, and DistributedDataParallel under ``torchrun``. What a run
+learns from (its data, loss, validation and data position) is its task (``task.py``): a language
+model's corpus or probes, or a baseline's examples (``longmem.classic.tasks``).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import shutil
 import signal
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from longmem.config import RunConfig
-from longmem.data.cache import cache_dir_for
-from longmem.data.corpus import load_corpus, split_documents
-from longmem.data.stream import TaskStream, TrainStream, encode_documents, n_eval_batches
-from longmem.data.tasks.sources import probe_fit_texts, probe_maker, task_name
-from longmem.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
-from longmem.evaluation.perplexity import evaluate_ppl, predicted_chars
-from longmem.evaluation.probes import n_segments, score_probes, summarize
-from longmem.models import IGNORE_INDEX, build_model
-from longmem.models.memory import Memory, State
-from longmem.runs import CONFIG, METRICS, TOKENIZER
+from longmem.data.tokenizer import save_tokenizer
+from longmem.models import build_model
+from longmem.models.memory import State
+from longmem.runs import CONFIG, METRICS, TOKENIZER, load_run
 from longmem.training import distributed as D
 from longmem.training import state as S
 from longmem.training.checkpoint import load_weights
-from longmem.training.precision import autocast, resolve_device, resolve_precision
-from longmem.utils import check_memory_fits, progress
+from longmem.training.optim import build_optimizer
+from longmem.training.precision import resolve_device, resolve_precision
+from longmem.training.task import make_task
+from longmem.utils import check_memory_fits, check_model_fits, progress
 
 
 class TrainingStopped(RuntimeError):
@@ -58,35 +53,6 @@ class TrainResult:
     val: dict
     seconds: float
     stopped_early: bool = False
-
-
-def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int, halve_every: int = 0) -> float:
-    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at ``total``, or
-    with ``halve_every`` > 0 a step schedule: ``lr`` halved every ``halve_every`` steps after the warm-up."""
-    if warmup and step < warmup:
-        return lr * (step + 1) / warmup
-    if halve_every:
-        return lr * 0.5 ** ((step - warmup) // halve_every)
-    frac = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * frac))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on norms, biases, the (tied) embedding or what a memory asks to be
-    spared (``Memory.no_weight_decay``, e.g. the initial memory tokens)."""
-    embed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    embed |= {id(p) for m in model.modules() if isinstance(m, Memory) for p in m.no_weight_decay()}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.dim() >= 2 and id(p) not in embed else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: torch.nn.Module, t, *, fused: bool = False) -> torch.optim.Optimizer:
-    """``train.optimizer``: AdamW with decay on matrices only, or plain SGD (no momentum, no decay)."""
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=t.lr)
-    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
 
 
 class _StopSignal:
@@ -113,13 +79,8 @@ class _StopSignal:
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: str = "train") -> TrainResult:
-    """Train ``cfg`` into ``out_dir``; with ``resume`` continue from its newest checkpoint."""
-    if cfg.model.arch in ("seq2seq", "memn2n"):           # not language models over a stream
-        if resume:
-            raise ValueError(f"--resume is not supported yet for model.arch={cfg.model.arch} (task training); "
-                             f"train again instead")
-        from longmem.training.tasks import train_task
-        return train_task(cfg, out_dir, desc=desc)
+    """Train ``cfg`` into ``out_dir``; with ``resume`` continue from its newest checkpoint. The task (what the
+    run learns from, its loss and validation) is ``task.make_task(cfg)``; this loop is the same for all."""
     out_dir = Path(out_dir)
     t, d = cfg.train, cfg.data
     device = resolve_device(t.device)
@@ -134,13 +95,18 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
         raise FileNotFoundError(f"{out_dir} has no checkpoint to resume from (no {S.CKPT_DIR}/step-*)")
 
     lanes = D.lane_slice(d.batch_size, dist)
-    data = _data(cfg, out_dir, resume=resume, lanes=lanes)
-    tokenizer, stream = data.tokenizer, data.stream
-    cfg.model.vocab_size = tokenizer.vocab_size
+    init = load_run(t.init_from) if t.init_from and not resume else None
+    task = make_task(cfg, out_dir, resume=resume, lanes=lanes, tokenizer=init.tokenizer if init else None)
+    tokenizer = task.tokenizer
+    if init is None or tokenizer.vocab_size > cfg.model.vocab_size:
+        cfg.model.vocab_size = tokenizer.vocab_size
 
+    check_model_fits(cfg.model, device=device, training=True)
     check_memory_fits(cfg.model, batch_size=len(lanes), device=device, training=True)
     torch.manual_seed(t.seed)
     model = build_model(cfg.model).to(device)
+    if init is not None:
+        _init_from(model, init)
     if dist.main and not resume:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / CONFIG)
@@ -153,7 +119,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
             "loss_window": [0.0, 0]}          # the unlogged part of the running loss: a resume continues it
     start_step = 0
     if ckpt is not None:
-        start_step, state, info = _resume(ckpt, model=model, opt=opt, scaler=scaler, stream=stream, lanes=lanes,
+        start_step, state, info = _resume(ckpt, model=model, opt=opt, scaler=scaler, task=task, lanes=lanes,
                                           dist=dist, device=device)
         if dist.main:
             S.truncate_metrics(out_dir / METRICS, start_step)
@@ -169,22 +135,22 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
     def validate(step: int, *, full: bool) -> dict:
         res = {}
         if dist.main:
-            res = data.validate(model, full=full)
-            log({"step": step, **{f"val_{k}": res[k] for k in data.logged}})
+            res = task.validate(model, full=full)
+            log({"step": step, **{f"val_{k}": res[k] for k in task.logged}})
         model.train()
         return D.broadcast_object(res, dist)
 
     def checkpoint(step: int, *, best: bool) -> Path:
         info["loss_window"] = [loss_sum, n_loss]
         mem = state.state_dict() if state is not None else {}
-        gathered = D.all_gather_objects({"data": stream.state_dict()["positions"], "rng": S.capture_rng(),
+        gathered = D.all_gather_objects({"data": task.data_state(), "rng": S.capture_rng(),
                                          "memory": {k: v.cpu() for k, v in mem.items()}}, dist)
         path = S.latest_checkpoint(out_dir)
         if dist.main:
             path = S.save_checkpoint(
                 out_dir, step=step, model=model, optimizer=opt,
                 scaler_state=scaler.state_dict() if scaler is not None else None, info=info,
-                data=[p for g in gathered for p in g["data"]],
+                data=task.join_data([g["data"] for g in gathered]),
                 memory=S.concat_lane_states([g["memory"] for g in gathered]) if mem else {},
                 rng=[g["rng"] for g in gathered], keep_last=t.keep_last, best=best)
         D.barrier(dist)
@@ -192,8 +158,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
 
     model.train()
     loss_sum, n_loss = info["loss_window"]
-    tokens_since = 0
-    val: dict = {}
+    inputs_since = 0
+    val, best_val = {}, info.get("best_val") or {}
     stopped_early = False
     done = start_step
     start = t_log = time.perf_counter()
@@ -201,28 +167,24 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
     bar.update(start_step)
     with _StopSignal() as stop:
         for step in range(start_step, t.max_steps):
-            lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup_steps, total=t.max_steps,
-                       halve_every=t.lr_halve_every)
+            lr = task.lr(step)
             for g in opt.param_groups:
                 g["lr"] = lr
-            if t.curriculum and isinstance(stream, TaskStream):  # examples grow stage by stage
-                stream.length = t.segments_at(step) * cfg.model.segment_len
-            window = t.bptt_at(step)                             # segments whose graph is kept together
-            micro = [[next(stream) for _ in range(window)] for _ in range(t.grad_accum)]
-            n_local = sum(b.n_targets for batches in micro for b in batches)
-            n_global = D.all_sum(n_local, dist, device)         # normalize by the global target count
-            n_inputs = D.all_sum(sum(b.n_inputs for batches in micro for b in batches), dist, device)
+            micro = [task.window(step) for _ in range(t.grad_accum)]
+            counts = [task.counts(w) for w in micro]
+            n_global = D.all_sum(sum(c[0] for c in counts), dist, device)      # normalize by the global target count
+            n_inputs = D.all_sum(sum(c[1] for c in counts), dist, device)
             step_loss = 0.0
-            for i, batches in enumerate(micro):
+            for i, window in enumerate(micro):
                 sync = i == len(micro) - 1
                 ctx = ddp.no_sync() if dist.enabled and not sync else contextlib.nullcontext()
                 with ctx:
-                    loss_sum_micro, state = forward_window(ddp, batches, state, device=device, amp_dtype=amp_dtype,
-                                                           checkpoint=t.bptt_checkpoint,
-                                                           aux_weight=t.aux_weight if step >= t.aux_start else 0.0)
+                    loss_sum_micro, state = task.loss(ddp, window, state, step=step, device=device,
+                                                      amp_dtype=amp_dtype)
                     loss = loss_sum_micro * dist.world / max(n_global, 1.0)
                     (scaler.scale(loss) if scaler is not None else loss).backward()
-                state = state.detach()                          # truncated: nothing flows beyond the window
+                if state is not None:
+                    state = state.detach()                      # truncated: nothing flows beyond the window
                 step_loss += loss_sum_micro.item()
             if scaler is not None:
                 scaler.unscale_(opt)
@@ -242,32 +204,38 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
                     f"train.warmup_steps or use train.precision fp32, then resume or restart.")
             loss_sum, n_loss = loss_sum + loss_value * n_global, n_loss + n_global
             info["tokens_seen"] += int(n_inputs)
-            tokens_since += n_inputs
+            inputs_since += n_inputs
             bar.update(1)
             done = step + 1
             if done % max(1, t.log_every) == 0 or done == t.max_steps:
                 now = time.perf_counter()
-                tps = tokens_since / max(now - t_log, 1e-9)
-                avg = loss_sum / n_loss if n_loss else float("nan")       # per target token
-                log({"step": done, "loss": avg, "lr": lr, "tokens": info["tokens_seen"], "tokens_per_s": tps,
+                rate = inputs_since / max(now - t_log, 1e-9)
+                avg = loss_sum / n_loss if n_loss else float("nan")       # per target
+                u = task.units
+                log({"step": done, "loss": avg, "lr": lr, u: info["tokens_seen"], f"{u}_per_s": rate,
                      **({"grad_norm": float(grad_norm)} if grad_norm is not None else {})})
-                bar.set_postfix(loss=f"{avg:.3f}", tok_s=f"{tps:,.0f}")
-                loss_sum, n_loss, t_log, tokens_since = 0.0, 0, now, 0
+                bar.set_postfix(loss=f"{avg:.3f}", **{f"{u[:3]}_s": f"{rate:,.0f}"})
+                loss_sum, n_loss, t_log, inputs_since = 0.0, 0, now, 0
             last = done == t.max_steps
             is_best = False
             if (t.eval_every and done % t.eval_every == 0) or last:
                 val = validate(done, full=last)
                 best = info["best_val_loss"]
-                if best is None or val["loss"] < best:
-                    info.update(best_val_loss=val["loss"], best_step=done, bad_evals=0)
-                    is_best = True
+                if best is None or task.score(val) < tuple(best):
+                    info.update(best_val_loss=list(task.score(val)), best_step=done, bad_evals=0)
+                    is_best, best_val = True, val
+                    if task.keep_best:
+                        log({"step": done, "event": "best", "best_step": done})
                 else:
                     info["bad_evals"] += 1
+                task.after_validation(done, val, model, log)
+                model.train()
                 stopped_early = bool(t.patience) and info["bad_evals"] >= t.patience
             interrupted = D.all_sum(float(stop.signum is not None), dist, device) > 0
             if (is_best or last or stopped_early or interrupted
                     or (t.checkpoint_every and done % t.checkpoint_every == 0)
                     or (t.eval_every and done % t.eval_every == 0)):
+                info["best_val"] = best_val
                 path = checkpoint(done, best=is_best)
             if interrupted:
                 bar.close()
@@ -275,50 +243,45 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
                                       f"Continue with: longmem train --resume {out_dir}", signum=stop.signum)
             if stopped_early:
                 log({"step": done, "event": "early_stop", "best_step": info["best_step"],
-                     "best_val_loss": info["best_val_loss"]})
+                     "best_val_loss": info["best_val_loss"][0]})
                 break
     bar.close()
     if metrics is not None:
         metrics.close()
     logged = []
     if dist.main:
+        if task.keep_best and (out_dir / S.CKPT_DIR / "best" / S.WEIGHTS).is_file():
+            shutil.copyfile(out_dir / S.CKPT_DIR / "best" / S.WEIGHTS, out_dir / S.WEIGHTS)   # the best weights
         from longmem.training.report import read_metrics, write_run_report
         write_run_report(out_dir, cfg)
         logged = [r["loss"] for r in read_metrics(out_dir / METRICS) if "loss" in r]
     result = TrainResult(out_dir=out_dir, steps=done,
                          first_loss=logged[0] if logged else float("nan"),
-                         last_loss=logged[-1] if logged else float("nan"), val=val,
+                         last_loss=logged[-1] if logged else float("nan"),
+                         val=best_val if task.keep_best and best_val else val,
                          seconds=time.perf_counter() - start, stopped_early=stopped_early)
     return result
 
 
-def forward_window(model, batches: list, state: State | None, *, device, amp_dtype,
-                   checkpoint: bool = False, aux_weight: float = 0.0) -> tuple[torch.Tensor, State]:
-    """Run consecutive segments of the lanes with the graph kept through the memory: backpropagation
-    through segments (Bulatov et al. 2022 §3). Returns the summed cross-entropy over the targets of
-    all ``batches`` (plus ``aux_weight`` times the memories' auxiliary loss, ``LMOutput.aux_loss``)
-    and the state after the last one (not detached: the caller truncates).
-
-    ``checkpoint`` recomputes each segment's activations in the backward pass (activation
-    checkpointing), so the memory held grows with the window only by the segments' inputs and states.
-    """
-    total = torch.zeros((), device=device)
-    for batch in batches:
-        inputs, reset = batch.inputs.to(device), batch.reset.to(device)
-        with autocast(device, amp_dtype):
-            if checkpoint:
-                out = torch.utils.checkpoint.checkpoint(model, inputs, state=state, reset=reset, use_reentrant=False)
-            else:
-                out = model(inputs, state=state, reset=reset)
-        total = total + F.cross_entropy(out.logits.float().flatten(0, 1), batch.targets.to(device).flatten(),
-                                        ignore_index=IGNORE_INDEX, reduction="sum")
-        if aux_weight and out.aux_loss is not None:                 # a regularizer of the memory (a sum too)
-            total = total + aux_weight * out.aux_loss.float()
-        state = out.state
-    return total, state
+def _init_from(model, init) -> None:
+    """Start from ``init``'s weights (a run: an imported pretrained model, or any run of this architecture);
+    parameters it lacks (a memory's: kNN gates, memory tokens) keep their fresh initialisation."""
+    theirs = init.model.state_dict()
+    mine = model.state_dict()
+    fresh = [k for k in mine if k not in theirs]
+    memory_names = {m.name for m in getattr(model, "memories", [])}
+    strange = [k for k in fresh if k.split(".")[0] not in memory_names]
+    wrong = [k for k in theirs if k in mine and theirs[k].shape != mine[k].shape]
+    unexpected = [k for k in theirs if k not in mine]
+    if strange or wrong or unexpected:
+        raise ValueError(f"train.init_from={init.path}: its weights do not fit this model (missing "
+                         f"{strange[:5]}, other shapes {wrong[:5]}, unexpected {unexpected[:5]}); the model section "
+                         f"must be the init run's (only memory.*, model.segment_len and model.dropout may differ)")
+    with torch.no_grad():
+        model.load_state_dict({k: v for k, v in theirs.items() if k in mine}, strict=False)
 
 
-def _resume(ckpt: Path, *, model, opt, scaler, stream: TrainStream | TaskStream, lanes: range, dist: D.Dist, device):
+def _resume(ckpt: Path, *, model, opt, scaler, task, lanes: range, dist: D.Dist, device):
     meta, tensors = S.load_checkpoint(ckpt)
     if meta["world_size"] != dist.world:
         raise ValueError(f"{ckpt} was saved by {meta['world_size']} process(es) but this run has {dist.world}; "
@@ -327,65 +290,15 @@ def _resume(ckpt: Path, *, model, opt, scaler, stream: TrainStream | TaskStream,
     opt.load_state_dict(S.optimizer_state(meta, tensors))
     if scaler is not None and (sc := S.scaler_state(meta, tensors)):
         scaler.load_state_dict(sc)
-    stream.load_positions(meta["data"][lanes.start:lanes.stop])
+    task.load_data(meta["data"], lanes)
     mem = S.memory_state(tensors)
     state = None
     if mem:
         state = State.from_state_dict({k: v.to(device) for k, v in S.slice_lane_state(mem, lanes).items()})
     S.restore_rng(S.rng_states(meta, tensors)[dist.rank])
     info = {k: meta[k] for k in ("tokens_seen", "best_val_loss", "best_step", "bad_evals")}
+    if isinstance(info["best_val_loss"], (int, float)):               # checkpoints of longmem 0.1: a loss
+        info["best_val_loss"] = [info["best_val_loss"]]
     info["loss_window"] = meta.get("loss_window", [0.0, 0])          # absent in checkpoints of older versions
+    info["best_val"] = meta.get("best_val") or {}
     return meta["step"], state, info
-
-
-@dataclass
-class _Data:
-    tokenizer: object
-    stream: TrainStream | TaskStream
-    validate: Callable[..., dict]          # (model, *, full) -> {"loss", "ppl", ...}
-    logged: tuple[str, ...]                 # keys of validate's result written to metrics.jsonl (as val_*)
-
-
-def _data(cfg: RunConfig, out_dir: Path, *, resume: bool, lanes: range) -> _Data:
-    """Tokenizer, training stream and validation of a language-model run: its corpus, split by document
-    and seeded, or a probe task (passkey, recall, babi, haystack; loss on answer tokens only). On resume
-    the saved tokenizer is reused."""
-    d, t = cfg.data, cfg.train
-    name = task_name(cfg)
-    if name == "lm":
-        train_texts, val_texts = split_documents(load_corpus(d), val_fraction=d.val_fraction, seed=d.seed)
-    fit = train_texts if name == "lm" else probe_fit_texts(cfg)
-    tokenizer = (load_tokenizer(out_dir / TOKENIZER) if resume
-                 else build_tokenizer(d.tokenizer, fit, vocab_size=d.vocab_size))
-    seg_len = cfg.model.segment_len
-    if name == "lm":
-        cache = cache_dir_for(d.path) if d.cache and d.path else None
-        train_docs = encode_documents(train_texts, tokenizer, cache_dir=cache)
-        val_docs = encode_documents(val_texts, tokenizer, cache_dir=cache)
-        n_chars = predicted_chars(val_texts)
-
-        def validate_lm(model, *, full: bool) -> dict:
-            limit = 0 if full else t.eval_segments
-            with _validation_bar(n_eval_batches(val_docs, batch_size=d.batch_size, seg_len=seg_len), limit,
-                                 enabled=t.progress) as bar:
-                return evaluate_ppl(model, val_docs, batch_size=d.batch_size, n_chars=n_chars, max_segments=limit,
-                                    progress_bar=bar)
-        return _Data(tokenizer, TrainStream(train_docs, batch_size=d.batch_size, seg_len=seg_len, seed=d.seed,
-                                            lanes=lanes), validate_lm, ("loss", "ppl", "bpc", "tokens"))
-
-    make_train = probe_maker(cfg, tokenizer, "train")
-    make_val = probe_maker(cfg, tokenizer, "val")
-    val_probes = [make_val(i, cfg.task.length) for i in range(cfg.task.n_test)]
-
-    def validate_probe(model, *, full: bool) -> dict:
-        with _validation_bar(n_segments(val_probes, model, batch_size=d.batch_size), 0, enabled=t.progress) as bar:
-            res = summarize(score_probes(model, val_probes, batch_size=d.batch_size, progress_bar=bar))
-        return {"loss": res["answer_loss"], "ppl": math.exp(min(res["answer_loss"], 50.0)), **res}
-    stream = TaskStream(lambda index, length: make_train(index, length).as_doc(), batch_size=d.batch_size,
-                        seg_len=seg_len, length=cfg.task.length, lanes=lanes)
-    return _Data(tokenizer, stream, validate_probe, ("loss", "ppl", "accuracy", "answers"))
-
-
-def _validation_bar(total: int, limit: int, *, enabled: bool):
-    """A progress bar for a validation that reads the whole split (``limit`` 0); a capped one is short."""
-    return progress(total=total, desc="validate", enabled=enabled and not limit, unit="seg")

@@ -9,51 +9,36 @@ from __future__ import annotations
 
 import random
 from typing import Callable
-from pathlib import Path
 
 import numpy as np
 
 from longmem.config import RunConfig
 from longmem.data.tasks.babi import GENERATED_TASKS, BabiExample, generate_babi, load_babi
-from longmem.data.tasks.pairs import Pair, generate_pairs, read_pairs
 from longmem.data.tasks.probes import PROBES, Probe, babi, fit_text, haystack, passkey, recall
 
 SPLITS = ("train", "val", "test")
-_TEST_SEED = 1_000_003            # generated test examples never share a seed with training ones
+TEST_SEED = 1_000_003            # generated test examples never share a seed with training ones
 
 
 def task_name(cfg: RunConfig) -> str:
-    """The task a run trains on: babi for memn2n; pairs (a .jsonl), copy or passage for seq2seq; for a
-    language model "lm" (its corpus) or a probe (passkey, recall, babi, haystack)."""
-    name, arch = cfg.task.name, cfg.model.arch
-    if arch in ("transformer", "lstm"):
-        if name in ("copy", "passage"):
-            raise ValueError(f"task.name={name} is a source -> target task for model.arch=seq2seq; a language "
-                             f"model trains on auto (its corpus), {', '.join(PROBES)}")
-        return "lm" if name == "auto" else name
-    if arch == "memn2n":
-        if name not in ("auto", "babi"):
-            raise ValueError(f"model.arch=memn2n answers bAbI questions; task.name must be auto or babi, got {name!r}")
-        return "babi"
-    if arch == "seq2seq":
-        if name == "babi":
-            raise ValueError("task.name=babi needs model.arch=memn2n; seq2seq takes copy, passage or a .jsonl data.path")
-        if cfg.data.path and Path(cfg.data.path).suffix == ".jsonl":
-            return "pairs"
-        if cfg.data.path:
-            raise ValueError(f"seq2seq data.path must be a .jsonl file of source/target pairs, got {cfg.data.path}")
-        return "passage" if name == "auto" else name
-    if name in ("passkey", "recall", "haystack"):
-        raise ValueError(f"task.name={name} is a probe for language models (model.arch transformer or lstm), "
-                         f"not for {arch}")
-    raise ValueError(f"model.arch={arch!r} takes no task")
+    """The task a run trains on. A baseline whose config class has a ``task_name`` (memn2n: babi; seq2seq: pairs,
+    copy or passage; ``longmem.classic``) names its own; a language model trains on "lm" (its corpus) or a probe
+    (passkey, recall, babi, haystack)."""
+    own = getattr(cfg.model, "task_name", None)
+    if own is not None:
+        return own(cfg)
+    name = cfg.task.name
+    if name != "auto" and name not in PROBES:
+        raise ValueError(f"task.name={name} is not a task of a language model (model.arch {cfg.model.arch}); it "
+                         f"trains on auto (its corpus) or a probe: {', '.join(PROBES)}")
+    return "lm" if name == "auto" else name
 
 
 def babi_task_ids(cfg: RunConfig) -> list[int]:
     return [int(p) for p in cfg.task.babi_tasks.split(",") if p.strip()]
 
 
-def _cut(items: list, *, split: str, val_fraction: float, seed: int) -> list:
+def cut_split(items: list, *, split: str, val_fraction: float, seed: int) -> list:
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     n_val = max(1, round(len(items) * val_fraction)) if len(items) > 1 else 0
@@ -75,27 +60,10 @@ def babi_examples(cfg: RunConfig, split: str) -> list[BabiExample]:
     else:
         tasks = tasks or list(GENERATED_TASKS)
         if split == "test":
-            return [ex for k in tasks for ex in generate_babi(task=k, n=t.n_test, seed=d.seed + _TEST_SEED)]
+            return [ex for k in tasks for ex in generate_babi(task=k, n=t.n_test, seed=d.seed + TEST_SEED)]
         by_task = {k: generate_babi(task=k, n=t.n_train, seed=d.seed) for k in tasks}
     return [ex for k, exs in sorted(by_task.items())
-            for ex in _cut(exs, split=split, val_fraction=d.val_fraction, seed=d.seed + k)]
-
-
-def pair_examples(cfg: RunConfig, split: str) -> list[Pair]:
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r}; accepted: {', '.join(SPLITS)}")
-    d, t = cfg.data, cfg.task
-    name = task_name(cfg)
-    if name == "pairs":
-        pairs = read_pairs(d.path)
-        if split == "test":                       # a file has no test part: its held-out pairs serve
-            split = "val"
-        return _cut(pairs, split=split, val_fraction=d.val_fraction, seed=d.seed)
-    if split == "test":
-        return generate_pairs(name, n=t.n_test, seed=d.seed + _TEST_SEED, source_len=t.source_len)
-    pairs = generate_pairs(name, n=t.n_train, seed=d.seed, source_len=t.source_len,
-                           min_source_len=t.min_source_len or t.source_len)
-    return _cut(pairs, split=split, val_fraction=d.val_fraction, seed=d.seed)
+            for ex in cut_split(exs, split=split, val_fraction=d.val_fraction, seed=d.seed + k)]
 
 
 # -- probes for language models --------------------------------------------------

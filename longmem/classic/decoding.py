@@ -7,7 +7,7 @@ import re
 import torch
 
 from longmem.data.tasks.babi import BabiExample, babi_batch, encode_babi
-from longmem.data.tasks.pairs import BOS, EOS
+from longmem.classic.pairs import BOS, EOS
 from longmem.generation.generate import sample_next
 
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from longmem.data.tasks.babi import EncodedBabi, babi_batch
-from longmem.data.tasks.pairs import Pair, pairs_batch
+from longmem.classic.pairs import Pair, pairs_batch
 from longmem.evaluation.metrics import bleu, exact_match, rouge_l, token_f1, tokens
-from longmem.generation.tasks import decode_seq2seq
+from longmem.classic.decoding import decode_seq2seq
 from longmem.models import IGNORE_INDEX
 
 
@@ -89,7 +89,8 @@ def eval_babi(run, *, split: str = "test") -> dict:
 def eval_text(run, *, split: str = "test") -> dict:
     """``longmem eval DIR --task text``: exact match, token F1, BLEU and ROUGE-L of greedy decodes
     of a seq2seq run on its pairs (generated test pairs, or the held-out part of a .jsonl)."""
-    from longmem.data.tasks.sources import pair_examples, task_name
+    from longmem.classic.pairs import pair_examples
+    from longmem.data.tasks.sources import task_name
     if run.config.model.arch != "seq2seq":
         raise ValueError(f"--task text needs a seq2seq run; {run.path} is model.arch={run.config.model.arch}")
     chars = task_name(run.config) != "pairs"

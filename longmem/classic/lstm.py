@@ -17,7 +17,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from longmem.config import ModelConfig
+from longmem.classic.config import LSTMConfig
 from longmem.models.memory import LSTMState, State
 from longmem.models.transformer import LMOutput, lm_loss, start_call
 
@@ -27,7 +27,7 @@ class LSTMLM(nn.Module):
     stateful = True
     whole_segments = False
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: LSTMConfig):
         super().__init__()
         self.config = copy.deepcopy(config)
         c = self.config

@@ -88,3 +88,23 @@ def pairs_batch(pairs: list[Pair], tokenizer) -> dict[str, torch.Tensor]:
         target_in[b, :len(t) + 1] = torch.tensor(bos + t)
         targets[b, :len(t) + 1] = torch.tensor(t + eos)
     return {"source": source, "source_mask": mask, "target_in": target_in, "targets": targets}
+
+
+def pair_examples(cfg, split: str) -> list[Pair]:
+    """The source -> target pairs of a seq2seq run's task and ``split`` (train/val cut from the training pairs,
+    test generated with another seed; a .jsonl file's held-out pairs serve as its test)."""
+    from longmem.data.tasks.sources import SPLITS, TEST_SEED, cut_split, task_name
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; accepted: {', '.join(SPLITS)}")
+    d, t = cfg.data, cfg.task
+    name = task_name(cfg)
+    if name == "pairs":
+        pairs = read_pairs(d.path)
+        if split == "test":                       # a file has no test part: its held-out pairs serve
+            split = "val"
+        return cut_split(pairs, split=split, val_fraction=d.val_fraction, seed=d.seed)
+    if split == "test":
+        return generate_pairs(name, n=t.n_test, seed=d.seed + TEST_SEED, source_len=t.source_len)
+    pairs = generate_pairs(name, n=t.n_train, seed=d.seed, source_len=t.source_len,
+                           min_source_len=t.min_source_len or t.source_len)
+    return cut_split(pairs, split=split, val_fraction=d.val_fraction, seed=d.seed)

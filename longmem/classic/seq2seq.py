@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longmem.config import ModelConfig
+from longmem.classic.config import Seq2SeqConfig
 from longmem.models.attention import MLP, Attention, Block, LayerView, RMSNorm, Rotary
 from longmem.models.transformer import IGNORE_INDEX
 
@@ -70,7 +70,7 @@ class DecoderBlock(nn.Module):
 
 
 class Seq2Seq(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: Seq2SeqConfig):
         super().__init__()
         self.config = copy.deepcopy(config)
         c = self.config

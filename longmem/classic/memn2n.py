@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longmem.config import ModelConfig
+from longmem.classic.config import MemN2NConfig
 
 
 @dataclass
@@ -70,7 +70,7 @@ def position_encoding(lengths: torch.Tensor, n_words: int, dim: int, formula: st
 
 
 class MemN2N(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: MemN2NConfig):
         super().__init__()
         self.config = copy.deepcopy(config)
         c = self.config

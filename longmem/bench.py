@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from longmem.training.checkpoint import atomic_write_text
+from longmem.io import atomic_write_text
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 PUBLISHED = BENCH_DIR.parent / "BENCHMARKS.md"           # its pictures live in benchmarks/

@@ -207,7 +207,7 @@ def _eval(args, overrides) -> int:
     res = _eval_sweep(args, run, overrides)
     out = Path(args.out) if args.out else Path(args.run) / "eval" / f"{args.task}.json"
     from longmem.evaluation.plots import plot_result
-    from longmem.training.checkpoint import atomic_write_text
+    from longmem.io import atomic_write_text
     out.parent.mkdir(parents=True, exist_ok=True)
     plot = plot_result(res, out.with_suffix(".png"))
     res["plot"] = str(plot) if plot else None

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from longmem.io import atomic_write_text
+
 Arch = Literal["transformer", "lstm", "seq2seq", "memn2n"]
 BUILTIN_KINDS = ("none", "xl", "knn", "tokens")
 
@@ -497,7 +499,6 @@ class RunConfig:
         return cls(**parts)
 
     def save(self, path: str | Path) -> None:
-        from longmem.training.checkpoint import atomic_write_text
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @staticmethod

@@ -15,7 +15,7 @@ from longmem.config import RunConfig
 from longmem.evaluation.suite import eval_ppl
 from longmem.generation.generate import generate_text
 from longmem.runs import load_run
-from longmem.training.checkpoint import atomic_write_text
+from longmem.io import atomic_write_text
 from longmem.utils import pyplot
 from longmem.training.trainer import train
 

@@ -18,7 +18,8 @@ from longmem.generation.chat import run_chat
 from longmem.generation.decoding import Decoder
 from longmem.generation.generate import TextStream
 from longmem.generation.processors import SamplingConfig
-from longmem.generation.session import Session, SessionStore, check_session_name, weights_fingerprint
+from longmem.generation.session import Session, SessionStore, check_session_name
+from longmem.io import weights_fingerprint
 
 from conftest import make_tiny_run
 

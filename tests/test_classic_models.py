@@ -16,7 +16,7 @@ from longmem.models.lstm import LSTMLM
 from longmem.models.memn2n import MemN2N, position_encoding
 from longmem.models.memory import State
 from longmem.models.seq2seq import Seq2Seq
-from longmem.training.trainer import lr_at, param_groups
+from longmem.training.optim import lr_at, param_groups
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -49,7 +49,7 @@ def test_state_shape_dtype_and_fresh_flags(rmt):
     assert out.state.tokens.fresh.tolist() == [False, False]
     assert model.num_params() == sum(p.numel() for p in set(model.parameters()))
     assert any(p is model.tokens.initial for p in model.parameters())     # the initial memory is learned
-    from longmem.training.trainer import param_groups
+    from longmem.training.optim import param_groups
     decay, no_decay = param_groups(model, 0.1)
     assert any(p is model.tokens.initial for p in no_decay["params"])    # an embedding: not decayed
     assert all(p is not model.tokens.initial for p in decay["params"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from longmem.config import RunConfig, TrainConfig
-from longmem.training.trainer import build_optimizer, lr_at, param_groups
+from longmem.training.optim import build_optimizer, lr_at, param_groups
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():

@@ -1,17 +1,15 @@
 """Per-session memory on disk: the memory state after each turn, restored next time.
 
-A session file ``NAME.safetensors`` holds the tensors of ``State.state_dict()``
-(whatever memory parts the model has: XL, kNN, memory tokens; or the decoding
-cache of a model without memory) and JSON metadata in the safetensors header:
-the fingerprint of the weights it was made with, turn and token counts. Files are
-written atomically; a session made by another model, or whose tensors do not fit
-this model's memory (other names, kinds or sizes, NaN), is refused. A store may
-be bounded (``max_files``, ``max_bytes``): after a write, the least recently used
-files (by modification time, set on every save and load) are deleted until it fits.
+A session file ``NAME.safetensors`` is a tensor file (``longmem.io``): the tensors of
+``State.state_dict()`` (whatever memory parts the model has: XL, kNN, memory tokens; or the
+decoding cache of a model without memory), the fingerprint of the weights it was made with, and
+turn and token counts as its info. Files are written atomically; a session made by another model,
+or whose tensors do not fit this model's memory (other names, kinds or sizes, NaN), is refused. A
+store may be bounded (``max_files``, ``max_bytes``): after a write, the least recently used files
+(by modification time, set on every save and load) are deleted until it fits.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -19,15 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as st_save
 
 from longmem.generation.decoding import Decoder
 from longmem.models import MemoryLM
 from longmem.models.memory import State
-from longmem.models.weights import weights_fingerprint
-from longmem.training.checkpoint import atomic_write_bytes, read_safetensors
+from longmem.io import read_tensor_file, weights_fingerprint, write_tensor_file
 
-SESSION_FORMAT = "longmem-session"
+SESSION_FORMAT, SESSION_VERSION = "longmem-session", "1"
 SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")          # the whole name (fullmatch)
 
 
@@ -85,14 +81,8 @@ class SessionStore:
         path = self.path(name)
         if not path.is_file():
             return Session(name=name)
-        tensors, meta = read_safetensors(path, what="session file")
-        if meta.get("format") != SESSION_FORMAT:
-            raise ValueError(f"{path} is not a longmem session (format={meta.get('format')!r})")
-        if meta.get("fingerprint") != self.fingerprint:
-            raise ValueError(f"session {name!r} ({path}) was made by another model (weights fingerprint "
-                             f"{meta.get('fingerprint')} vs {self.fingerprint}); use another session name "
-                             f"or delete the file")
-        info = json.loads(meta.get("info", "{}"))
+        tensors, info = read_tensor_file(path, format=SESSION_FORMAT, versions=(SESSION_VERSION,),
+                                         fingerprint=self.fingerprint, what="session file")
         device = self.model.embed.weight.device
         state = None
         if set(tensors) != {"batch_size"}:                  # only batch_size: nothing remembered yet
@@ -105,13 +95,11 @@ class SessionStore:
 
     def save(self, session: Session) -> Path:
         path = self.path(session.name)
-        tensors = {k: v.detach().cpu().contiguous()
-                   for k, v in (session.state.state_dict() if session.state is not None
-                                else {"batch_size": torch.tensor(1)}).items()}
+        tensors = session.state.state_dict() if session.state is not None else {"batch_size": torch.tensor(1)}
         info = {"turns": session.turns, "tokens": session.tokens, "created": session.created,
                 "updated": session.updated}
-        meta = {"format": SESSION_FORMAT, "version": "1", "fingerprint": self.fingerprint, "info": json.dumps(info)}
-        atomic_write_bytes(path, st_save(tensors, metadata=meta))
+        write_tensor_file(path, tensors, format=SESSION_FORMAT, version=SESSION_VERSION, fingerprint=self.fingerprint,
+                          info=info)
         self._touch(path)
         return path
 

@@ -31,7 +31,8 @@ from longmem.evaluation.qa import evaluate_babi, evaluate_pairs
 from longmem.models import build_model
 from longmem.runs import CONFIG, METRICS, TOKENIZER, WEIGHTS
 from longmem.training.checkpoint import save_weights
-from longmem.training.trainer import TrainResult, build_optimizer, lr_at
+from longmem.training.optim import build_optimizer, lr_at
+from longmem.training.trainer import TrainResult
 from longmem.utils import check_memory_fits, progress
 
 VAL_PAIRS = 256          # decoding is slow: periodic seq2seq validation reads at most this many pairs

@@ -67,7 +67,7 @@ class SessionStore:
         self.model = model
         self.fingerprint = fingerprint or weights_fingerprint(model)
         self.max_files, self.max_bytes = max_files, max_bytes
-        self._layout: tuple[list[frozenset], dict[str, tuple[bool, tuple]]] | None = None
+        self._layout: tuple[list[frozenset], dict[str, tuple[torch.dtype, tuple]]] | None = None
         self._clock = 0                                    # last mtime stamped (ns), strictly increasing
 
     def path(self, name: str) -> Path:
@@ -148,8 +148,8 @@ class SessionStore:
         self._clock = max(time.time_ns(), self._clock + 1)
         os.utime(path, ns=(self._clock, self._clock))
 
-    def _reference_layout(self) -> tuple[list[frozenset], dict[str, tuple[bool, tuple]]]:
-        """The sets of names a one-lane memory of this model has, and per name (floating point?, shape with
+    def _reference_layout(self) -> tuple[list[frozenset], dict[str, tuple[torch.dtype, tuple]]]:
+        """The sets of names a one-lane memory of this model has, and per name (dtype, shape with
         None for a length that grows), read off the states after decoding 1, 2, W + 2 and 2W + 2 tokens
         (W = segment_len: some memories write once per segment)."""
         if self._layout is None:
@@ -163,7 +163,7 @@ class SessionStore:
             for d in states:
                 for k, v in d.items():
                     seen.setdefault(k, []).append(v)
-            layout = {k: (vs[0].is_floating_point(),
+            layout = {k: (vs[0].dtype,
                           tuple(n if all(v.shape[i] == n for v in vs) else None for i, n in enumerate(vs[0].shape)))
                       for k, vs in seen.items()}
             self._layout = [frozenset(d) for d in states], layout
@@ -171,7 +171,7 @@ class SessionStore:
 
     def _check_layout(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
         """ValueError naming the file unless ``tensors`` have the names, kinds and sizes of this model's
-        memory for one lane, with finite values."""
+        memory for one lane, with finite values and no negative counts."""
         (key_sets, want), problems = self._reference_layout(), []
         if frozenset(tensors) not in key_sets:                    # names against those of a full memory
             missing, extra = sorted(key_sets[-1] - set(tensors)), sorted(set(tensors) - key_sets[-1])
@@ -180,14 +180,16 @@ class SessionStore:
             if extra:
                 problems.append(f"unexpected tensors {extra[:5]}")
         for k in sorted(set(want) & set(tensors)):
-            t, (floating, shape) = tensors[k], want[k]
-            if t.is_floating_point() != floating or t.dim() != len(shape) or any(
+            t, (dtype, shape) = tensors[k], want[k]
+            if t.dtype != dtype or t.dim() != len(shape) or any(
                     n is not None and n != m for n, m in zip(shape, t.shape)):
                 expected = ", ".join("*" if n is None else str(n) for n in shape)
                 problems.append(f"{k} is {t.dtype} of shape {tuple(t.shape)}, this model keeps "
-                                f"{'floats' if floating else 'integers'} of shape ({expected})")
-            elif floating and not bool(torch.isfinite(t).all()):
+                                f"{dtype} of shape ({expected})")
+            elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 problems.append(f"{k} holds NaN or inf")
+            elif not t.is_floating_point() and t.numel() and int(t.min()) < 0:
+                problems.append(f"{k} holds a negative count")
         if not problems and int(tensors["batch_size"]) != 1:
             problems.append(f"batch_size is {int(tensors['batch_size'])}, a session has 1 lane")
         if problems:

@@ -11,15 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-from longmem.config import RunConfig
+from longmem.config import RunConfig, find_config
 from longmem.evaluation.suite import eval_ppl
 from longmem.generation.generate import generate_text
-from longmem.runs import load_run
 from longmem.io import atomic_write_text
-from longmem.utils import pyplot
+from longmem.runs import load_run
 from longmem.training.trainer import train
+from longmem.utils import pyplot
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 MEMORY_FACTORS = (0, 1, 2, 4)
 
 
@@ -30,10 +29,7 @@ def _say(msg: str) -> None:
 def run_demo(out: str | Path, *, config_path: str | Path | None = None,
              overrides: dict[str, str] | None = None) -> list[dict]:
     out = Path(out)
-    path = Path(config_path) if config_path else DEFAULT_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"demo config not found: {path}; pass --config FILE")
-    base = RunConfig.load(path).override(overrides or {})
+    base = RunConfig.load(find_config(config_path or "demo")).override(overrides or {})
     if base.memory.kind != "xl" or base.memory.mem_len <= 0:
         raise ValueError("the demo config must use memory.kind xl with mem_len > 0")
     mem_len = base.memory.mem_len

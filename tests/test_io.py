@@ -1,12 +1,15 @@
 """longmem.io: the tensor file format (format, version, fingerprint, info) and what reading refuses."""
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save as st_save
 
+import longmem.io
 from longmem.io import read_tensor_file, tensor_file_bytes, weights_fingerprint, write_tensor_file
 
 pytestmark = pytest.mark.unit
@@ -90,3 +93,10 @@ def test_the_fingerprint_changes_with_any_weight():
     with torch.no_grad():
         b.bias[1] += 1e-6
     assert weights_fingerprint(a) != weights_fingerprint(b)
+
+
+def test_io_is_the_bottom_layer():
+    tree = ast.parse(Path(longmem.io.__file__).read_text())
+    modules = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert "safetensors.torch" in modules and not [m for m in modules if m.split(".")[0] == "longmem"]

@@ -13,7 +13,7 @@ from longmem.config import KNNConfig, MemoryConfig, RunConfig
 from longmem.models import MemoryLM
 from longmem.models.memory.knn import KNNMemory, faiss_search, resolve_knn_layers, topk, torch_search
 
-from conftest import REPO_ROOT, spread_weights, tiny_config
+from conftest import spread_weights, tiny_config
 
 V = 37
 
@@ -256,7 +256,7 @@ def test_faiss_backend_in_the_model_matches_torch():
 # -- end to end ----------------------------------------------------------------------
 def test_cli_trains_with_knn_memory(tmp_path, capsys):
     from longmem.cli import main
-    code = main(["train", "--config", str(REPO_ROOT / "configs/tiny.yaml"), "--out", str(tmp_path / "RUN"),
+    code = main(["train", "--config", "tiny", "--out", str(tmp_path / "RUN"),
                  "--train.progress", "false", "--memory.kind", "knn", "--memory.knn.capacity", "256",
                  "--memory.knn.k", "8", "--train.max_steps", "15", "--data.val_fraction", "0.03"])
     assert code == 0, capsys.readouterr().err

@@ -3,10 +3,11 @@
 A session file ``NAME.safetensors`` is a tensor file (``longmem.io``): the tensors of
 ``State.state_dict()`` (whatever memory parts the model has: XL, kNN, memory tokens; or the
 decoding cache of a model without memory), the fingerprint of the weights it was made with, and
-turn and token counts as its info. Files are written atomically; a session made by another model,
-or whose tensors do not fit this model's memory (other names, kinds or sizes, NaN), is refused. A
-store may be bounded (``max_files``, ``max_bytes``): after a write, the least recently used files
-(by modification time, set on every save and load) are deleted until it fits.
+turn and token counts as its info. Files are written atomically; a session made by another
+model, or whose tensors do not fit this model's memory (other names, dtypes or sizes, NaN,
+negative counts), is refused. A store may be bounded (``max_files``, ``max_bytes``): after a
+write, the least recently used files (by modification time, set on every save and load) are
+deleted until it fits.
 """
 from __future__ import annotations
 
@@ -170,7 +171,7 @@ class SessionStore:
         return self._layout
 
     def _check_layout(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
-        """ValueError naming the file unless ``tensors`` have the names, kinds and sizes of this model's
+        """ValueError naming the file unless ``tensors`` have the names, dtypes and sizes of this model's
         memory for one lane, with finite values and no negative counts."""
         (key_sets, want), problems = self._reference_layout(), []
         if frozenset(tensors) not in key_sets:                    # names against those of a full memory

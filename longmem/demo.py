@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from longmem.config import RunConfig, find_config
+from longmem.config import PRESETS, RunConfig, find_config
 from longmem.evaluation.suite import eval_ppl
 from longmem.generation.generate import generate_text
 from longmem.io import atomic_write_text
@@ -29,7 +29,8 @@ def _say(msg: str) -> None:
 def run_demo(out: str | Path, *, config_path: str | Path | None = None,
              overrides: dict[str, str] | None = None) -> list[dict]:
     out = Path(out)
-    base = RunConfig.load(find_config(config_path or "demo")).override(overrides or {})
+    path = find_config(config_path) if config_path else PRESETS / "demo.yaml"
+    base = RunConfig.load(path).override(overrides or {})
     if base.memory.kind != "xl" or base.memory.mem_len <= 0:
         raise ValueError("the demo config must use memory.kind xl with mem_len > 0")
     mem_len = base.memory.mem_len

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from longmem.config import BUILTIN_KINDS, RunConfig
+from longmem.config import BUILTIN_KINDS, PRESETS, RunConfig
 from longmem.data.tasks.babi import encode_babi
 from longmem.data.tasks.sources import babi_examples
 from longmem.classic.qa import evaluate_babi
@@ -30,8 +30,8 @@ from longmem.evaluation.suite import eval_probe
 from longmem.runs import CONFIG, METRICS, WEIGHTS, load_run, load_run_config
 from longmem.training.trainer import train
 
-CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "babi.yaml"
-LM_CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "babi-lm.yaml"
+CONFIG_PATH = PRESETS / "babi.yaml"
+LM_CONFIG_PATH = PRESETS / "babi-lm.yaml"
 LM_KINDS = {"xl": "Transformer-XL", "knn": "kNN", "tokens": "memory tokens"}
 LM_TEST_PER_TASK = 100    # a language model scores a story segment by segment: the first 100 test questions per task
 PAPER_JOINT = 12.4        # Sukhbaatar et al. 2015, best joint MemN2N on bAbI 1k (mean error, %)

@@ -3,7 +3,8 @@ default; ``--out BENCHMARKS.md`` replaces the published one).
 
 A module defines ``run(quick: bool) -> str``, a markdown section; one that draws pictures also takes the page's
 folder and the pictures' folder, ``run(quick, *, out_dir: Path, figures: Path)``, and links them relative to the
-page: beside the page, or in ``benchmarks/`` for the published BENCHMARKS.md (its layout)."""
+page: beside the page, or in ``benchmarks/`` for the published BENCHMARKS.md (its layout). The suite needs a checkout
+of the repository: pip installs the package, not ``benchmarks/``."""
 from __future__ import annotations
 
 import importlib.util
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from longmem.training.checkpoint import atomic_write_text
+from longmem.io import atomic_write_text
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 PUBLISHED = BENCH_DIR.parent / "BENCHMARKS.md"           # its pictures live in benchmarks/
@@ -56,8 +57,7 @@ def train_rates(runs: dict, data: torch.Tensor, *, repeats: int) -> dict[str, fl
 def _load(name: str, folder: Path):
     path = folder / f"{name}.py"
     if not path.is_file():
-        raise FileNotFoundError(f"benchmark {path} not found; `longmem bench` runs from a checkout of longmem "
-                                f"(the benchmarks/ folder is not installed)")
+        raise FileNotFoundError(f"benchmark {path} not found")
     spec = importlib.util.spec_from_file_location(f"longmem_bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -66,6 +66,10 @@ def _load(name: str, folder: Path):
 
 def run_benchmarks(*, out: str | Path, quick: bool, argv: list[str] | None = None,
                    folder: Path = BENCH_DIR, suite=SUITE) -> str:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"longmem bench needs a checkout of the longmem repository: the suite is its "
+                                f"benchmarks/ folder, which pip does not install (looked for {folder}); clone the "
+                                f"repository, `pip install -e .` there and run `longmem bench` (or `make bench`)")
     command = "longmem " + " ".join(argv) if argv else f"longmem bench{' --quick' if quick else ''} --out {out}"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

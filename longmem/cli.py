@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from longmem.config import LEGACY_KEYS, REMOVED_KEYS, config_help, did_you_mean, valid_keys
+from longmem.config import LEGACY_KEYS, REMOVED_KEYS, config_help, did_you_mean, preset_names, valid_keys
 from longmem.runs import EVAL_KEYS, IMPORT_KEYS, RUN_KEYS
 
 
@@ -74,7 +74,8 @@ def _overrides_epilog(keys: tuple[str, ...] | None) -> str:
 
 # -- train ---------------------------------------------------------------------
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (sections model, memory, data, train); defaults if omitted")
+    p.add_argument("--config", help="YAML config file (sections model, memory, data, train) or the name of a "
+                   f"preset shipped with longmem ({', '.join(preset_names())}); defaults if omitted")
     p.add_argument("--out", help="run directory to write: a new or empty directory (see --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="delete the run already in --out before training "
                    "(only a longmem run directory is ever deleted)")
@@ -84,7 +85,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args, overrides) -> int:
-    from longmem.config import RunConfig
+    from longmem.config import RunConfig, find_config
     from longmem.runs import load_run_config, prepare_run_dir
     from longmem.training.state import latest_checkpoint
     from longmem.training.trainer import TrainingStopped, train
@@ -107,7 +108,7 @@ def _train(args, overrides) -> int:
     else:
         if not args.out:
             raise ValueError("--out DIR is required (or --resume DIR)")
-        cfg = RunConfig.load(args.config) if args.config else RunConfig()
+        cfg = RunConfig.load(find_config(args.config)) if args.config else RunConfig()
         cfg = cfg.override(overrides)
         out = args.out
         if os.environ.get("RANK", "0") == "0":           # under torchrun only rank 0 touches the directory
@@ -207,7 +208,7 @@ def _eval(args, overrides) -> int:
     res = _eval_sweep(args, run, overrides)
     out = Path(args.out) if args.out else Path(args.run) / "eval" / f"{args.task}.json"
     from longmem.evaluation.plots import plot_result
-    from longmem.training.checkpoint import atomic_write_text
+    from longmem.io import atomic_write_text
     out.parent.mkdir(parents=True, exist_ok=True)
     plot = plot_result(res, out.with_suffix(".png"))
     res["plot"] = str(plot) if plot else None
@@ -367,7 +368,7 @@ def _serve(args, overrides) -> int:
 # -- demo ----------------------------------------------------------------------
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="where the two runs and report.md go")
-    p.add_argument("--config", default=None, help="demo config (default: the packaged demo preset)")
+    p.add_argument("--config", default=None, help="demo config: a YAML file or a preset name [default: demo]")
 
 
 def _demo(args, overrides) -> int:
@@ -441,7 +442,8 @@ COMMANDS = [
             _serve, takes_overrides=True, keys=RUN_KEYS),
     Command("demo", "train no-memory and XL models and compare perplexity against memory length",
             _demo_args, _demo, takes_overrides=True),
-    Command("bench", "run the benchmark suite and write its page (runs/bench/BENCHMARKS.md unless --out)",
+    Command("bench", "run the benchmark suite and write its page (runs/bench/BENCHMARKS.md unless --out); needs a "
+            "checkout of the longmem repository (the suite is its benchmarks/ folder, which pip does not install)",
             _bench_args, _bench, keys=()),
     Command("import", "import a pretrained Llama-family model (Hugging Face folder, GGUF file or a known name) as "
             "a run directory; --model.segment_len and --memory.* choose how it reads", _import_args, _import,

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from longmem.io import atomic_write_text
+
 BUILTIN_KINDS = ("none", "xl", "knn", "tokens")
 
 # memory kinds by name -> builder(ModelConfig) -> list of memories. ``longmem.models.memory`` registers the
@@ -25,6 +27,7 @@ BUILTIN_KINDS = ("none", "xl", "knn", "tokens")
 MEMORY_KINDS: dict[str, Any] = {}
 MAX_INT = 2**31 - 1         # no count, size, step or seed of a run is larger: a larger value can only be a mistake
 MAX_PER_STEP = 2**16        # micro-batches (train.grad_accum) or segments (bptt, curriculum) in one optimizer step
+PRESETS = Path(__file__).resolve().parent / "configs"   # YAML presets shipped with the package (--config tiny)
 
 
 def _help(text: str, **kw) -> Any:
@@ -482,7 +485,6 @@ class RunConfig:
         return cls(**parts)
 
     def save(self, path: str | Path) -> None:
-        from longmem.training.checkpoint import atomic_write_text
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @staticmethod
@@ -643,6 +645,25 @@ def did_you_mean(word: str, options) -> str:
     """ "; did you mean X?" for the option closest to a mistyped ``word`` (difflib), or ""."""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f"; did you mean {close[0]}?" if close else ""
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """The YAML file ``name_or_path`` names: a file that exists, else the preset of that name shipped with
+    longmem (``tiny`` or ``tiny.yaml``: ``PRESETS/tiny.yaml``), wherever the command runs."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    stem = path.stem if path.suffix in (".yaml", ".yml") else path.name
+    if path.parent == Path(".") and (PRESETS / f"{stem}.yaml").is_file():
+        return PRESETS / f"{stem}.yaml"
+    presets = preset_names()
+    raise FileNotFoundError(f"config {str(name_or_path)!r} not found: it is neither a file nor a preset name"
+                            f"{did_you_mean(stem, presets)} (presets shipped with longmem: {', '.join(presets)}); "
+                            f"pass a YAML file or one of those names")
 
 
 def _check_keys(klass: type, values: dict, section: str) -> None:

@@ -11,15 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-from longmem.config import RunConfig
+from longmem.config import PRESETS, RunConfig, find_config
 from longmem.evaluation.suite import eval_ppl
 from longmem.generation.generate import generate_text
+from longmem.io import atomic_write_text
 from longmem.runs import load_run
-from longmem.training.checkpoint import atomic_write_text
-from longmem.utils import pyplot
 from longmem.training.trainer import train
+from longmem.utils import pyplot
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 MEMORY_FACTORS = (0, 1, 2, 4)
 
 
@@ -30,9 +29,7 @@ def _say(msg: str) -> None:
 def run_demo(out: str | Path, *, config_path: str | Path | None = None,
              overrides: dict[str, str] | None = None) -> list[dict]:
     out = Path(out)
-    path = Path(config_path) if config_path else DEFAULT_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"demo config not found: {path}; pass --config FILE")
+    path = find_config(config_path) if config_path else PRESETS / "demo.yaml"
     base = RunConfig.load(path).override(overrides or {})
     if base.memory.kind != "xl" or base.memory.mem_len <= 0:
         raise ValueError("the demo config must use memory.kind xl with mem_len > 0")

@@ -18,7 +18,8 @@ from longmem.generation.chat import run_chat
 from longmem.generation.decoding import Decoder
 from longmem.generation.generate import TextStream
 from longmem.generation.processors import SamplingConfig
-from longmem.generation.session import Session, SessionStore, check_session_name, weights_fingerprint
+from longmem.generation.session import Session, SessionStore, check_session_name
+from longmem.io import weights_fingerprint
 
 from conftest import make_tiny_run
 
@@ -131,7 +132,7 @@ def _drop(t, k):
     (lambda t: t.update({"knn.written": torch.zeros(1, dtype=torch.long)}), "unexpected tensors ['knn.written']"),
     (lambda t: t.update({"kv.keys.0": t["kv.keys.0"][..., :4].clone()}), "kv.keys.0 is torch.float32 of shape"),
     (lambda t: t.update({"kv.keys.0": t["kv.keys.0"][None].clone()}), "kv.keys.0 is torch.float32 of shape"),
-    (lambda t: t.update({"kv.valid": t["kv.valid"].float()}), "this model keeps integers"),
+    (lambda t: t.update({"kv.valid": t["kv.valid"].float()}), "this model keeps torch.int64"),
     (lambda t: t.update({"kv.valid": torch.zeros(3, dtype=torch.long)}), "kv.valid is torch.int64 of shape (3,)"),
     (lambda t: t.update({"batch_size": torch.tensor(2)}), "batch_size is 2"),
     (lambda t: t["kv.keys.1"].fill_(math.nan), "kv.keys.1 holds NaN or inf"),
@@ -152,6 +153,39 @@ def test_a_session_file_whose_tensors_do_not_fit_is_refused_naming_it(run, tmp_p
     assert main(["chat", str(run.path), "--session", "s", "--sessions-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"longmem chat: error: session file {path} does not fit" in err and "delete the file" in err
+
+
+@pytest.fixture(scope="module")
+def knn_session(tmp_path_factory):
+    """A kNN model's run and the tensors and header of a session file after one turn."""
+    tmp = tmp_path_factory.mktemp("knn")
+    run = make_tiny_run(tmp / "RUN", kind="knn", mem_len=16)
+    path = SessionStore(tmp, model=run.model).save(Session(name="k", state=turn(run, "remember me").state))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    return run, load_file(path), meta
+
+
+@pytest.mark.parametrize("tamper,what", [
+    (lambda t: t["knn.keys.0"].fill_(math.nan), "knn.keys.0 holds NaN or inf"),
+    (lambda t: t["knn.values.0"][..., 0, :].fill_(math.inf), "knn.values.0 holds NaN or inf"),
+    (lambda t: t.update({"knn.keys.0": t["knn.keys.0"].double()}), "knn.keys.0 is torch.float64"),
+    (lambda t: t.update({"knn.values.0": t["knn.values.0"].int()}), "knn.values.0 is torch.int32"),
+    (lambda t: t.update({"knn.keys.0": t["knn.keys.0"][:, :1].clone()}), "knn.keys.0 is torch.float32 of shape"),
+    (lambda t: t.update({"knn.keys.0": t["knn.keys.0"].flatten()}), "knn.keys.0 is torch.float32 of shape"),
+    (lambda t: _drop(t, "knn.values.0"), "missing tensors ['knn.values.0']"),
+    (lambda t: t.update({"knn.keys.7": t["knn.keys.0"].clone()}), "unexpected tensors ['knn.keys.7']"),
+    (lambda t: t.update({"knn.written": torch.tensor([-3])}), "knn.written holds a negative count"),
+])
+def test_a_knn_session_whose_tensors_do_not_fit_is_refused(knn_session, tmp_path, tamper, what):
+    """What the kNN memory files refused, sessions (which keep the kNN memory) refuse too."""
+    run, tensors, meta = knn_session
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    tamper(tensors)
+    save_file(tensors, str(tmp_path / "k.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="does not fit this model's memory") as err:
+        SessionStore(tmp_path, model=run.model).load("k")
+    assert what in str(err.value), err.value
 
 
 def test_session_store_keeps_within_its_caps_least_recently_used_first_and_never_a_kept_one(run, tmp_path):

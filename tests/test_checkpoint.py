@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from longmem.training.checkpoint import (atomic_write_bytes, atomic_write_text, load_weights, read_safetensors,
-                                         save_weights)
+from longmem.io import atomic_write_bytes, atomic_write_text, read_safetensors
+from longmem.training.checkpoint import load_weights, save_weights
 
 
 class _Payload:
@@ -75,7 +75,7 @@ def test_torn_and_foreign_files_are_refused(make_model, tmp_path):
         load_weights(model, tiny)
     foreign = tmp_path / "foreign.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "head.weight"}, str(foreign))
-    with pytest.raises(ValueError, match="not longmem weights"):
+    with pytest.raises(ValueError, match="not a longmem weights file"):
         load_weights(model, foreign)
     with pytest.raises(FileNotFoundError):
         load_weights(model, tmp_path / "missing.safetensors")

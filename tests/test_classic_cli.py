@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from longmem.cli import main
+from longmem.config import PRESETS
 from longmem.classic.lstm import LSTMLM
 from longmem.classic.memn2n import MemN2N
 from longmem.classic.seq2seq import Seq2Seq
 from longmem.runs import load_run
 
-from conftest import REPO_ROOT
-
-TINY = str(REPO_ROOT / "configs" / "tiny.yaml")
+TINY = str(PRESETS / "tiny.yaml")
 RUN_FILES = {"config.yaml", "model.safetensors", "tokenizer.json", "metrics.jsonl"}
 
 

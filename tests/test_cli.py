@@ -13,15 +13,13 @@ import pytest
 import torch
 
 from longmem.cli import main, parse_overrides
-from longmem.config import RunConfig
+from longmem.config import PRESETS, RunConfig
 from longmem.data.tokenizer import ByteTokenizer, load_tokenizer
 from longmem.models import MemoryLM
 from longmem.runs import load_run
 from longmem.training.checkpoint import load_weights
 
-from conftest import REPO_ROOT
-
-TINY = REPO_ROOT / "configs" / "tiny.yaml"
+TINY = PRESETS / "tiny.yaml"
 
 
 def longmem(*args: str, cwd) -> subprocess.CompletedProcess:

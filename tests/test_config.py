@@ -4,12 +4,13 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
+from pathlib import Path
 
 import pytest
 import yaml
 
-from longmem.config import (ARCH_CONFIGS, DataConfig, MemoryConfig, ModelConfig, RunConfig, TaskConfig, TrainConfig,
-                            config_help, valid_keys)
+from longmem.config import (ARCH_CONFIGS, PRESETS, DataConfig, MemoryConfig, ModelConfig, RunConfig, TaskConfig,
+                            TrainConfig, config_help, find_config, preset_names, valid_keys)
 
 from conftest import REPO_ROOT
 
@@ -183,10 +184,24 @@ def test_load_errors(tmp_path):
     assert RunConfig.load(empty) == RunConfig()
 
 
-def test_repo_tiny_preset_loads():
-    cfg = RunConfig.load(REPO_ROOT / "configs" / "tiny.yaml")
+def test_presets_ship_in_the_package_and_are_found_by_name(tmp_path, monkeypatch):
+    cfg = RunConfig.load(find_config("tiny"))
     assert cfg.memory.kind == "xl" and cfg.memory.mem_len == 32
     assert cfg.model.d_model == 32 and cfg.model.d_ff == 128
+    assert {"tiny", "demo", "passkey", "babi"} <= set(preset_names())
+    for name in preset_names():                                        # every preset is a valid config
+        RunConfig.load(find_config(name))
+    assert find_config("tiny.yaml") == PRESETS / "tiny.yaml"
+    assert (REPO_ROOT / "configs").resolve() == PRESETS                # the checkout's configs/ is that folder
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").write_text("train: {max_steps: 3}\n")           # a file of that name wins
+    assert find_config("tiny") == Path("tiny")
+    for wrong in ("tinny", "configs/tiny.yaml", "tiny.json"):
+        with pytest.raises(FileNotFoundError, match="neither a file nor a preset name") as e:
+            find_config(wrong)
+        assert "presets shipped with longmem: babi" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="did you mean tiny"):
+        find_config("tinny")
 
 
 def test_every_key_has_help_and_a_valid_default():

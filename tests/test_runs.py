@@ -116,7 +116,7 @@ def test_files_nested_too_deeply_are_refused_with_a_value_error(tmp_path):
     from longmem.data.corpus import iter_jsonl
     from longmem.data.tokenizer import load_tokenizer
     from longmem.training import state as S
-    from longmem.training.checkpoint import read_safetensors
+    from longmem.io import read_safetensors
     deep = "[" * 100_000
     (tmp_path / "ck").mkdir()
     files = {"tokenizer.json": deep, "config.yaml": deep, "ck/trainer_state.json": deep, "docs.jsonl": deep + "\n"}

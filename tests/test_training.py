@@ -14,14 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from longmem.config import RunConfig
+from longmem.config import PRESETS, RunConfig
 from longmem.training import state as S
 from longmem.training.precision import resolve_precision
 from longmem.training.trainer import TrainingStopped, train
 
-from conftest import REPO_ROOT
-
-TINY = REPO_ROOT / "configs" / "tiny.yaml"
+TINY = PRESETS / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +258,24 @@ def test_memory_tokens_with_bptt_resume_exactly(corpus, tmp_path):
     tok = {r["step"]: r["tokens"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
            if "tokens" in r}
     assert tok[7] - tok[6] > 1.5 * (tok[2] - tok[1])
+
+
+def test_a_checkpoint_written_before_longmem_io_resumes_exactly(corpus, tmp_path):
+    """Checkpoints of longmem 0.1 kept the step flat in the safetensors headers and no version on the trainer
+    state tensors: a run resumed from one logs the losses of the uninterrupted run."""
+    from safetensors.torch import load_file, save_file
+    cfg = _cfg(corpus, max_steps=8, checkpoint_every=4, log_every=1)
+    run = tmp_path / "run"
+    train(cfg, run)
+    ref = step_losses(run)
+    shutil.rmtree(run / "checkpoints" / "step-00000008")
+    old = run / "checkpoints" / "step-00000004"
+    save_file(load_file(old / S.WEIGHTS), old / S.WEIGHTS,
+              metadata={"format": "longmem-weights", "version": "1", "step": "4"})
+    save_file(load_file(old / S.STATE_T), old / S.STATE_T, metadata={"format": "longmem-trainer-state", "step": "4"})
+    train(cfg, run, resume=True)
+    got = step_losses(run)
+    assert sorted(got) == list(range(1, 9)) and all(abs(ref[s] - got[s]) <= 1e-6 for s in ref), (ref, got)
+    save_file(load_file(old / S.STATE_T), old / S.STATE_T, metadata={"format": "longmem-trainer-state", "step": "3"})
+    with pytest.raises(ValueError, match="trainer_state.safetensors is for step 3"):
+        S.load_checkpoint(old)

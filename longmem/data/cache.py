@@ -19,7 +19,7 @@ import numpy as np
 
 from longmem.data.tokenizer import start_ids
 
-from longmem.training.checkpoint import atomic_write_bytes
+from longmem.io import atomic_write_bytes
 
 
 def cache_dir_for(data_path: str | Path) -> Path:

@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+from longmem.io import atomic_write_text
+
 FORMAT = "longmem-tokenizer"
 
 
@@ -109,7 +111,6 @@ class HFTokenizer:
 
     def save(self, path: str | Path) -> None:
         """``path`` (tokenizer.json) and ``tokenizer_config.json`` (+ ``generation_config.json``) beside it."""
-        from longmem.training.checkpoint import atomic_write_text
         path = Path(path)
         atomic_write_text(path, self.hf.to_str())
         atomic_write_text(path.with_name(CONFIG_FILE),
@@ -227,7 +228,6 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
     if isinstance(tok, HFTokenizer):
         tok.save(path)
         return
-    from longmem.training.checkpoint import atomic_write_text
     atomic_write_text(path, json.dumps(tok.to_dict(), ensure_ascii=False))
 
 

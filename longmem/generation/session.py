@@ -1,17 +1,16 @@
 """Per-session memory on disk: the memory state after each turn, restored next time.
 
-A session file ``NAME.safetensors`` holds the tensors of ``State.state_dict()``
-(whatever memory parts the model has: XL, kNN, memory tokens; or the decoding
-cache of a model without memory) and JSON metadata in the safetensors header:
-the fingerprint of the weights it was made with, turn and token counts. Files are
-written atomically; a session made by another model, or whose tensors do not fit
-this model's memory (other names, kinds or sizes, NaN), is refused. A store may
-be bounded (``max_files``, ``max_bytes``): after a write, the least recently used
-files (by modification time, set on every save and load) are deleted until it fits.
+A session file ``NAME.safetensors`` is a tensor file (``longmem.io``): the tensors of
+``State.state_dict()`` (whatever memory parts the model has: XL, kNN, memory tokens; or the
+decoding cache of a model without memory), the fingerprint of the weights it was made with, and
+turn and token counts as its info. Files are written atomically; a session made by another
+model, or whose tensors do not fit this model's memory (other names, dtypes or sizes, NaN,
+negative counts), is refused. A store may be bounded (``max_files``, ``max_bytes``): after a
+write, the least recently used files (by modification time, set on every save and load) are
+deleted until it fits.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -19,15 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as st_save
 
 from longmem.generation.decoding import Decoder
 from longmem.models import MemoryLM
 from longmem.models.memory import State
-from longmem.models.weights import weights_fingerprint
-from longmem.training.checkpoint import atomic_write_bytes, read_safetensors
+from longmem.io import read_tensor_file, weights_fingerprint, write_tensor_file
 
-SESSION_FORMAT = "longmem-session"
+SESSION_FORMAT, SESSION_VERSION = "longmem-session", "1"
 SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")          # the whole name (fullmatch)
 
 
@@ -71,7 +68,7 @@ class SessionStore:
         self.model = model
         self.fingerprint = fingerprint or weights_fingerprint(model)
         self.max_files, self.max_bytes = max_files, max_bytes
-        self._layout: tuple[list[frozenset], dict[str, tuple[bool, tuple]]] | None = None
+        self._layout: tuple[list[frozenset], dict[str, tuple[torch.dtype, tuple]]] | None = None
         self._clock = 0                                    # last mtime stamped (ns), strictly increasing
 
     def path(self, name: str) -> Path:
@@ -85,14 +82,8 @@ class SessionStore:
         path = self.path(name)
         if not path.is_file():
             return Session(name=name)
-        tensors, meta = read_safetensors(path, what="session file")
-        if meta.get("format") != SESSION_FORMAT:
-            raise ValueError(f"{path} is not a longmem session (format={meta.get('format')!r})")
-        if meta.get("fingerprint") != self.fingerprint:
-            raise ValueError(f"session {name!r} ({path}) was made by another model (weights fingerprint "
-                             f"{meta.get('fingerprint')} vs {self.fingerprint}); use another session name "
-                             f"or delete the file")
-        info = json.loads(meta.get("info", "{}"))
+        tensors, info = read_tensor_file(path, format=SESSION_FORMAT, versions=(SESSION_VERSION,),
+                                         fingerprint=self.fingerprint, what="session file")
         device = self.model.embed.weight.device
         state = None
         if set(tensors) != {"batch_size"}:                  # only batch_size: nothing remembered yet
@@ -105,13 +96,11 @@ class SessionStore:
 
     def save(self, session: Session) -> Path:
         path = self.path(session.name)
-        tensors = {k: v.detach().cpu().contiguous()
-                   for k, v in (session.state.state_dict() if session.state is not None
-                                else {"batch_size": torch.tensor(1)}).items()}
+        tensors = session.state.state_dict() if session.state is not None else {"batch_size": torch.tensor(1)}
         info = {"turns": session.turns, "tokens": session.tokens, "created": session.created,
                 "updated": session.updated}
-        meta = {"format": SESSION_FORMAT, "version": "1", "fingerprint": self.fingerprint, "info": json.dumps(info)}
-        atomic_write_bytes(path, st_save(tensors, metadata=meta))
+        write_tensor_file(path, tensors, format=SESSION_FORMAT, version=SESSION_VERSION, fingerprint=self.fingerprint,
+                          info=info)
         self._touch(path)
         return path
 
@@ -160,8 +149,8 @@ class SessionStore:
         self._clock = max(time.time_ns(), self._clock + 1)
         os.utime(path, ns=(self._clock, self._clock))
 
-    def _reference_layout(self) -> tuple[list[frozenset], dict[str, tuple[bool, tuple]]]:
-        """The sets of names a one-lane memory of this model has, and per name (floating point?, shape with
+    def _reference_layout(self) -> tuple[list[frozenset], dict[str, tuple[torch.dtype, tuple]]]:
+        """The sets of names a one-lane memory of this model has, and per name (dtype, shape with
         None for a length that grows), read off the states after decoding 1, 2, W + 2 and 2W + 2 tokens
         (W = segment_len: some memories write once per segment)."""
         if self._layout is None:
@@ -175,15 +164,15 @@ class SessionStore:
             for d in states:
                 for k, v in d.items():
                     seen.setdefault(k, []).append(v)
-            layout = {k: (vs[0].is_floating_point(),
+            layout = {k: (vs[0].dtype,
                           tuple(n if all(v.shape[i] == n for v in vs) else None for i, n in enumerate(vs[0].shape)))
                       for k, vs in seen.items()}
             self._layout = [frozenset(d) for d in states], layout
         return self._layout
 
     def _check_layout(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
-        """ValueError naming the file unless ``tensors`` have the names, kinds and sizes of this model's
-        memory for one lane, with finite values."""
+        """ValueError naming the file unless ``tensors`` have the names, dtypes and sizes of this model's
+        memory for one lane, with finite values and no negative counts."""
         (key_sets, want), problems = self._reference_layout(), []
         if frozenset(tensors) not in key_sets:                    # names against those of a full memory
             missing, extra = sorted(key_sets[-1] - set(tensors)), sorted(set(tensors) - key_sets[-1])
@@ -192,14 +181,16 @@ class SessionStore:
             if extra:
                 problems.append(f"unexpected tensors {extra[:5]}")
         for k in sorted(set(want) & set(tensors)):
-            t, (floating, shape) = tensors[k], want[k]
-            if t.is_floating_point() != floating or t.dim() != len(shape) or any(
+            t, (dtype, shape) = tensors[k], want[k]
+            if t.dtype != dtype or t.dim() != len(shape) or any(
                     n is not None and n != m for n, m in zip(shape, t.shape)):
                 expected = ", ".join("*" if n is None else str(n) for n in shape)
                 problems.append(f"{k} is {t.dtype} of shape {tuple(t.shape)}, this model keeps "
-                                f"{'floats' if floating else 'integers'} of shape ({expected})")
-            elif floating and not bool(torch.isfinite(t).all()):
+                                f"{dtype} of shape ({expected})")
+            elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 problems.append(f"{k} holds NaN or inf")
+            elif not t.is_floating_point() and t.numel() and int(t.min()) < 0:
+                problems.append(f"{k} holds a negative count")
         if not problems and int(tensors["batch_size"]) != 1:
             problems.append(f"batch_size is {int(tensors['batch_size'])}, a session has 1 lane")
         if problems:

@@ -27,7 +27,8 @@ from longmem.pretrained.convert import (hf_config_from_model, hf_tensors_from_st
                                         state_dict_from_hf)
 from longmem.pretrained.hub import fetch_known, is_known
 from longmem.runs import CONFIG, TOKENIZER, WEIGHTS, load_run
-from longmem.training.checkpoint import atomic_write_bytes, atomic_write_text, save_weights
+from longmem.io import atomic_write_bytes, atomic_write_text
+from longmem.training.checkpoint import save_weights
 
 # an imported model reads segments of 512 tokens with a window of 1,536 cached keys/values and 4 attention
 # sinks (StreamingLLM): 2,048 keys at most, however long the text; --model.segment_len and --memory.* change it

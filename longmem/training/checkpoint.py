@@ -1,48 +1,14 @@
-"""Files of a run: atomic writes, weights in safetensors, loading that refuses
-anything that is not what it claims to be."""
+"""Weights files: a model's state dict as a longmem tensor file (``longmem.io``), tied
+tensors stored once; loading names every tensor that does not fit the model."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
-WEIGHTS_FORMAT = "longmem-weights"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+from longmem.io import atomic_write_bytes, read_tensor_file, tensor_file_bytes
 
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename: a kill at
-    any moment leaves either the old file or the new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+WEIGHTS_FORMAT, WEIGHTS_VERSION = "longmem-weights", "1"
 
 
 def _unique_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -57,38 +23,18 @@ def _unique_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_weights(module: torch.nn.Module, path: str | Path, *, metadata: dict[str, str] | None = None) -> None:
-    meta = {"format": WEIGHTS_FORMAT, "version": "1", **(metadata or {})}
-    atomic_write_bytes(path, st_save(_unique_tensors(module), metadata=meta))
+def weights_bytes(module: torch.nn.Module, *, info: dict | None = None) -> bytes:
+    """The bytes of a weights file (``info``: e.g. the training step), for :func:`save_weights` and checkpoints."""
+    return tensor_file_bytes(_unique_tensors(module), format=WEIGHTS_FORMAT, version=WEIGHTS_VERSION, info=info)
 
 
-def read_safetensors(path: str | Path, *, what: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file; anything else (a pickle, a torn
-    file) is refused with a ValueError and nothing in it runs."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    data = path.read_bytes()
-    bad = f"{path} is not a valid safetensors {what}"
-    if len(data) < 8:
-        raise ValueError(f"{bad} (only {len(data)} bytes)")
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len > len(data) - 8 or data[8:9] != b"{":
-        hint = " (it looks like a pickle, which longmem never loads)" if data[:1] == b"\x80" or data[:2] == b"PK" else ""
-        raise ValueError(f"{bad}{hint}")
-    try:
-        tensors = st_load(data)
-        metadata = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
-    except (SafetensorError, ValueError, RecursionError) as e:
-        raise ValueError(f"{bad}: {e}") from None
-    return tensors, metadata
+def save_weights(module: torch.nn.Module, path: str | Path, *, info: dict | None = None) -> None:
+    atomic_write_bytes(path, weights_bytes(module, info=info))
 
 
 def load_weights(module: torch.nn.Module, path: str | Path) -> None:
     """Load weights saved by :func:`save_weights`, naming any mismatch of names or shapes."""
-    tensors, meta = read_safetensors(path, what="weights file")
-    if meta.get("format") != WEIGHTS_FORMAT:
-        raise ValueError(f"{path} is a safetensors file but not longmem weights (format={meta.get('format')!r})")
+    tensors, _ = read_tensor_file(path, format=WEIGHTS_FORMAT, versions=(WEIGHTS_VERSION,), what="weights file")
     expected = module.state_dict()
     stored_names = set(_unique_tensors(module))
     missing = sorted(stored_names - set(tensors))

@@ -8,7 +8,7 @@ import yaml
 
 from longmem.config import RunConfig
 from longmem.runs import METRICS
-from longmem.training.checkpoint import atomic_write_text
+from longmem.io import atomic_write_text
 from longmem.utils import pyplot
 
 

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save as st_save
 
-from longmem.training.checkpoint import (WEIGHTS_FORMAT, _unique_tensors, atomic_write_bytes, atomic_write_text,
-                                         read_safetensors)
+from longmem.io import atomic_write_bytes, atomic_write_text, read_tensor_file, tensor_file_bytes
+from longmem.training.checkpoint import weights_bytes
 
 STATE_FORMAT = "longmem-trainer-state"
 STATE_VERSION = 1
+TENSORS_VERSION = "1"                  # of trainer_state.safetensors; those written before longmem.io had none
 CKPT_DIR = "checkpoints"
 WEIGHTS, STATE_T, STATE_J = "model.safetensors", "trainer_state.safetensors", "trainer_state.json"
 
@@ -106,9 +106,8 @@ def save_checkpoint(out_dir: Path, *, step: int, model: torch.nn.Module, optimiz
             "rng": [{"python": rs["python"], "numpy": rs["numpy"]["rest"]} for rs in rng],
             "scaler": {k: v for k, v in (scaler_state or {}).items() if not torch.is_tensor(v)}}
     files = {
-        WEIGHTS: st_save(_unique_tensors(model), metadata={"format": WEIGHTS_FORMAT, "version": "1",
-                                                            "step": str(step)}),
-        STATE_T: st_save(tensors, metadata={"format": STATE_FORMAT, "step": str(step)}),
+        WEIGHTS: weights_bytes(model, info={"step": step}),
+        STATE_T: tensor_file_bytes(tensors, format=STATE_FORMAT, version=TENSORS_VERSION, info={"step": step}),
         STATE_J: json.dumps(meta, indent=1).encode(),
     }
     final = root / f"step-{step:08d}"
@@ -159,9 +158,10 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if meta.get("version") != STATE_VERSION:
         raise ValueError(f"{path / STATE_J} has trainer-state version {meta.get('version')}, "
                          f"this longmem reads {STATE_VERSION}")
-    tensors, tmeta = read_safetensors(path / STATE_T, what="trainer state")
-    if tmeta.get("step") != str(meta["step"]):
-        raise ValueError(f"{path}: trainer_state.safetensors is for step {tmeta.get('step')} but "
+    tensors, info = read_tensor_file(path / STATE_T, format=STATE_FORMAT, versions=(TENSORS_VERSION, None),
+                                     what="trainer state")
+    if str(info.get("step")) != str(meta["step"]):
+        raise ValueError(f"{path}: trainer_state.safetensors is for step {info.get('step')} but "
                          f"trainer_state.json for step {meta['step']}")
     return meta, tensors
 

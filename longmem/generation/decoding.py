@@ -81,6 +81,13 @@ class Decoder:
             self.attention_sink = sink
 
     @property
+    def views(self) -> list[MemoryLM]:
+        """The models ``feed`` runs (views of ``model`` sharing its parameters), e.g. to trace them."""
+        if self.kind == "state":
+            return [self.view]
+        return [self.model] if self.recompute else [self.prefill_view, self.decode_view]
+
+    @property
     def device(self) -> torch.device:
         return self.model.embed.weight.device
 

@@ -17,6 +17,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save as st_save
@@ -49,13 +50,16 @@ class Session:
     state: State | None = None
     turns: int = 0
     tokens: int = 0                                   # prompt + output tokens the memory has seen
+    messages: int = 0                                 # chat messages the memory holds (server chat API)
+    history: str = ""                                 # sha256 of those messages (generation.chat.history_digest)
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
 
     def reset(self) -> None:
         self.state, self.turns, self.tokens, self.updated = None, 0, 0, time.time()
+        self.messages, self.history = 0, ""
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         return {"session": self.name, "turns": self.turns, "tokens": self.tokens,
                 "memory_bytes": state_nbytes(self.state),
                 "memory_parts": self.state.parts() if self.state is not None else []}
@@ -101,6 +105,7 @@ class SessionStore:
             state = State.from_state_dict({k: v.to(device) for k, v in tensors.items()})
         self._touch(path)
         return Session(name=name, state=state, turns=int(info.get("turns", 0)), tokens=int(info.get("tokens", 0)),
+                       messages=int(info.get("messages", 0)), history=str(info.get("history", "")),
                        created=float(info.get("created", time.time())), updated=float(info.get("updated", 0)))
 
     def save(self, session: Session) -> Path:
@@ -108,8 +113,8 @@ class SessionStore:
         tensors = {k: v.detach().cpu().contiguous()
                    for k, v in (session.state.state_dict() if session.state is not None
                                 else {"batch_size": torch.tensor(1)}).items()}
-        info = {"turns": session.turns, "tokens": session.tokens, "created": session.created,
-                "updated": session.updated}
+        info = {"turns": session.turns, "tokens": session.tokens, "messages": session.messages,
+                "history": session.history, "created": session.created, "updated": session.updated}
         meta = {"format": SESSION_FORMAT, "version": "1", "fingerprint": self.fingerprint, "info": json.dumps(info)}
         atomic_write_bytes(path, st_save(tensors, metadata=meta))
         self._touch(path)

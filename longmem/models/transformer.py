@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,9 @@ from longmem.config import ModelConfig
 from longmem.models.attention import Block, RMSNorm, Rotary
 from longmem.models.memory import Memory, Segment, State, build_memories
 from longmem.models.memory.state import PARTS
+
+if TYPE_CHECKING:
+    from longmem.models.inspect import Tracer
 
 IGNORE_INDEX = -100
 
@@ -63,6 +67,8 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor 
 
 
 class MemoryLM(nn.Module):
+    tracer: "Tracer | None" = None                   # set by models.inspect.trace: records every segment
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = copy.deepcopy(config)          # set_mem_len changes it: never share
@@ -175,6 +181,8 @@ class MemoryLM(nn.Module):
     def _segment(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
         """Logits (B, T, V), the state after the segment and its memories' auxiliary loss (or None)."""
         seg = Segment(self.drop(self.embed(tokens)))                # x: (B, T, D)
+        if self.tracer is not None:                                 # inspection only (models/inspect.py)
+            self.tracer.begin(seg, len(self.blocks))
         parts = {m.name: m.begin(seg, state.part(m.name)) for m in self.memories}
         x = seg.x                                                   # (B, L, D)
         cos, sin = self.rope.cos_sin(seg.memory_len + x.shape[1], device=x.device, dtype=x.dtype)
@@ -189,4 +197,6 @@ class MemoryLM(nn.Module):
             new[m.name], a = m.end(seg, parts[m.name], h)
             if a is not None:
                 aux = a if aux is None else aux + a
+        if self.tracer is not None:
+            self.tracer.end({m.name: m.inspect(seg, parts[m.name], new[m.name], h) for m in self.memories})
         return logits, state.with_parts(**new), aux

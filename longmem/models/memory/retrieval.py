@@ -193,7 +193,7 @@ class RetrievalMemory(Memory):
         return part
 
     def _recorder(self, seg: Segment, i: int):
-        def record(*, q, k, v, y, raw_k, context):
+        def record(*, q, k, v, y, raw_k, context, **_):
             seg.scratch[self.name][i] = (seg.tokens_of(raw_k, dim=2).detach(), seg.tokens_of(v, dim=2).detach())
             return y
         return record

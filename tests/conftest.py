@@ -79,3 +79,27 @@ def make_tiny_run(path: Path, *, seed: int = 0, kind: str = "xl", mem_len: int =
     save_weights(model, path / WEIGHTS)
     save_tokenizer(ByteTokenizer(), path / TOKENIZER)
     return load_run(path)
+
+
+def make_tiny_chat_run(path: Path, *, seed: int = 0, kind: str = "xl", mem_len: int = 512, segment_len: int = 16):
+    """A run like :func:`make_tiny_run` whose tokenizer is a pretrained one with a chat template: the tiny
+    byte-level BPE of ``tests/pretrained/tiny_pretrained.py`` (ChatML special tokens, SmolLM2's template)."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent / "pretrained"))
+    from tiny_pretrained import CHATML, tiny_tokenizer
+
+    from longmem.config import RunConfig
+    from longmem.data.tokenizer import PretrainedTokenizer, save_tokenizer
+    from longmem.runs import CONFIG, TOKENIZER, WEIGHTS, load_run
+    from longmem.training.checkpoint import save_weights
+    tok = PretrainedTokenizer(tiny_tokenizer(300), config={"chat_template": CHATML, "bos_token": "<|im_start|>",
+                                                           "eos_token": "<|im_end|>", "add_bos_token": False})
+    cfg = RunConfig().override({"model.vocab_size": str(tok.vocab_size), "model.d_model": "16", "model.n_layers": "2",
+                                "model.n_heads": "2", "model.segment_len": str(segment_len), "memory.kind": kind,
+                                "memory.mem_len": str(mem_len), "data.tokenizer": "pretrained"})
+    model = spread_weights(MemoryLM(cfg.model), seed=seed, std=0.5).eval()
+    path.mkdir(parents=True)
+    cfg.save(path / CONFIG)
+    save_weights(model, path / WEIGHTS)
+    save_tokenizer(tok, path / TOKENIZER)
+    return load_run(path)

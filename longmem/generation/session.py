@@ -60,7 +60,7 @@ class Session:
         self.messages, self.history = 0, ""
 
     def stats(self) -> dict[str, Any]:
-        return {"session": self.name, "turns": self.turns, "tokens": self.tokens,
+        return {"session": self.name, "turns": self.turns, "tokens": self.tokens, "messages": self.messages,
                 "memory_bytes": state_nbytes(self.state),
                 "memory_parts": self.state.parts() if self.state is not None else []}
 

@@ -26,11 +26,11 @@ from longmem.generation.decoding import Decoder
 from longmem.generation.generate import TextStream
 from longmem.generation.processors import SamplingConfig
 from longmem.generation.session import SessionStore, check_session_name, state_nbytes
-from longmem.pretrained.chat_template import UNKNOWN_PAST
+from longmem.data.tokenizer import PretrainedTokenizer
+from longmem.pretrained.chat_template import UNKNOWN_PAST, Past, TurnRenderer, template_variables
 
 if TYPE_CHECKING:
     from longmem.data.tokenizer import Tokenizer
-    from longmem.pretrained.chat_template import TurnRenderer
     from longmem.runs import Run
 
 COMMANDS = {"/reset": "forget everything this session remembers",
@@ -70,7 +70,8 @@ def read_lines(stdin: TextIO, stderr: TextIO) -> Iterator[str]:
                 line, bad = data.decode("utf-8", errors="replace"), True
         else:
             line = stdin.readline()
-            line, bad = re.subn("[\ud800-\udfff]", "\ufffd", line)    # bytes smuggled in as surrogates
+            line, n = re.subn("[\ud800-\udfff]", "\ufffd", line)     # bytes smuggled in as surrogates
+            bad = n > 0
         if bad and not warned:
             print("longmem chat: warning: the input is not all UTF-8; bytes that are not were read as U+FFFD "
                   "(said once)", file=stderr, flush=True)
@@ -85,11 +86,9 @@ def chat_format(tokenizer: Tokenizer, *, turn_format: str | None = None, system:
     """How turns are fed: the model's own chat template (a :class:`TurnRenderer`) when its tokenizer has one
     and no ``turn_format`` is given, else ``turn_format`` (default ``"{text}\\n"``); and the default stop
     strings (the template's end-of-turn tokens, else a newline)."""
-    template = getattr(tokenizer, "chat_template", None)
-    if template and turn_format is None:
-        from longmem.pretrained.chat_template import TurnRenderer, template_variables
-        return (TurnRenderer(template, template_variables(tokenizer.config), system=system),  # type: ignore[attr-defined]
-                list(tokenizer.end_of_turn().strings) or ["\n"])                                # type: ignore[attr-defined]
+    if isinstance(tokenizer, PretrainedTokenizer) and tokenizer.chat_template and turn_format is None:
+        return (TurnRenderer(tokenizer.chat_template, template_variables(tokenizer.config), system=system),
+                list(tokenizer.end_of_turn().strings) or ["\n"])
     if system:
         raise ValueError("--system needs a model with a chat template (an imported model); prepend it to the "
                          "first line instead")
@@ -115,7 +114,7 @@ class TextFormat:
             return f"{str(m['role']).capitalize()}: {text}\n"
         return f"{text}\n" if m["role"] == "assistant" else self.turn_format.format(text=text)
 
-    def render(self, messages: list[dict[str, Any]], *, after: object = None) -> str:
+    def render(self, messages: list[dict[str, Any]], *, after: Past = None) -> str:
         """The text to feed for ``messages`` and the header of the reply (the past does not change it)."""
         return "".join(self._message(m) for m in messages) + ("Assistant: " if self.turn_format is None else "")
 
@@ -124,18 +123,16 @@ class TextFormat:
         return "" if stop else "\n"
 
 
-MessageRenderer = Union["TurnRenderer", TextFormat]
+MessageRenderer = Union[TurnRenderer, TextFormat]
 
 
 def message_format(tokenizer: Tokenizer, *, turn_format: str | None = None) -> tuple[MessageRenderer, list[str]]:
     """How the server renders chat messages: the model's own chat template when its tokenizer has one and no
     ``turn_format`` is given (a :class:`TurnRenderer`), else a :class:`TextFormat`; and the stop strings that
     end a reply (the template's end-of-turn tokens, else a newline)."""
-    template = getattr(tokenizer, "chat_template", None)
-    if template and turn_format is None:
-        from longmem.pretrained.chat_template import TurnRenderer, template_variables
-        return (TurnRenderer(template, template_variables(tokenizer.config)),         # type: ignore[attr-defined]
-                list(tokenizer.end_of_turn().strings) or ["\n"])                      # type: ignore[attr-defined]
+    if isinstance(tokenizer, PretrainedTokenizer) and tokenizer.chat_template and turn_format is None:
+        return (TurnRenderer(tokenizer.chat_template, template_variables(tokenizer.config)),
+                list(tokenizer.end_of_turn().strings) or ["\n"])
     return TextFormat(turn_format), ["\n"]
 
 
@@ -146,7 +143,7 @@ def history_digest(messages: list[dict[str, Any]]) -> str:
 
 
 def messages_to_feed(messages: list[dict[str, Any]], *, remembers: bool, seen: int = 0, history: str = ""
-                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None | object]:
+                     ) -> tuple[list[dict[str, Any]], Past]:
     """Which of ``messages`` (the whole conversation, as OpenAI clients send it) a memory is fed, and what they
     follow (the ``after`` of ``TurnRenderer.render``). The rule of the server's chat API:
 

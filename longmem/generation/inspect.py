@@ -14,13 +14,13 @@ text (lane 0):
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from longmem.data.tokenizer import start_ids
 from longmem.generation.decoding import Decoder
-from longmem.models.inspect import N_BINS, bin_label, trace
+from longmem.models.inspect import N_BINS, SegmentTrace, bin_label, trace
 from longmem.models.memory import State
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def inspect_text(decoder: Decoder, tokenizer: Tokenizer, text: str, *, state: St
         decoder.feed(torch.tensor([ids], device=decoder.device), state)
     segs = tracer.segments
 
-    def column(get) -> torch.Tensor:                        # lane 0 of every segment, in order, pending dropped
+    def column(get: Callable[[SegmentTrace], torch.Tensor]) -> torch.Tensor:                        # lane 0 of every segment, in order, pending dropped
         return torch.cat([get(s)[0] for s in segs], dim=0)[pending:]
 
     mass = {i: column(lambda s: s.mass[i]) for i in traced}                       # (N, 3)
@@ -85,16 +85,16 @@ def inspect_text(decoder: Decoder, tokenizer: Tokenizer, text: str, *, state: St
     return out
 
 
-def _knn(records: list[dict[str, Any]], segs: list, *, pending: int, top: int) -> dict[str, Any]:
+def _knn(records: list[dict[str, Any]], segs: list[SegmentTrace], *, pending: int, top: int) -> dict[str, Any]:
     """The kNN part of :func:`inspect_text`: ``retrieved[token][layer][head]`` = [[position, score, weight], ...]
     (the best ``top`` by weight; position = token index in this text, negative before it)."""
     first = records[0]
     offset = int(first["written"][0]) + pending             # entries before the text's first token
     layers = first["layers"]
-    retrieved: list[list[list[list[list[float]]]]] = []
+    retrieved: list[list[list[list[list[float]]]]] = []          # token, layer, head, entry, (pos, score, w)
     for rec, s in zip(records, segs):
         T = s.n_tokens
-        per_layer = []
+        per_layer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
         for j in range(len(layers)):
             if j not in rec["entries"]:                     # nothing stored yet: no retrieval
                 per_layer.append(None)
@@ -104,7 +104,7 @@ def _knn(records: list[dict[str, Any]], segs: list, *, pending: int, top: int) -
             sc = rec["scores"][j][0].gather(-1, order)
             per_layer.append((e, sc, w))
         for t in range(T):
-            row = []
+            row: list[list[list[list[float]]]] = []
             for found in per_layer:
                 if found is None:
                     row.append([])

@@ -17,7 +17,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors.torch import save as st_save
@@ -123,7 +123,7 @@ class SessionStore:
     def delete(self, name: str) -> None:
         self.path(name).unlink(missing_ok=True)
 
-    def prune(self, *, keep=()) -> list[str]:
+    def prune(self, *, keep: Iterable[str] = ()) -> list[str]:
         """Delete the least recently used session files until at most ``max_files`` files and ``max_bytes``
         bytes remain, never the sessions named in ``keep``; returns the names deleted."""
         if not (self.max_files or self.max_bytes):
@@ -157,7 +157,9 @@ class SessionStore:
         except ValueError as e:
             raise ValueError(f"session file {path} does not fit this model's memory: {e}; use another session "
                              f"name or delete the file") from None
-        return Decoder(self.model).adopt(state).state_dict()
+        adopted = Decoder(self.model).adopt(state)
+        assert adopted is not None                                  # adopt keeps a state a state
+        return adopted.state_dict()
 
     def _touch(self, path: Path) -> None:
         """Mark ``path`` as just used: its mtime orders :meth:`prune` (strictly increasing within a process,

@@ -1,8 +1,13 @@
+import torch.nn as nn
+
+from longmem.config import ModelConfig
 from longmem.models.transformer import IGNORE_INDEX, LMOutput, MemoryLM
 
 
-def build_model(config):
-    """The model named by ``config.arch`` (a ModelConfig): every place that builds a model from a config uses this."""
+def build_model(config: ModelConfig) -> nn.Module:
+    """The model named by ``config.arch`` (a ModelConfig): every place that builds a model from a config uses this.
+    ``transformer`` gives a :class:`MemoryLM`; every one keeps its contract (``forward(tokens, state, targets,
+    reset) -> LMOutput``, or ``QAOutput`` for memn2n)."""
     if config.arch == "transformer":
         return MemoryLM(config)
     if config.arch == "lstm":

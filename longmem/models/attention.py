@@ -44,7 +44,8 @@ def rope_inv_freq(head_dim: int, *, theta: float, scaling: dict | None = None) -
     divided by f); ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
     "original_max_position_embeddings"}`` is Llama 3.1's frequency-dependent scaling."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    scaling = scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return inv
     factor = float(scaling["factor"])
@@ -65,6 +66,7 @@ def rope_inv_freq(head_dim: int, *, theta: float, scaling: dict | None = None) -
 class Rotary(nn.Module):
     """Rotary position embedding (Su et al. 2021). The cos/sin tables are built once per device and
     dtype and grown when a longer window is asked for; ``max_position_seen`` is kept for inspection."""
+    inv_freq: torch.Tensor
 
     def __init__(self, head_dim: int, *, base: float = 10000.0, scaling: dict | None = None):
         super().__init__()
@@ -72,7 +74,8 @@ class Rotary(nn.Module):
         self.max_position_seen = -1
         self._tables: dict = {}
 
-    def cos_sin(self, n_positions: int, *, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, n_positions: int, *, device: torch.device | str,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (n_positions, Dh/2) of positions 0 .. n_positions - 1."""
         self.max_position_seen = max(self.max_position_seen, n_positions - 1)
         key = (torch.device(device), dtype)
@@ -84,7 +87,7 @@ class Rotary(nn.Module):
             table = self._tables[key] = (freqs.cos().to(dtype), freqs.sin().to(dtype))
         return table[0][:n_positions], table[1][:n_positions]
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "Rotary":
         self._tables = {}                                                       # moved or cast: rebuild
         return super()._apply(fn, recurse)
 

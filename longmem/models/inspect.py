@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
-import torch.nn as nn
 
 from longmem.models.memory.base import Segment
+
+if TYPE_CHECKING:
+    from longmem.models.transformer import MemoryLM
 
 N_BINS = 32                          # bin 0: distance 0 (the token itself); bin b >= 1: [2^(b-1), 2^b)
 
@@ -75,9 +77,9 @@ class Tracer:
         self.segments[-1].memories = {k: v for k, v in memories.items() if v is not None}
 
     @staticmethod
-    def _hook(seg: Segment, i: int, rec: SegmentTrace):
+    def _hook(seg: Segment, i: int, rec: SegmentTrace) -> Callable[..., torch.Tensor]:
         @torch.no_grad()
-        def observe(*, y: torch.Tensor, probs, **_) -> torch.Tensor:
+        def observe(*, y: torch.Tensor, probs: Callable[[], torch.Tensor], **_: Any) -> torch.Tensor:
             p = probs().mean(dim=1)                                       # (B, L, S), heads averaged
             L, S = p.shape[1], p.shape[2]
             M, a, T = S - L, seg.start, seg.n_tokens
@@ -95,7 +97,7 @@ class Tracer:
 
 
 @contextlib.contextmanager
-def trace(*models: nn.Module, layers: list[int] | None = None) -> Iterator[Tracer]:
+def trace(*models: MemoryLM, layers: list[int] | None = None) -> Iterator[Tracer]:
     """Record what ``models`` (a MemoryLM and the views a decoder runs, sharing one tracer) do inside the block."""
     tracer = Tracer(layers)
     for m in models:

@@ -143,6 +143,15 @@ def end_of_turn(tokenizer, tokenizer_config: Mapping[str, Any], generation_confi
     return StopTokens(ids=tuple(ids), strings=tuple(tokenizer.id_to_token(i) for i in ids))
 
 
+class UnknownPast:
+    """``TurnRenderer.render(..., after=UNKNOWN_PAST)``: the memory holds a conversation whose messages are
+    not at hand."""
+
+
+UNKNOWN_PAST = UnknownPast()
+Past = list[dict[str, Any]] | UnknownPast | None       # what new messages follow: known ones, unknown, nothing
+
+
 class TurnRenderer:
     """A conversation rendered a few messages at a time, for a model whose memory holds the past ones.
 
@@ -171,13 +180,13 @@ class TurnRenderer:
         start = [{"role": "system", "content": self.system}] if self.system else []
         return start + [{"role": "user", "content": self._U}, {"role": "assistant", "content": self._A}]
 
-    def render(self, messages: list[dict[str, Any]], *, after: list[dict[str, Any]] | None | object = None) -> str:
+    def render(self, messages: list[dict[str, Any]], *, after: Past = None) -> str:
         """The text to feed for ``messages`` after ``after`` (None: nothing, a list: those messages,
         :data:`UNKNOWN_PAST`: a conversation not at hand), ending with the header of the assistant's reply."""
         if after is None:
             start = [{"role": "system", "content": self.system}] if self.system else []
             return self._render(start + list(messages), True)
-        past = self._past() if after is UNKNOWN_PAST else list(after)          # type: ignore[arg-type]
+        past = self._past() if isinstance(after, UnknownPast) else list(after)
         before, whole = self._render(past, False), self._render(past + list(messages), True)
         return whole[len(before):] if whole.startswith(before) else self._render(list(messages), True)
 
@@ -191,7 +200,3 @@ class TurnRenderer:
         text = self._render(self._past(), False)
         closing = text.split(self._A, 1)[-1] if self._A in text else ""
         return closing[len(stop):] if stop and closing.startswith(stop) else closing
-
-
-# ``TurnRenderer.render(..., after=UNKNOWN_PAST)``: the memory holds a conversation whose messages are not at hand
-UNKNOWN_PAST = object()

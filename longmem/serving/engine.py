@@ -20,7 +20,7 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 
@@ -53,10 +53,13 @@ class ChatTurn:
     renderer: MessageRenderer
 
 
+FinishReason = Literal["stop", "length"]
+
+
 @dataclass
 class Completion:
     text: str
-    finish_reason: str
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     session: dict[str, Any] | None = None        # the session's stats after this request
@@ -200,7 +203,7 @@ class Engine:
                       f"({state_nbytes(sess.state):,} bytes); its memory is cleared", file=sys.stderr)
                 sess.reset()
                 reset = True
-        return Completion(text=stream.text, finish_reason=stream.finish_reason or "length",
+        return Completion(text=stream.text, finish_reason="stop" if stream.finish_reason == "stop" else "length",
                           prompt_tokens=stream.prompt_tokens, completion_tokens=stream.completion_tokens,
                           session=sess.stats() if sess else None, memory_reset=reset, messages_fed=fed)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -36,7 +36,7 @@ def _short(v: Any) -> str:
 
 def parse_json(raw: bytes) -> Any:
     """The request body; RequestError (400) for anything that is not plain JSON with finite numbers."""
-    def refuse(text):
+    def refuse(text: str) -> NoReturn:
         raise RequestError(400, f"the request holds the number {text}; every number must be finite")
 
     def finite(text: str) -> float:
@@ -140,7 +140,7 @@ class _Sampling(_Strict):
 
     @field_validator("stop", mode="before")
     @classmethod
-    def _stop(cls, v):
+    def _stop(cls, v: Any) -> Any:
         stops = [v] if isinstance(v, str) else (v or [])
         if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
             raise ValueError(f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them")
@@ -148,7 +148,7 @@ class _Sampling(_Strict):
 
     @field_validator("logit_bias")
     @classmethod
-    def _bias(cls, v):
+    def _bias(cls, v: Any) -> Any:
         if v is not None and len(v) > MAX_LOGIT_BIAS:
             raise ValueError(f"'logit_bias' must be an object {{token id: bias}} with at most {MAX_LOGIT_BIAS} "
                              f"entries")
@@ -156,14 +156,14 @@ class _Sampling(_Strict):
 
     @field_validator("n")
     @classmethod
-    def _one(cls, v):
+    def _one(cls, v: Any) -> Any:
         if v not in (None, 1):
             raise ValueError("'n' must be 1 (one completion per request)")
         return v
 
     @field_validator("session", "user")
     @classmethod
-    def _name(cls, v):
+    def _name(cls, v: Any) -> Any:
         return None if v is None else check_session_name(v)
 
     @property
@@ -182,7 +182,7 @@ class CompletionRequest(_Sampling):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _prompt(cls, v):
+    def _prompt(cls, v: Any) -> Any:
         if isinstance(v, list) and len(v) == 1:
             v = v[0]
         if not isinstance(v, str) or not v:
@@ -215,7 +215,7 @@ class ChatCompletionRequest(_Sampling):
 
     @field_validator("logprobs")
     @classmethod
-    def _no_logprobs(cls, v):
+    def _no_logprobs(cls, v: Any) -> Any:
         if v:
             raise ValueError("'logprobs' is not supported; leave it out or false")
         return v
@@ -230,7 +230,7 @@ class InspectRequest(_Strict):
 
     @field_validator("session")
     @classmethod
-    def _name(cls, v):
+    def _name(cls, v: Any) -> Any:
         return None if v is None else check_session_name(v)
 
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 from longmem.generation.chat import message_format
 from longmem.generation.processors import SamplingConfig, build_processors
 from longmem.serving.config import ServeConfig
-from longmem.serving.engine import ChatTurn, Completion, Engine, QueueFull, SessionNotFound, _Job
+from longmem.serving.engine import ChatTurn, Completion, Engine, FinishReason, QueueFull, SessionNotFound, _Job
 from longmem.serving.schemas import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk,
                                      ChatCompletionRequest, ChunkChoice, CompletionChoice, CompletionRequest, Delta,
                                      ErrorResponse, InspectRequest, InspectResponse, ModelCard, ModelList,
@@ -46,6 +46,7 @@ from longmem.serving.schemas import (AssistantMessage, ChatChoice, ChatCompletio
 from longmem.serving.schemas import Completion as CompletionResponse
 
 try:
+    from pydantic import BaseModel
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -111,14 +112,21 @@ def _sampling(req: _Sampling, *, max_tokens: int, config: ServeConfig, vocab_siz
     """The SamplingConfig of a request (ValueError from the checks of SamplingConfig become a RequestError)."""
     if not 0 <= max_tokens <= config.max_tokens_limit:
         raise RequestError(400, f"'max_tokens' must be in [0, {config.max_tokens_limit}], got {max_tokens}")
-    given = {k: v for k, v in (("temperature", req.temperature), ("top_p", req.top_p), ("top_k", req.top_k),
-                               ("min_p", req.min_p), ("repetition_penalty", req.repetition_penalty),
-                               ("presence_penalty", req.presence_penalty),
-                               ("frequency_penalty", req.frequency_penalty)) if v is not None}
+    def given(value: float | None, default: float) -> float:
+        return default if value is None else value
+
     try:
-        sampling = SamplingConfig(max_new_tokens=max_tokens, logit_bias=dict(req.logit_bias or {}),
-                                  stop=list(dict.fromkeys([*(stop or []), *(req.stop or [])])),
-                                  seed=secrets.randbelow(2**31) if req.seed is None else req.seed, **given)
+        bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
+    except ValueError:
+        raise RequestError(400, f"'logit_bias' keys must be token ids, got {sorted(req.logit_bias or {})[:5]}") from None
+    try:
+        sampling = SamplingConfig(
+            max_new_tokens=max_tokens, temperature=given(req.temperature, 1.0), top_p=given(req.top_p, 1.0),
+            top_k=0 if req.top_k is None else req.top_k, min_p=given(req.min_p, 0.0),
+            repetition_penalty=given(req.repetition_penalty, 1.0), presence_penalty=given(req.presence_penalty, 0.0),
+            frequency_penalty=given(req.frequency_penalty, 0.0), logit_bias=bias,
+            stop=list(dict.fromkeys([*(stop or []), *(req.stop or [])])),
+            seed=secrets.randbelow(2**31) if req.seed is None else req.seed)
         build_processors(sampling, vocab_size=vocab_size)                     # checks the logit_bias ids
     except ValueError as e:
         raise RequestError(400, str(e)) from None
@@ -177,7 +185,7 @@ def _usage(done: Completion) -> Usage:
                  total_tokens=done.prompt_tokens + done.completion_tokens)
 
 
-def _openapi_with_bodies(app: FastAPI, bodies: dict[tuple[str, str], type]) -> dict[str, Any]:
+def _openapi_with_bodies(app: FastAPI, bodies: dict[tuple[str, str], type[BaseModel]]) -> dict[str, Any]:
     """The OpenAPI document with the request bodies the routes parse themselves (``parse_json``, then the
     model): FastAPI only documents bodies it parses."""
     if app.openapi_schema is None:
@@ -221,7 +229,8 @@ def create_app(run: Run, config: ServeConfig | None = None) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):          # 404, 405 ... in the documented format
-        return _error(exc.status_code, str(exc.detail), _error_kind(exc.status_code), headers=exc.headers)
+        return _error(exc.status_code, str(exc.detail), _error_kind(exc.status_code),
+                      headers=dict(exc.headers) if exc.headers else None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -279,9 +288,12 @@ def create_app(run: Run, config: ServeConfig | None = None) -> FastAPI:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         stream = kwargs.pop("stream")
+
+        def on_piece(piece: str) -> None:                      # called in the model's thread
+            loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
         try:
-            job = engine.submit(*args, on_piece=(lambda p: loop.call_soon_threadsafe(pieces.put_nowait, p))
-                                if stream else None, **kwargs)
+            job = engine.submit(*args, on_piece=on_piece if stream else None, **kwargs)
         except QueueFull as e:
             raise RequestError(503, str(e), "server_busy") from None
         if stream:
@@ -343,7 +355,7 @@ def create_app(run: Run, config: ServeConfig | None = None) -> FastAPI:
                 id=rid, created=now, model=model_name, usage=_usage(done), session=_session_info(done),
                 choices=[CompletionChoice(text=done.text, finish_reason=done.finish_reason)]).model_dump())
 
-        def chunk(text: str, finish: str | None = None) -> dict[str, Any]:
+        def chunk(text: str, finish: FinishReason | None = None) -> dict[str, Any]:
             return _without_empty_session(CompletionResponse(
                 id=rid, created=now, model=model_name,
                 choices=[CompletionChoice(text=text, finish_reason=finish)]).model_dump(exclude={"usage"}))
@@ -367,7 +379,7 @@ def create_app(run: Run, config: ServeConfig | None = None) -> FastAPI:
                 choices=[ChatChoice(message=AssistantMessage(content=done.text),
                                     finish_reason=done.finish_reason)]).model_dump())
 
-        def chunk(delta: Delta, finish: str | None = None) -> ChatCompletionChunk:
+        def chunk(delta: Delta, finish: FinishReason | None = None) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=rid, created=now, model=model_name,
                                        choices=[ChunkChoice(delta=delta, finish_reason=finish)])
 
@@ -401,8 +413,9 @@ def create_app(run: Run, config: ServeConfig | None = None) -> FastAPI:
     async def inspect_page():
         return HTMLResponse(resources.files("longmem.serving").joinpath("static/inspect.html").read_text("utf-8"))
 
-    bodies = {("/v1/completions", "post"): CompletionRequest, ("/v1/chat/completions", "post"): ChatCompletionRequest,
-              ("/v1/inspect", "post"): InspectRequest}
+    bodies: dict[tuple[str, str], type[BaseModel]] = {("/v1/completions", "post"): CompletionRequest,
+                                                      ("/v1/chat/completions", "post"): ChatCompletionRequest,
+                                                      ("/v1/inspect", "post"): InspectRequest}
 
     @app.get("/openapi.json", dependencies=page, include_in_schema=False)
     async def openapi():

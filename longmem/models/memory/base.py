@@ -39,12 +39,16 @@ class Memory(nn.Module):
     """Base class of the memories of a MemoryLM (see the module docstring)."""
     name: str = ""                   # the part's key in State and the model attribute holding this module
     whole_segments: bool = False     # writes once per full segment: the model keeps an unfinished one pending
-    added_positions: int = 0         # positions it adds to every segment (memory tokens: read + write)
 
     @property
     def stateful(self) -> bool:
         """Whether it carries anything from one call to the next (decoders then feed tokens with the state)."""
         return True
+
+    @property
+    def added_positions(self) -> int:
+        """Positions it adds to every segment (memory tokens: read + write)."""
+        return 0
 
     def init(self, batch_size: int, *, device, dtype):
         """The part of a fresh state."""

@@ -116,6 +116,7 @@ class FaissIndex:
         n, d = vectors.shape
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         ip = faiss.METRIC_INNER_PRODUCT
+        index: Any
         if kind == "flat":
             index = faiss.IndexFlatIP(d)
         elif kind == "hnsw":
@@ -261,7 +262,7 @@ class KNNMemory(Memory):
         vr = rows_of(values.reshape(-1, Dh), flat)
         # scores recomputed with gradient into the queries (the search itself is not differentiable)
         s = torch.einsum("bgnd,bgnkd->bgnk", qg, kr).view(B, H, T, k)  # (B, H, T, k)
-        s = s * (self.log_scale[j].exp().view(1, H, 1, 1) if self.normalize else 1.0 / math.sqrt(Dh))
+        s = s * (self.log_scale[j].exp().view(1, H, 1, 1) if self.log_scale is not None else 1.0 / math.sqrt(Dh))
         s = s.masked_fill(found.view(B, H, T, k) == float("-inf"), torch.finfo(s.dtype).min)   # lanes with < k
         weights = s.softmax(-1)                                        # (B, H, T, k)
         y_mem = torch.einsum("bgnk,bgnkd->bgnd", weights.view(B, G, rep * T, k), vr).view(B, H, T, Dh)

@@ -125,13 +125,13 @@ def load_knn_memory(model, state: State, *, lane: int, path: str | Path) -> Stat
         raise ValueError(f"{path} is damaged: tensors missing {missing}, unexpected {extra[:5]}")
     _, H, _, Dh = knn.keys[0].shape
     want, dtype = (H, meta["entries"], Dh), knn.keys[0].dtype
-    for k in names:
-        t = tensors[k]
+    for name in names:
+        t = tensors[name]
         if t.dtype != dtype or tuple(t.shape) != want:
-            raise ValueError(f"{path} is damaged: {k} is {t.dtype} of shape {tuple(t.shape)}, want {dtype} of "
+            raise ValueError(f"{path} is damaged: {name} is {t.dtype} of shape {tuple(t.shape)}, want {dtype} of "
                              f"shape {want} (heads, entries, head_dim)")
         if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{path} is damaged: {k} holds NaN or inf")
+            raise ValueError(f"{path} is damaged: {name} holds NaN or inf")
     saved_k = [tensors[f"keys.{j}"] for j in range(len(knn.keys))]
     saved_v = [tensors[f"values.{j}"] for j in range(len(knn.keys))]
     C = knn.capacity

@@ -98,6 +98,7 @@ class TokenMemory(Memory):
         a margin, so the small changes of the written outputs over many segments do not reopen it, and is
         then left alone, free to reopen. Without a stretch the gate is the sigmoid, and so is the charge.
         A gate below ``floor`` (``memory.tokens.floor``) is 0, straight through as well."""
+        assert self.gate is not None, "gates() needs memory.tokens.gate"
         g = torch.sigmoid(self.gate(outputs))                               # (B, R, D)
         if self.stretch <= 0:
             charge = g.mean(dim=(1, 2))

@@ -1,6 +1,10 @@
 """Shared fixtures: tiny models on CPU in fp32, seeded."""
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +107,24 @@ def make_tiny_chat_run(path: Path, *, seed: int = 0, kind: str = "xl", mem_len: 
     save_weights(model, path / WEIGHTS)
     save_tokenizer(tok, path / TOKENIZER)
     return load_run(path)
+
+
+@contextlib.contextmanager
+def live_server(app):
+    """``app`` served by uvicorn in a thread on a free port of 127.0.0.1; yields its base URL."""
+    import uvicorn
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

@@ -14,8 +14,7 @@ pytest.importorskip("uvicorn")
 from longmem.serving.config import ServeConfig  # noqa: E402
 from longmem.serving.server import create_app  # noqa: E402
 
-from conftest import make_tiny_run  # noqa: E402
-from test_openai_api import live_server  # noqa: E402
+from conftest import live_server, make_tiny_run  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_thread")]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -3,11 +3,6 @@
 stop and max tokens, sessions fed only the messages their memory lacks."""
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-import time
-
 import pytest
 import torch
 
@@ -23,7 +18,7 @@ from longmem.generation.processors import SamplingConfig  # noqa: E402
 from longmem.serving.config import ServeConfig  # noqa: E402
 from longmem.serving.server import create_app  # noqa: E402
 
-from conftest import make_tiny_chat_run, make_tiny_run  # noqa: E402
+from conftest import live_server, make_tiny_chat_run, make_tiny_run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 GREEDY = dict(temperature=0.0, max_new_tokens=8)
@@ -32,26 +27,6 @@ GREEDY = dict(temperature=0.0, max_new_tokens=8)
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory):
     return make_tiny_chat_run(tmp_path_factory.mktemp("chat") / "CHAT")
-
-
-@contextlib.contextmanager
-def live_server(app):
-    """``app`` served by uvicorn in a thread on a free port of 127.0.0.1; yields its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 def reference(run, prompt: str, *, state=None, stop=("<|im_end|>",), **kw) -> TextStream:

@@ -438,7 +438,8 @@ COMMANDS = [
     Command("generate", "stream text from a run", _generate_args, _generate, takes_overrides=True, keys=RUN_KEYS),
     Command("chat", "talk with a run; the memory of each --session is kept on disk", _chat_args, _chat,
             takes_overrides=True, keys=RUN_KEYS),
-    Command("serve", "HTTP completions API with per-session memory (needs the 'serve' extra)", _serve_args,
+    Command("serve", "OpenAI-compatible HTTP API (chat, completions) with per-session memory and the /inspect page "
+            "(needs the 'serve' extra)", _serve_args,
             _serve, takes_overrides=True, keys=RUN_KEYS),
     Command("demo", "train no-memory and XL models and compare perplexity against memory length",
             _demo_args, _demo, takes_overrides=True),

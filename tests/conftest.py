@@ -1,6 +1,10 @@
 """Shared fixtures: tiny models on CPU in fp32, seeded."""
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +83,48 @@ def make_tiny_run(path: Path, *, seed: int = 0, kind: str = "xl", mem_len: int =
     save_weights(model, path / WEIGHTS)
     save_tokenizer(ByteTokenizer(), path / TOKENIZER)
     return load_run(path)
+
+
+def make_tiny_chat_run(path: Path, *, seed: int = 0, kind: str = "xl", mem_len: int = 512, segment_len: int = 16):
+    """A run like :func:`make_tiny_run` whose tokenizer is a pretrained one with a chat template: the tiny
+    byte-level BPE of ``tests/pretrained/tiny_pretrained.py`` (ChatML special tokens, SmolLM2's template)."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent / "pretrained"))
+    from tiny_pretrained import CHATML, tiny_tokenizer
+
+    from longmem.config import RunConfig
+    from longmem.data.tokenizer import PretrainedTokenizer, save_tokenizer
+    from longmem.runs import CONFIG, TOKENIZER, WEIGHTS, load_run
+    from longmem.training.checkpoint import save_weights
+    tok = PretrainedTokenizer(tiny_tokenizer(300), config={"chat_template": CHATML, "bos_token": "<|im_start|>",
+                                                           "eos_token": "<|im_end|>", "add_bos_token": False})
+    cfg = RunConfig().override({"model.vocab_size": str(tok.vocab_size), "model.d_model": "16", "model.n_layers": "2",
+                                "model.n_heads": "2", "model.segment_len": str(segment_len), "memory.kind": kind,
+                                "memory.mem_len": str(mem_len), "data.tokenizer": "pretrained"})
+    model = spread_weights(MemoryLM(cfg.model), seed=seed, std=0.5).eval()
+    path.mkdir(parents=True)
+    cfg.save(path / CONFIG)
+    save_weights(model, path / WEIGHTS)
+    save_tokenizer(tok, path / TOKENIZER)
+    return load_run(path)
+
+
+@contextlib.contextmanager
+def live_server(app):
+    """``app`` served by uvicorn in a thread on a free port of 127.0.0.1; yields its base URL."""
+    import uvicorn
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

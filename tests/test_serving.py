@@ -218,8 +218,9 @@ def test_a_fault_in_the_engine_or_a_route_is_a_json_500_and_the_next_request_wor
     assert complete(client, prompt="b", max_tokens=2)["usage"]["completion_tokens"] == 2
 
 
-@pytest.mark.parametrize("method,path,status", [("POST", "/v1/chat/completions", 404), ("GET", "/nope", 404),
-                                                ("GET", "/v1/completions", 405), ("DELETE", "/health", 405)])
+@pytest.mark.parametrize("method,path,status", [("POST", "/v1/chat/complete", 404), ("GET", "/nope", 404),
+                                                ("GET", "/v1/completions", 405), ("DELETE", "/health", 405),
+                                                ("GET", "/v1/chat/completions", 405), ("GET", "/v1/models/other", 404)])
 def test_unknown_paths_and_methods_answer_in_the_error_format(client, method, path, status):
     r = client.request(method, path, json={"prompt": "a"})
     assert r.status_code == status
@@ -228,14 +229,44 @@ def test_unknown_paths_and_methods_answer_in_the_error_format(client, method, pa
                                                                              "invalid_request_error")
 
 
-def test_docs_are_off_when_an_api_key_is_set(run, tmp_path):
+def test_a_framework_validation_error_is_a_422_in_the_error_format(client):
+    @client.app.get("/typed")                                   # a route whose parameters FastAPI checks
+    async def typed(n: int):
+        return {"n": n}
+
+    r = client.get("/typed", params={"n": "x"})
+    assert r.status_code == 422 and set(r.json()) == {"error"}
+    assert r.json()["error"]["type"] == "invalid_request_error" and "query.n" in r.json()["error"]["message"]
+
+
+def test_docs_and_pages_are_behind_the_api_key_when_one_is_set(run, tmp_path):
     with TestClient(create_app(run, ServeConfig(sessions_dir=str(tmp_path)))) as c:
         assert c.get("/openapi.json").status_code == 200 and c.get("/docs").status_code == 200
     with TestClient(create_app(run, ServeConfig(api_key="s3cret", sessions_dir=str(tmp_path)))) as c:
-        for path in ("/docs", "/redoc", "/openapi.json"):
-            for headers in ({}, {"Authorization": "Bearer s3cret"}):
-                r = c.get(path, headers=headers)
-                assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error", path
+        for path in ("/docs", "/redoc", "/openapi.json", "/inspect"):
+            r = c.get(path)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", path
+            assert r.headers["www-authenticate"].startswith("Basic"), path          # a browser asks for the key
+            assert c.get(path, auth=("anyone", "wrong")).status_code == 401
+            assert c.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200, path
+            assert c.get(path, auth=("anyone", "s3cret")).status_code == 200, path     # basic: key as password
+        assert c.get("/v1/models").status_code == 401 and "www-authenticate" not in c.get("/v1/models").headers
+        assert c.get("/v1/models", headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert c.get("/health").status_code == 200                                     # needs no key
+
+
+def test_the_openapi_document_describes_the_request_and_response_models(client):
+    doc = client.get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    for path, method, model in (("/v1/chat/completions", "post", "ChatCompletionRequest"),
+                                ("/v1/completions", "post", "CompletionRequest"),
+                                ("/v1/inspect", "post", "InspectRequest")):
+        body = doc["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{model}"} and model in schemas
+    assert {"messages", "max_completion_tokens", "session", "user", "stream"} <= set(
+        schemas["ChatCompletionRequest"]["properties"])
+    assert "ChatMessage" in schemas and "ErrorResponse" in schemas and "ChatCompletion" in schemas
+    assert "/v1/models" in doc["paths"] and "/health" in doc["paths"]
 
 
 def test_sessions_on_disk_are_capped_least_recently_used_first(run, tmp_path):

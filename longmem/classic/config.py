@@ -15,6 +15,7 @@ from longmem.config import MemoryConfig, _check_numbers, _help
 
 class _Classic:
     """What every baseline config shares: no pluggable memory (the model has its own)."""
+    dropout: float
 
     @property
     def memory(self) -> MemoryConfig:

@@ -11,12 +11,14 @@ warning); prompts go to stderr only on a terminal.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import string
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, Iterator, TextIO, Union
 
 import torch
 
@@ -24,6 +26,12 @@ from longmem.generation.decoding import Decoder
 from longmem.generation.generate import TextStream
 from longmem.generation.processors import SamplingConfig
 from longmem.generation.session import SessionStore, check_session_name, state_nbytes
+from longmem.data.tokenizer import PretrainedTokenizer
+from longmem.pretrained.chat_template import UNKNOWN_PAST, Past, TurnRenderer, template_variables
+
+if TYPE_CHECKING:
+    from longmem.data.tokenizer import Tokenizer
+    from longmem.runs import Run
 
 COMMANDS = {"/reset": "forget everything this session remembers",
             "/save": "write the session to disk now (also done after every turn)",
@@ -48,7 +56,7 @@ def check_turn_format(turn_format: str) -> str:
     return turn_format
 
 
-def read_lines(stdin: TextIO, stderr: TextIO):
+def read_lines(stdin: TextIO, stderr: TextIO) -> Iterator[str]:
     """The lines of ``stdin``; bytes that are not UTF-8 become U+FFFD, with one warning on ``stderr``.
 
     A text stream over bytes is read through its byte buffer, so one bad line does not end the input."""
@@ -62,7 +70,8 @@ def read_lines(stdin: TextIO, stderr: TextIO):
                 line, bad = data.decode("utf-8", errors="replace"), True
         else:
             line = stdin.readline()
-            line, bad = re.subn("[\ud800-\udfff]", "\ufffd", line)    # bytes smuggled in as surrogates
+            line, n = re.subn("[\ud800-\udfff]", "\ufffd", line)     # bytes smuggled in as surrogates
+            bad = n > 0
         if bad and not warned:
             print("longmem chat: warning: the input is not all UTF-8; bytes that are not were read as U+FFFD "
                   "(said once)", file=stderr, flush=True)
@@ -72,14 +81,13 @@ def read_lines(stdin: TextIO, stderr: TextIO):
         yield line
 
 
-def chat_format(tokenizer, *, turn_format: str | None = None, system: str | None = None):
+def chat_format(tokenizer: Tokenizer, *, turn_format: str | None = None, system: str | None = None
+                ) -> tuple[TurnRenderer | str, list[str]]:
     """How turns are fed: the model's own chat template (a :class:`TurnRenderer`) when its tokenizer has one
     and no ``turn_format`` is given, else ``turn_format`` (default ``"{text}\\n"``); and the default stop
     strings (the template's end-of-turn tokens, else a newline)."""
-    template = getattr(tokenizer, "chat_template", None)
-    if template and turn_format is None:
-        from longmem.pretrained.chat_template import TurnRenderer, template_variables
-        return (TurnRenderer(template, template_variables(tokenizer.config), system=system),
+    if isinstance(tokenizer, PretrainedTokenizer) and tokenizer.chat_template and turn_format is None:
+        return (TurnRenderer(tokenizer.chat_template, template_variables(tokenizer.config), system=system),
                 list(tokenizer.end_of_turn().strings) or ["\n"])
     if system:
         raise ValueError("--system needs a model with a chat template (an imported model); prepend it to the "
@@ -87,7 +95,74 @@ def chat_format(tokenizer, *, turn_format: str | None = None, system: str | None
     return check_turn_format("{text}\n" if turn_format is None else turn_format), ["\n"]
 
 
-def run_chat(run, *, session: str = "default", sessions_dir: str | Path | None = None,
+class TextFormat:
+    """Chat messages as plain text, for a model without a chat template (or a ``turn_format`` given).
+
+    With ``turn_format`` (``{text}`` its only field) every message but the assistant's is fed as
+    ``turn_format.format(text=content)`` and an assistant's as its text and a newline, what ``longmem chat``
+    feeds; the reply follows directly. Without it each message is one line prefixed by its role
+    (``User: ...``, ``System: ...``) and the reply follows ``Assistant: ``. Replies end at a newline.
+    Same methods as :class:`~longmem.pretrained.chat_template.TurnRenderer`.
+    """
+
+    def __init__(self, turn_format: str | None = None):
+        self.turn_format = None if turn_format is None else check_turn_format(turn_format)
+
+    def _message(self, m: dict[str, Any]) -> str:
+        text = str(m.get("content") or "")
+        if self.turn_format is None:
+            return f"{str(m['role']).capitalize()}: {text}\n"
+        return f"{text}\n" if m["role"] == "assistant" else self.turn_format.format(text=text)
+
+    def render(self, messages: list[dict[str, Any]], *, after: Past = None) -> str:
+        """The text to feed for ``messages`` and the header of the reply (the past does not change it)."""
+        return "".join(self._message(m) for m in messages) + ("Assistant: " if self.turn_format is None else "")
+
+    def closing(self, stop: str | None) -> str:
+        """What ends the reply in the memory: nothing after the newline the model wrote, else a newline."""
+        return "" if stop else "\n"
+
+
+MessageRenderer = Union[TurnRenderer, TextFormat]
+
+
+def message_format(tokenizer: Tokenizer, *, turn_format: str | None = None) -> tuple[MessageRenderer, list[str]]:
+    """How the server renders chat messages: the model's own chat template when its tokenizer has one and no
+    ``turn_format`` is given (a :class:`TurnRenderer`), else a :class:`TextFormat`; and the stop strings that
+    end a reply (the template's end-of-turn tokens, else a newline)."""
+    if isinstance(tokenizer, PretrainedTokenizer) and tokenizer.chat_template and turn_format is None:
+        return (TurnRenderer(tokenizer.chat_template, template_variables(tokenizer.config)),
+                list(tokenizer.end_of_turn().strings) or ["\n"])
+    return TextFormat(turn_format), ["\n"]
+
+
+def history_digest(messages: list[dict[str, Any]]) -> str:
+    """sha256 of the roles and contents of ``messages``: what a session remembers of the conversation it holds."""
+    text = json.dumps([[m.get("role"), m.get("content")] for m in messages], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def messages_to_feed(messages: list[dict[str, Any]], *, remembers: bool, seen: int = 0, history: str = ""
+                     ) -> tuple[list[dict[str, Any]], Past]:
+    """Which of ``messages`` (the whole conversation, as OpenAI clients send it) a memory is fed, and what they
+    follow (the ``after`` of ``TurnRenderer.render``). The rule of the server's chat API:
+
+    - a fresh memory (``remembers`` false: no session, or a new or reset one): every message, after nothing;
+    - a conversation that begins with the ``seen`` messages the session's memory holds (``history`` is their
+      :func:`history_digest`) and goes on: the messages after those;
+    - anything else (a client that sends only the new message, an edited or regenerated conversation, a
+      session filled by completions): the messages after the last assistant message (at least the last one),
+      after a past not at hand (the memory keeps what it holds; it is never rewound).
+    """
+    if not remembers:
+        return list(messages), None
+    if 0 < seen < len(messages) and history_digest(messages[:seen]) == history:
+        return list(messages[seen:]), list(messages[:seen])
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    return list(messages[last + 1:] or messages[-1:]), UNKNOWN_PAST
+
+
+def run_chat(run: Run, *, session: str = "default", sessions_dir: str | Path | None = None,
              sampling: SamplingConfig | None = None, turn_format: str | None = None, system: str | None = None,
              attention_sink: int = 4, stdin: TextIO | None = None, stdout: TextIO | None = None,
              stderr: TextIO | None = None) -> dict:

@@ -20,9 +20,12 @@ V vocabulary.
 """
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 
 from longmem.models import MemoryLM
+from longmem.models.attention import Block
 from longmem.models.memory import KVMemory, KVState, State, XLState
 
 
@@ -44,6 +47,7 @@ def cache_from_hidden(model: MemoryLM, xl: XLState) -> KVState:
     by that layer): states saved by longmem 0.1 sessions, which kept hidden states for decoding."""
     keys, values = [], []
     for block, mem in zip(model.blocks, xl.mems):
+        block = cast(Block, block)
         k, v = block.attn.project_kv(block.norm1(mem))
         keys.append(k)
         values.append(v)
@@ -81,6 +85,13 @@ class Decoder:
             self.attention_sink = sink
 
     @property
+    def views(self) -> list[MemoryLM]:
+        """The models ``feed`` runs (views of ``model`` sharing its parameters), e.g. to trace them."""
+        if self.kind == "state":
+            return [self.view]
+        return [self.model] if self.recompute else [self.prefill_view, self.decode_view]
+
+    @property
     def device(self) -> torch.device:
         return self.model.embed.weight.device
 
@@ -103,7 +114,7 @@ class Decoder:
         return State(state.batch_size, parts, pending=state.pending)
 
     @torch.no_grad()
-    def feed(self, tokens: torch.Tensor, memory=None):
+    def feed(self, tokens: torch.Tensor, memory: Any = None) -> tuple[torch.Tensor, Any]:
         B, N = tokens.shape
         if N == 0:
             raise ValueError("feed needs at least one token")

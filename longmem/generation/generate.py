@@ -8,11 +8,11 @@ controls are the logits processors of ``processors.py``.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
-from longmem.data.tokenizer import start_ids
+from longmem.data.tokenizer import Tokenizer, start_ids
 from longmem.generation.decoding import Decoder
 from longmem.generation.processors import (GREEDY_BELOW, SamplingConfig, TokenCounts, TopK, apply_processors,
                                            build_processors, sample)
@@ -88,7 +88,7 @@ class TextStream:
     "length"), ``prompt_tokens``, ``completion_tokens`` and ``state``.
     """
 
-    def __init__(self, model: MemoryLM, tokenizer, prompt: str, *, sampling: SamplingConfig,
+    def __init__(self, model: MemoryLM, tokenizer: Tokenizer, prompt: str, *, sampling: SamplingConfig,
                  state: State | None = None, decoder: Decoder | None = None, attention_sink: int = 4,
                  recompute: bool = False):
         self.tokenizer = tokenizer
@@ -140,7 +140,7 @@ class TextStream:
 
 
 def generate_ids(model: MemoryLM, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int = 0, seed: int = 0, **options) -> Iterator[int]:
+                 top_k: int = 0, seed: int = 0, **options: Any) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` token ids continuing ``prompt_ids`` (one lane).
 
     ``options``: the other :class:`SamplingConfig` fields, ``attention_sink``, ``recompute``.
@@ -151,8 +151,8 @@ def generate_ids(model: MemoryLM, prompt_ids: list[int], *, max_new_tokens: int,
     return iter(TokenStream(model, prompt_ids, sampling=sampling, **decoding))
 
 
-def generate_text(model: MemoryLM, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float = 1.0,
-                  top_k: int = 0, seed: int = 0, **options) -> Iterator[str]:
+def generate_text(model: MemoryLM, tokenizer: Tokenizer, prompt: str, *, max_new_tokens: int, temperature: float = 1.0,
+                  top_k: int = 0, seed: int = 0, **options: Any) -> Iterator[str]:
     """Yield pieces of text as they are generated (incomplete UTF-8 is held back)."""
     decoding = {k: options.pop(k) for k in ("attention_sink", "recompute") if k in options}
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,

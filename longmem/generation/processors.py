@@ -28,7 +28,7 @@ class TokenCounts:
     seen: torch.Tensor
 
     @classmethod
-    def empty(cls, batch_size: int, vocab_size: int, *, device=None) -> "TokenCounts":
+    def empty(cls, batch_size: int, vocab_size: int, *, device: torch.device | str | None = None) -> "TokenCounts":
         return cls(generated=torch.zeros(batch_size, vocab_size, device=device),
                    seen=torch.zeros(batch_size, vocab_size, dtype=torch.bool, device=device))
 
@@ -57,7 +57,7 @@ class Temperature:
                              f"is greedy), got {t}")
         self.t = t
 
-    def __call__(self, logits, counts):
+    def __call__(self, logits: torch.Tensor, counts: TokenCounts) -> torch.Tensor:
         return logits / self.t
 
 
@@ -69,7 +69,7 @@ class TopK:
             raise ValueError(f"top_k must be positive, got {k}")
         self.k = k
 
-    def __call__(self, logits, counts):
+    def __call__(self, logits: torch.Tensor, counts: TokenCounts | None = None) -> torch.Tensor:
         if self.k >= logits.shape[-1]:
             return logits
         idx = torch.topk(logits, self.k, dim=-1).indices                            # (B, k)
@@ -87,7 +87,7 @@ class TopP:
             raise ValueError(f"top_p must be in (0, 1], got {p}")
         self.p = p
 
-    def __call__(self, logits, counts):
+    def __call__(self, logits: torch.Tensor, counts: TokenCounts) -> torch.Tensor:
         if self.p >= 1:
             return logits
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)          # (B, V)
@@ -110,7 +110,7 @@ class MinP:
             raise ValueError(f"min_p must be in (0, 1], got {p}")
         self.p = p
 
-    def __call__(self, logits, counts):
+    def __call__(self, logits: torch.Tensor, counts: TokenCounts) -> torch.Tensor:
         probs = torch.softmax(logits.float(), dim=-1)
         keep = probs >= self.p * probs.max(dim=-1, keepdim=True).values
         return logits.masked_fill(~keep, NEG_INF)
@@ -125,7 +125,7 @@ class RepetitionPenalty:
             raise ValueError(f"repetition_penalty must be > 0 (1 disables it), got {r}")
         self.r = r
 
-    def __call__(self, logits, counts):
+    def __call__(self, logits: torch.Tensor, counts: TokenCounts) -> torch.Tensor:
         penalized = torch.where(logits > 0, logits / self.r, logits * self.r)
         return torch.where(counts.seen, penalized, logits)
 
@@ -139,7 +139,7 @@ class PresenceFrequencyPenalty:
                 raise ValueError(f"{name} must be in [-2, 2], got {v}")
         self.presence, self.frequency = presence, frequency
 
-    def __call__(self, logits, counts):
+    def __call__(self, logits: torch.Tensor, counts: TokenCounts) -> torch.Tensor:
         c = counts.generated.to(logits.dtype)
         return logits - self.frequency * c - self.presence * (c > 0).to(logits.dtype)
 
@@ -154,7 +154,7 @@ class LogitBias:
         self.ids = torch.tensor([int(t) for t in bias], dtype=torch.long)
         self.values = torch.tensor([float(v) for v in bias.values()])
 
-    def __call__(self, logits, counts):
+    def __call__(self, logits: torch.Tensor, counts: TokenCounts) -> torch.Tensor:
         if not len(self.ids):
             return logits
         add = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
@@ -180,7 +180,7 @@ class SamplingConfig:
     stop: list[str] = _help("stop before the first occurrence of any of these strings", default_factory=list)
     seed: int = _help("seed of the sampler: same seed, same text", default=0)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):

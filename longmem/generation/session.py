@@ -16,6 +16,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterable
 
 import torch
 
@@ -46,14 +47,17 @@ class Session:
     state: State | None = None
     turns: int = 0
     tokens: int = 0                                   # prompt + output tokens the memory has seen
+    messages: int = 0                                 # chat messages the memory holds (server chat API)
+    history: str = ""                                 # sha256 of those messages (generation.chat.history_digest)
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
 
     def reset(self) -> None:
         self.state, self.turns, self.tokens, self.updated = None, 0, 0, time.time()
+        self.messages, self.history = 0, ""
 
-    def stats(self) -> dict:
-        return {"session": self.name, "turns": self.turns, "tokens": self.tokens,
+    def stats(self) -> dict[str, Any]:
+        return {"session": self.name, "turns": self.turns, "tokens": self.tokens, "messages": self.messages,
                 "memory_bytes": state_nbytes(self.state),
                 "memory_parts": self.state.parts() if self.state is not None else []}
 
@@ -92,13 +96,14 @@ class SessionStore:
             state = State.from_state_dict({k: v.to(device) for k, v in tensors.items()})
         self._touch(path)
         return Session(name=name, state=state, turns=int(info.get("turns", 0)), tokens=int(info.get("tokens", 0)),
+                       messages=int(info.get("messages", 0)), history=str(info.get("history", "")),
                        created=float(info.get("created", time.time())), updated=float(info.get("updated", 0)))
 
     def save(self, session: Session) -> Path:
         path = self.path(session.name)
         tensors = session.state.state_dict() if session.state is not None else {"batch_size": torch.tensor(1)}
-        info = {"turns": session.turns, "tokens": session.tokens, "created": session.created,
-                "updated": session.updated}
+        info = {"turns": session.turns, "tokens": session.tokens, "messages": session.messages,
+                "history": session.history, "created": session.created, "updated": session.updated}
         write_tensor_file(path, tensors, format=SESSION_FORMAT, version=SESSION_VERSION, fingerprint=self.fingerprint,
                           info=info)
         self._touch(path)
@@ -107,7 +112,7 @@ class SessionStore:
     def delete(self, name: str) -> None:
         self.path(name).unlink(missing_ok=True)
 
-    def prune(self, *, keep=()) -> list[str]:
+    def prune(self, *, keep: Iterable[str] = ()) -> list[str]:
         """Delete the least recently used session files until at most ``max_files`` files and ``max_bytes``
         bytes remain, never the sessions named in ``keep``; returns the names deleted."""
         if not (self.max_files or self.max_bytes):
@@ -141,7 +146,9 @@ class SessionStore:
         except ValueError as e:
             raise ValueError(f"session file {path} does not fit this model's memory: {e}; use another session "
                              f"name or delete the file") from None
-        return Decoder(self.model).adopt(state).state_dict()
+        adopted = Decoder(self.model).adopt(state)
+        assert adopted is not None                                  # adopt keeps a state a state
+        return adopted.state_dict()
 
     def _touch(self, path: Path) -> None:
         """Mark ``path`` as just used: its mtime orders :meth:`prune` (strictly increasing within a process,

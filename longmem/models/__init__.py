@@ -1,6 +1,8 @@
 """The memory Transformer (``MemoryLM``), its memories, and the registry of architectures: ``build_model`` builds
 the model a config names (``model.arch``); the classic baselines (``longmem.classic``) register themselves."""
-from typing import Callable
+from typing import Any, Callable
+
+import torch.nn as nn
 
 from longmem.config import ARCH_CONFIGS
 from longmem.models.transformer import IGNORE_INDEX, LMOutput, MemoryLM
@@ -14,8 +16,10 @@ def register_arch(name: str, config_class: type, build: Callable) -> None:
     ARCHITECTURES[name] = build
 
 
-def build_model(config):
-    """The model of a model config (``config.arch``): every place that builds a model from a config uses this."""
+def build_model(config: Any) -> nn.Module:
+    """The model of a model config (``config.arch``): every place that builds a model from a config uses this.
+    ``transformer`` gives a :class:`MemoryLM`; every one keeps its contract (``forward(tokens, state, targets,
+    reset) -> LMOutput``, or ``QAOutput`` for memn2n)."""
     if config.arch not in ARCHITECTURES:
         raise ValueError(f"model.arch={config.arch!r}; accepted: {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[config.arch](config)

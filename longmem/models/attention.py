@@ -44,7 +44,8 @@ def rope_inv_freq(head_dim: int, *, theta: float, scaling: dict | None = None) -
     divided by f); ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
     "original_max_position_embeddings"}`` is Llama 3.1's frequency-dependent scaling."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    scaling = scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return inv
     factor = float(scaling["factor"])
@@ -65,6 +66,7 @@ def rope_inv_freq(head_dim: int, *, theta: float, scaling: dict | None = None) -
 class Rotary(nn.Module):
     """Rotary position embedding (Su et al. 2021). The cos/sin tables are built once per device and
     dtype and grown when a longer window is asked for; ``max_position_seen`` is kept for inspection."""
+    inv_freq: torch.Tensor
 
     def __init__(self, head_dim: int, *, base: float = 10000.0, scaling: dict | None = None):
         super().__init__()
@@ -72,7 +74,8 @@ class Rotary(nn.Module):
         self.max_position_seen = -1
         self._tables: dict = {}
 
-    def cos_sin(self, n_positions: int, *, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, n_positions: int, *, device: torch.device | str,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (n_positions, Dh/2) of positions 0 .. n_positions - 1."""
         self.max_position_seen = max(self.max_position_seen, n_positions - 1)
         key = (torch.device(device), dtype)
@@ -84,7 +87,7 @@ class Rotary(nn.Module):
             table = self._tables[key] = (freqs.cos().to(dtype), freqs.sin().to(dtype))
         return table[0][:n_positions], table[1][:n_positions]
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "Rotary":
         self._tables = {}                                                       # moved or cast: rebuild
         return super()._apply(fn, recurse)
 
@@ -122,10 +125,26 @@ def prefix_mask(valid: torch.Tensor, memory_len: int, length: int) -> torch.Tens
                      dim=-1).unsqueeze(1)                                                # (B, 1, L, M+L)
 
 
+def attention_probs(qr: torch.Tensor, kr: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, H, T, S) float32 attention probabilities of queries ``qr`` (B, H, T, Dh) over keys ``kr`` (B, G, S, Dh),
+    both with rotary positions, as ``F.scaled_dot_product_attention`` weighs them (which does not return them):
+    ``mask`` (B, 1, T, S) bool, or None for causal attention (S == T) or, for S > T, every key."""
+    H, G, T, S = qr.shape[1], kr.shape[1], qr.shape[2], kr.shape[2]
+    k = kr.float().repeat_interleave(H // G, dim=1)                              # (B, H, S, Dh)
+    scores = qr.float() @ k.transpose(-1, -2) / math.sqrt(qr.shape[-1])          # (B, H, T, S)
+    if mask is None and S == T:
+        mask = torch.ones(T, S, dtype=torch.bool, device=qr.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1).nan_to_num(0.0)                               # a row with no key: zeros
+
+
 # a hook of a memory on one layer's attention, called with keyword arguments: q, k, v, y of the segment before
 # rotary positions (q, y: (B, H, T, Dh); k (smeared if the model smears), v: (B, G, T, Dh)), raw_k (B, G, T, Dh)
-# unsmeared, and context = (keys, values) (B, G, M + T, Dh) of [memory; segment] unsmeared; returns y. It may
-# record keys and values (a cache) or mix y (kNN memory).
+# unsmeared, context = (keys, values) (B, G, M + T, Dh) of [memory; segment] unsmeared, and probs, a function
+# that returns the local attention's probabilities (B, H, T, M + T) (computed when called: for inspection);
+# returns y. It may record keys and values (a cache) or mix y (kNN memory). Hooks take ``**_`` for arguments
+# they do not use.
 AttentionHook = Callable[..., torch.Tensor]
 
 
@@ -206,8 +225,11 @@ class Attention(nn.Module):
             qr, kr, values, attn_mask=mask, is_causal=mask is None and keys.shape[2] == T,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads)                          # (B, H, T, Dh)
-        for hook in view.hooks:
-            y = hook(q=q, k=k_seg, v=v, y=y, raw_k=k, context=(raw_keys, values))
+        if view.hooks:
+            def probs() -> torch.Tensor:                                         # only when a hook asks (tracing)
+                return attention_probs(qr, kr, mask)
+            for hook in view.hooks:
+                y = hook(q=q, k=k_seg, v=v, y=y, raw_k=k, context=(raw_keys, values), probs=probs)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)        # (B, T, H*Dh)
         return self.resid_drop(self.out(y))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,9 @@ from longmem.config import ModelConfig
 from longmem.models.attention import Block, RMSNorm, Rotary
 from longmem.models.memory import Memory, Segment, State, build_memories
 from longmem.models.memory.state import PARTS
+
+if TYPE_CHECKING:
+    from longmem.models.inspect import Tracer
 
 IGNORE_INDEX = -100
 
@@ -36,8 +40,8 @@ class LMOutput:
     aux_loss: torch.Tensor | None = None
 
 
-def start_call(tokens: torch.Tensor, state: State | None, reset: torch.Tensor | None, *, init_state,
-               has_part=lambda state: True) -> State:
+def start_call(tokens: torch.Tensor, state: State | None, reset: torch.Tensor | None, *,
+               init_state: Callable[..., State], has_part: Callable[[State], bool] = lambda state: True) -> State:
     """Check a call's tokens (B, N) against its state and return the state to start from:
     ``init_state(B, device=...)`` when there is none (or it lacks this model's part), then ``reset`` applied."""
     if tokens.dim() != 2:
@@ -63,17 +67,20 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor 
 
 
 class MemoryLM(nn.Module):
+    tracer: "Tracer | None" = None                   # set by models.inspect.trace: records every segment
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = copy.deepcopy(config)          # set_mem_len changes it: never share
         c = self.config
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(
+        blocks = [
             Block(d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout, smear_keys=c.smear_keys,
                   n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, mlp=c.mlp, qkv_bias=c.qkv_bias, qk_norm=c.qk_norm,
                   norm_eps=c.norm_eps)
-            for _ in range(c.n_layers))
+            for _ in range(c.n_layers)]
+        self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(c.d_model, eps=c.norm_eps)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
@@ -81,7 +88,7 @@ class MemoryLM(nn.Module):
         self.rope = Rotary(c.head_dim_, base=c.rope_theta, scaling=c.rope_scaling)
         self.set_memories(build_memories(c))
         self.apply(self._init_weights)
-        for block in self.blocks:                                  # GPT-2 scaled init of residual outputs
+        for block in blocks:                                       # GPT-2 scaled init of residual outputs
             for proj in (block.attn.out, block.mlp.down):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * c.n_layers))
 
@@ -95,7 +102,7 @@ class MemoryLM(nn.Module):
         for m in self.memories:
             setattr(self, m.name, m)
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -156,7 +163,7 @@ class MemoryLM(nn.Module):
         P = state.pending.shape[1] if held and state.pending is not None else 0
         if P:                                                       # the unfinished segment of the last call
             tokens = torch.cat([state.pending.to(tokens.device), tokens], dim=1)   # (B, P + N)
-        logits, aux = [], None
+        pieces, aux = [], None
         for start in range(0, tokens.shape[1], T):                  # segment by segment, memory carried
             seg = tokens[:, start:start + T]
             seg_logits, new_state, seg_aux = self._segment(seg, state)
@@ -167,14 +174,16 @@ class MemoryLM(nn.Module):
             if seg_aux is not None:
                 aux = seg_aux if aux is None else aux + seg_aux
             state = new_state
-            logits.append(seg_logits)
-        logits = torch.cat(logits, dim=1) if len(logits) > 1 else logits[0]   # (B, P + N, V)
+            pieces.append(seg_logits)
+        logits = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]    # (B, P + N, V)
         logits = logits[:, P:]                                      # (B, N, V)
         return LMOutput(logits=logits, loss=lm_loss(logits, targets), state=state, aux_loss=aux)
 
     def _segment(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
         """Logits (B, T, V), the state after the segment and its memories' auxiliary loss (or None)."""
         seg = Segment(self.drop(self.embed(tokens)))                # x: (B, T, D)
+        if self.tracer is not None:                                 # inspection only (models/inspect.py)
+            self.tracer.begin(seg, len(self.blocks))
         parts = {m.name: m.begin(seg, state.part(m.name)) for m in self.memories}
         x = seg.x                                                   # (B, L, D)
         cos, sin = self.rope.cos_sin(seg.memory_len + x.shape[1], device=x.device, dtype=x.dtype)
@@ -189,4 +198,6 @@ class MemoryLM(nn.Module):
             new[m.name], a = m.end(seg, parts[m.name], h)
             if a is not None:
                 aux = a if aux is None else aux + a
+        if self.tracer is not None:
+            self.tracer.end({m.name: m.inspect(seg, parts[m.name], new[m.name], h) for m in self.memories})
         return logits, state.with_parts(**new), aux

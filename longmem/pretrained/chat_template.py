@@ -143,38 +143,56 @@ def end_of_turn(tokenizer, tokenizer_config: Mapping[str, Any], generation_confi
     return StopTokens(ids=tuple(ids), strings=tuple(tokenizer.id_to_token(i) for i in ids))
 
 
+class UnknownPast:
+    """``TurnRenderer.render(..., after=UNKNOWN_PAST)``: the memory holds a conversation whose messages are
+    not at hand."""
+
+
+UNKNOWN_PAST = UnknownPast()
+Past = list[dict[str, Any]] | UnknownPast | None       # what new messages follow: known ones, unknown, nothing
+
+
 class TurnRenderer:
-    """A conversation rendered one turn at a time, for a model whose memory holds the past turns.
+    """A conversation rendered a few messages at a time, for a model whose memory holds the past ones.
 
-    A chat template renders a whole conversation; a model with memory is fed only what is new. Each user
-    turn is rendered as the text the template adds for it, the difference between the conversation
-    with and without it, so the tokens fed over all turns are those of one rendering of the whole
+    A chat template renders a whole conversation; a model with memory is fed only what is new. New
+    messages are rendered as the text the template adds for them, the difference between the conversation
+    with and without them, so the tokens fed over all turns are those of one rendering of the whole
     conversation (for templates whose rendering of a prefix is a prefix of the whole, as ChatML's,
-    Llama 3's and most are; a template that is not gets each turn rendered alone).
+    Llama 3's and most are; a template that is not gets the new messages rendered alone).
 
-    ``user_turn(text, first=...)`` -> the text to feed before the reply (the first turn with the system
-    prompt and whatever the template puts first); ``closing(stop)`` -> the text that ends the assistant's
-    turn, less the stop string the model already wrote (e.g. ``"\n"`` after ``<|im_end|>``).
+    ``render(messages, after=...)`` -> the text to feed for ``messages`` and the header of the assistant's
+    reply: ``after`` None for a fresh memory (the system prompt and whatever the template puts first come
+    with it), the past messages when they are known, or :data:`UNKNOWN_PAST` when the memory holds a
+    conversation whose text is not at hand (placeholders stand for it). ``user_turn(text, first=...)`` is
+    one user message. ``closing(stop)`` -> the text that ends the assistant's turn, less the stop string
+    the model already wrote (e.g. ``"\n"`` after ``<|im_end|>``).
     """
     _U, _A = "\x00user\x00", "\x00assistant\x00"
 
     def __init__(self, template: str, variables: Mapping[str, str] | None = None, *, system: str | None = None):
         self.template, self.variables, self.system = template, dict(variables or {}), system
 
-    def _render(self, messages: list[dict], generation: bool) -> str:
+    def _render(self, messages: list[dict[str, Any]], generation: bool) -> str:
         return render_chat(self.template, messages, add_generation_prompt=generation, **self.variables)
 
-    def _past(self) -> list[dict]:
+    def _past(self) -> list[dict[str, Any]]:
         start = [{"role": "system", "content": self.system}] if self.system else []
         return start + [{"role": "user", "content": self._U}, {"role": "assistant", "content": self._A}]
 
+    def render(self, messages: list[dict[str, Any]], *, after: Past = None) -> str:
+        """The text to feed for ``messages`` after ``after`` (None: nothing, a list: those messages,
+        :data:`UNKNOWN_PAST`: a conversation not at hand), ending with the header of the assistant's reply."""
+        if after is None:
+            start = [{"role": "system", "content": self.system}] if self.system else []
+            return self._render(start + list(messages), True)
+        past = self._past() if isinstance(after, UnknownPast) else list(after)
+        before, whole = self._render(past, False), self._render(past + list(messages), True)
+        return whole[len(before):] if whole.startswith(before) else self._render(list(messages), True)
+
     def user_turn(self, text: str, *, first: bool) -> str:
         """The text to feed for the next user message (and the header of the assistant's reply)."""
-        user = {"role": "user", "content": text}
-        if first:
-            return self._render(self._past()[:-2] + [user], True)
-        before, whole = self._render(self._past(), False), self._render(self._past() + [user], True)
-        return whole[len(before):] if whole.startswith(before) else self._render([user], True)
+        return self.render([{"role": "user", "content": text}], after=None if first else UNKNOWN_PAST)
 
     def closing(self, stop: str | None) -> str:
         """What the template writes after an assistant's reply, less ``stop`` (the stop string the model

@@ -212,7 +212,9 @@ def read_gguf(path: str | os.PathLike) -> Checkpoint:
         w = _dequantize(t, source=source)
         if arch in ROTARY_PERMUTED and name.startswith("blk.") and name.split(".")[2] in ("attn_q", "attn_k"):
             w = unpermute_rows(w, cfg["num_attention_heads"] if ".attn_q." in name else cfg["num_key_value_heads"])
-        tensors[hf_name(name)] = w
+        key = hf_name(name)
+        assert key is not None                                      # unknown names were refused above
+        tensors[key] = w
     check_tensors(tensors, cfg, source=source)
 
     eos = [meta.get(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id", "eom_token_id")]

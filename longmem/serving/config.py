@@ -4,9 +4,10 @@ from __future__ import annotations
 import ipaddress
 import math
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 
-def _help(text: str, **kw):
+def _help(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
 
 
@@ -14,8 +15,9 @@ def _help(text: str, **kw):
 class ServeConfig:
     host: str = _help("address to bind; the default is loopback only", default="127.0.0.1")
     port: int = _help("TCP port", default=8000)
-    api_key: str = _help("if set, requests need 'Authorization: Bearer KEY' (or env LONGMEM_API_KEY), and the "
-                         "interactive docs (/docs, /redoc, /openapi.json) are off", default="")
+    api_key: str = _help("if set, every route but /health needs it (or env LONGMEM_API_KEY): 'Authorization: "
+                         "Bearer KEY' for the API; the pages (/docs, /redoc, /openapi.json, /inspect) also take it "
+                         "as the password of HTTP basic authentication, which a browser asks for", default="")
     sessions_dir: str = _help("where idle sessions are written (default: RUN/sessions)", default="")
     max_request_bytes: int = _help("largest request body accepted", default=1_000_000)
     max_prompt_chars: int = _help("longest prompt accepted, in characters", default=32_000)
@@ -34,14 +36,19 @@ class ServeConfig:
                                          default=4_000_000_000)
     max_queue: int = _help("requests waiting for the model at most; more are refused with 503", default=256)
     attention_sink: int = _help("kind none: first positions kept in the decoding cache", default=4)
+    turn_format: str = _help("chat API: how a message is fed ({text} its only field; an assistant's message is its "
+                             "text and a newline); default: the model's chat template if it has one, else one line "
+                             "per message prefixed by its role ('User: ...')", default="")
+    max_inspect_tokens: int = _help("longest text /v1/inspect reads, in tokens", default=4096)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"{f.name} must be a finite number, got {v}")
         for name in ("max_request_bytes", "max_prompt_chars", "max_tokens_limit", "max_live_sessions",
-                     "max_session_bytes", "max_queue", "max_sessions_on_disk", "max_sessions_disk_bytes"):
+                     "max_session_bytes", "max_queue", "max_sessions_on_disk", "max_sessions_disk_bytes",
+                     "max_inspect_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_sessions_on_disk < self.max_live_sessions:
@@ -51,6 +58,9 @@ class ServeConfig:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.session_idle_s <= 0:
             raise ValueError(f"session_idle_s must be positive, got {self.session_idle_s}")
+        if self.turn_format:
+            from longmem.generation.chat import check_turn_format
+            check_turn_format(self.turn_format)
 
     @property
     def loopback(self) -> bool:

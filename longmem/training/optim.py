@@ -28,7 +28,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     spared (``Memory.no_weight_decay``, e.g. the initial memory tokens)."""
     embed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     embed |= {id(p) for m in model.modules() if isinstance(m, Memory) for p in m.no_weight_decay()}
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         (decay if p.dim() >= 2 and id(p) not in embed else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -88,7 +88,7 @@ class Task:
 
 
 def forward_window(model, batches: list, state: State | None, *, device, amp_dtype,
-                   checkpoint: bool = False, aux_weight: float = 0.0) -> tuple[torch.Tensor, State]:
+                   checkpoint: bool = False, aux_weight: float = 0.0) -> tuple[torch.Tensor, State | None]:
     """Run consecutive segments of the lanes with the graph kept through the memory: backpropagation
     through segments (Bulatov et al. 2022 §3). Returns the summed cross-entropy over the targets of
     all ``batches`` (plus ``aux_weight`` times the memories' auxiliary loss, ``LMOutput.aux_loss``)
@@ -141,8 +141,9 @@ class StreamTask(Task):
         seg_len = cfg.model.segment_len
         if name == "lm":
             cache = cache_dir_for(d.path) if d.cache and d.path else None
-            self.stream = TrainStream(encode_documents(train_texts, self.tokenizer, cache_dir=cache),
-                                      batch_size=d.batch_size, seg_len=seg_len, seed=d.seed, lanes=lanes)
+            self.stream: TrainStream | TaskStream = TrainStream(
+                encode_documents(train_texts, self.tokenizer, cache_dir=cache), batch_size=d.batch_size,
+                seg_len=seg_len, seed=d.seed, lanes=lanes)
             val_docs = encode_documents(val_texts, self.tokenizer, cache_dir=cache)
             n_chars = predicted_chars(val_texts)
 

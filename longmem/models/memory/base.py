@@ -14,6 +14,9 @@ memories in order:
 3. ``end(seg, part, h) -> (part, aux_loss | None)``: write the new part from what the segment left
    (``seg.inputs``, the recorded keys and values, the final-norm outputs ``h``); ``aux_loss`` is an
    unweighted training loss term (a sum over lanes), which the trainer weighs (``train.aux_weight``).
+4. only while the model is traced (``models/inspect.py``; ``seg.inspecting`` is then true from before
+   ``begin``): ``inspect(seg, before, after, h) -> dict | None``, what the memory did in the segment
+   (tensors with the lanes first), e.g. the entries a kNN memory retrieved or how much memory tokens changed.
 
 A kind is a list of memories built from the model config: :func:`register_kind` maps its name to a
 builder. ``kind: knn`` is XL + kNN, ``kind: tokens`` is XL + memory tokens. A new memory is one file
@@ -23,7 +26,7 @@ trainer know this protocol, never a kind by name.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -36,12 +39,16 @@ class Memory(nn.Module):
     """Base class of the memories of a MemoryLM (see the module docstring)."""
     name: str = ""                   # the part's key in State and the model attribute holding this module
     whole_segments: bool = False     # writes once per full segment: the model keeps an unfinished one pending
-    added_positions: int = 0         # positions it adds to every segment (memory tokens: read + write)
 
     @property
     def stateful(self) -> bool:
         """Whether it carries anything from one call to the next (decoders then feed tokens with the state)."""
         return True
+
+    @property
+    def added_positions(self) -> int:
+        """Positions it adds to every segment (memory tokens: read + write)."""
+        return 0
 
     def init(self, batch_size: int, *, device, dtype):
         """The part of a fresh state."""
@@ -54,6 +61,11 @@ class Memory(nn.Module):
     def end(self, seg: "Segment", part, h: torch.Tensor):
         """(new part, unweighted auxiliary training loss or None); ``h``: (B, L, D) final-norm outputs."""
         return part, None
+
+    def inspect(self, seg: "Segment", before: Any, after: Any, h: torch.Tensor) -> dict[str, Any] | None:
+        """What this memory did during ``seg`` (``before`` / ``after``: its part; ``h`` as in ``end``), for
+        inspection; called only while the model is traced. None: nothing to show beyond the attention."""
+        return None
 
     def nbytes(self, *, batch_size: int, d_model: int, n_layers: int, bytes_per_value: int = 4) -> int:
         """About how many bytes the part takes for ``batch_size`` lanes (a check before allocating)."""
@@ -94,7 +106,8 @@ class Segment:
         self.hooks: dict[int, list] = defaultdict(list)
         self.keep_inputs = False
         self.inputs: list[torch.Tensor] = []
-        self.scratch: dict[str, dict] = {}              # per memory name: what its hooks recorded
+        self.scratch: dict[str, Any] = {}               # per memory name: what its hooks recorded
+        self.inspecting = False                         # traced: memories record what ``inspect`` reports
         self._mask: torch.Tensor | None = None
 
     def surround(self, front: torch.Tensor, back: torch.Tensor) -> None:

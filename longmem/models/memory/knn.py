@@ -22,6 +22,7 @@ Search backends behind one function :func:`search`:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,6 +116,7 @@ class FaissIndex:
         n, d = vectors.shape
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         ip = faiss.METRIC_INNER_PRODUCT
+        index: Any
         if kind == "flat":
             index = faiss.IndexFlatIP(d)
         elif kind == "hnsw":
@@ -212,7 +214,7 @@ class KNNMemory(Memory):
             raise ValueError(f"kNN state has (layers, heads, capacity, head_dim) = {got}, the model {want}")
 
     def begin(self, seg: Segment, part: KNNState) -> KNNState:
-        knn = KNNSegment(self, part)                                  # reads the store of past segments
+        knn = KNNSegment(self, part, record=seg.inspecting)           # reads the store of past segments
         seg.scratch[self.name] = knn
         for i in self.layers:
             seg.hooks[i].append(knn.hook(i))
@@ -221,14 +223,29 @@ class KNNMemory(Memory):
     def end(self, seg: Segment, part: KNNState, h: torch.Tensor):
         return seg.scratch[self.name].written(), None                  # after the segment: never retrieves itself
 
+    def inspect(self, seg: Segment, before: KNNState, after: KNNState, h: torch.Tensor) -> dict[str, Any]:
+        """What the retrieving layers found: per retrieving layer j (in ``layers``) ``entries[j]`` (B, H, T, K),
+        the numbers of the entries retrieved (entry e is the e-th token the lane's store was written since its
+        reset; -1: none), ``scores[j]`` their scaled match with the query and ``weights[j]`` the attention over
+        them (the K of a query sum to 1); ``gate`` (n retrieving layers, H) the share of the retrieved part in
+        the output; ``written`` (B,) entries written before the segment. A layer that found nothing (an empty
+        store) is missing from the three dicts."""
+        rec = seg.scratch[self.name].records
+        return {"layers": list(self.layers), "gate": torch.stack([torch.sigmoid(g.detach()) for g in self.gate]),
+                "written": before.written, "entries": {j: r["entries"] for j, r in rec.items()},
+                "scores": {j: r["scores"] for j, r in rec.items()}, "weights": {j: r["weights"] for j, r in rec.items()}}
+
     def segment(self, state: KNNState) -> "KNNSegment":
         return KNNSegment(self, state)
 
     def attend(self, j: int, *, q: torch.Tensor, y: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               count: torch.Tensor) -> torch.Tensor:
+               count: torch.Tensor, written: torch.Tensor | None = None,
+               record: dict[int, dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
         """Gated mix of local attention ``y`` with attention over the top-k entries (layer j of self.layers).
 
         q, y: (B, H, T, Dh) queries (no positions) and local attention output; keys, values: (B, G, C, Dh).
+        record (inspection): gets ``record[j]`` = entries, scores, weights (see :meth:`inspect`); needs
+        ``written`` (B,), the entries written so far per lane.
         """
         if self.normalize:
             q = F.normalize(q, dim=-1)
@@ -245,9 +262,15 @@ class KNNMemory(Memory):
         vr = rows_of(values.reshape(-1, Dh), flat)
         # scores recomputed with gradient into the queries (the search itself is not differentiable)
         s = torch.einsum("bgnd,bgnkd->bgnk", qg, kr).view(B, H, T, k)  # (B, H, T, k)
-        s = s * (self.log_scale[j].exp().view(1, H, 1, 1) if self.normalize else 1.0 / math.sqrt(Dh))
+        s = s * (self.log_scale[j].exp().view(1, H, 1, 1) if self.log_scale is not None else 1.0 / math.sqrt(Dh))
         s = s.masked_fill(found.view(B, H, T, k) == float("-inf"), torch.finfo(s.dtype).min)   # lanes with < k
-        y_mem = torch.einsum("bgnk,bgnkd->bgnd", s.softmax(-1).view(B, G, rep * T, k), vr).view(B, H, T, Dh)
+        weights = s.softmax(-1)                                        # (B, H, T, k)
+        y_mem = torch.einsum("bgnk,bgnkd->bgnd", weights.view(B, G, rep * T, k), vr).view(B, H, T, Dh)
+        if record is not None and written is not None:               # slot -> entry number (slot e % C holds e)
+            slot, w, C = idx.view(B, H, T, k), written.view(B, 1, 1, 1), keys.shape[2]
+            missing = found.view(B, H, T, k) == float("-inf")
+            record[j] = {"entries": (slot + C * torch.div(w - 1 - slot, C, rounding_mode="floor")).masked_fill(missing, -1),
+                         "scores": s.detach().float(), "weights": weights.detach().float().masked_fill(missing, 0.0)}
         y_mem = torch.where((count > 0).view(B, 1, 1, 1), y_mem, y)   # an empty lane falls back to local
         g = torch.sigmoid(self.gate[j]).view(1, H, 1, 1)
         return g * y_mem + (1 - g) * y
@@ -276,10 +299,11 @@ class KNNMemory(Memory):
 class KNNSegment:
     """The kNN memory during one segment: hooks for the retrieving blocks, then the write."""
 
-    def __init__(self, memory: KNNMemory, state: KNNState):
+    def __init__(self, memory: KNNMemory, state: KNNState, *, record: bool = False):
         memory.check(state)
         self.memory, self.state = memory, state
         self.count = state.count()
+        self.records: dict[int, dict[str, torch.Tensor]] | None = {} if record else None   # inspection only
         self.new_keys: dict[int, torch.Tensor] = {}
         self.new_values: dict[int, torch.Tensor] = {}
 
@@ -294,7 +318,7 @@ class KNNSegment:
             self.new_keys[j] = F.normalize(k, dim=-1) if self.memory.normalize else k
             self.new_values[j] = v
             return self.memory.attend(j, q=q, y=y, keys=self.state.keys[j], values=self.state.values[j],
-                                      count=self.count)
+                                      count=self.count, written=self.state.written, record=self.records)
         return retrieve
 
     def written(self) -> KNNState:

@@ -12,6 +12,8 @@ no weights: ``kind: sinks`` puts it on any trained or imported model with no tra
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from longmem.models.memory.base import Memory, Segment, keep_last
@@ -64,7 +66,7 @@ class KVMemory(Memory):
         return part
 
     def _recorder(self, seg: Segment, i: int):
-        def record(*, q, k, v, y, raw_k, context):
+        def record(*, q, k, v, y, raw_k, context, **_):
             if seg.start == 0 and seg.n_tokens == k.shape[2]:               # [cache; segment] as attended
                 seg.scratch[self.name][i] = context
             else:                                                            # positions added around the tokens
@@ -89,6 +91,9 @@ class KVMemory(Memory):
             values.append(v)
             valid = valid_k
         return KVState(keys=tuple(keys), values=tuple(values), valid=valid), None
+
+    def inspect(self, seg: Segment, before: KVState, after: KVState, h: torch.Tensor) -> dict[str, Any]:
+        return {"slots": before.valid}                                   # (B,) cached positions attended to
 
     def nbytes(self, *, batch_size: int, d_model: int, n_layers: int, bytes_per_value: int = 4) -> int:
         return 2 * batch_size * self.window * d_model * n_layers * bytes_per_value    # an upper bound (G <= H)

@@ -21,6 +21,7 @@ block's own relative positions and makes the all-blocks case exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -52,12 +53,13 @@ class RetrievalState:
 
     def reset(self, drop):
         keep = ~drop.bool().to(self.valid.device)
-        parts = {name: tuple(torch.where(_keep(drop, t), t, 0) for t in getattr(self, name)) for name in self._TENSORS}
+        parts: dict[str, Any] = {name: tuple(torch.where(_keep(drop, t), t, 0) for t in getattr(self, name))
+                                 for name in self._TENSORS}
         return RetrievalState(**parts, **{c: getattr(self, c) * keep for c in self._COUNTS})
 
     def detach(self):
-        return RetrievalState(**{n: tuple(t.detach() for t in getattr(self, n)) for n in self._TENSORS},
-                              **{c: getattr(self, c) for c in self._COUNTS})
+        parts: dict[str, Any] = {n: tuple(t.detach() for t in getattr(self, n)) for n in self._TENSORS}
+        return RetrievalState(**parts, **{c: getattr(self, c) for c in self._COUNTS})
 
     def to_tensors(self):
         out = {c: getattr(self, c) for c in self._COUNTS}
@@ -68,8 +70,8 @@ class RetrievalState:
     @classmethod
     def from_tensors(cls, d):
         n = sum(1 for k in d if k.startswith("sink_k."))
-        return cls(**{name: tuple(d[f"{name}.{i}"] for i in range(n)) for name in cls._TENSORS},
-                   **{c: d[c].long() for c in cls._COUNTS})
+        parts: dict[str, Any] = {name: tuple(d[f"{name}.{i}"] for i in range(n)) for name in cls._TENSORS}
+        return cls(**parts, **{c: d[c].long() for c in cls._COUNTS})
 
     @property
     def capacity(self) -> int:
@@ -193,7 +195,7 @@ class RetrievalMemory(Memory):
         return part
 
     def _recorder(self, seg: Segment, i: int):
-        def record(*, q, k, v, y, raw_k, context):
+        def record(*, q, k, v, y, raw_k, context, **_):
             seg.scratch[self.name][i] = (seg.tokens_of(raw_k, dim=2).detach(), seg.tokens_of(v, dim=2).detach())
             return y
         return record
@@ -217,7 +219,7 @@ class RetrievalMemory(Memory):
         ev_src = ((start + skip).unsqueeze(1) + j_ev).clamp(max=span + T - 1)        # (B, m)
         ev_dst = ((part.written + skip).unsqueeze(1) + j_ev) % C
         ev_real = j_ev.unsqueeze(0) < (evict - skip).unsqueeze(1)
-        new = {name: [] for name in RetrievalState._TENSORS}
+        new: dict[str, list[torch.Tensor]] = {name: [] for name in RetrievalState._TENSORS}
         for i in range(self.n_layers):
             k_new, v_new = seg.scratch[self.name][i]
             for kind, win, new_tok, sink, store in (("k", part.win_k[i], k_new, part.sink_k[i], part.store_k[i]),

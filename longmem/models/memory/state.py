@@ -12,7 +12,8 @@ flat ``{"name.key": tensor}`` dict so it can be written with safetensors (resume
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Mapping, Protocol
+from types import EllipsisType
+from typing import Any, Mapping, Protocol
 
 import torch
 
@@ -34,10 +35,10 @@ class Part(Protocol):
         ...
 
 
-PARTS: dict[str, type] = {}
+PARTS: dict[str, type[Part]] = {}
 
 
-def register_part(name: str, cls: type) -> type:
+def register_part(name: str, cls: type[Part]) -> type[Part]:
     """Make ``State.from_state_dict`` read keys ``name.*`` with ``cls.from_tensors``."""
     if name in ("batch_size", "pending") or "." in name:
         raise ValueError(f"part name {name!r} is reserved or holds a dot")
@@ -249,10 +250,10 @@ class State:
     def parts(self) -> list[str]:
         return list(self._parts)
 
-    def with_parts(self, *, pending: torch.Tensor | None | type(...) = ..., **parts) -> "State":
+    def with_parts(self, *, pending: torch.Tensor | None | EllipsisType = ..., **parts: Any) -> "State":
         """A copy with the named parts replaced (or added), and ``pending`` if given."""
         return State(self.batch_size, {**self._parts, **parts},
-                     pending=self.pending if pending is ... else pending)
+                     pending=self.pending if isinstance(pending, EllipsisType) else pending)
 
     def reset(self, mask: torch.Tensor) -> "State":
         """Clear the lanes where ``mask`` (B,) is true."""

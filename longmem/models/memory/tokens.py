@@ -22,6 +22,8 @@ calls (backpropagation through segments, Bulatov et al. 2022 §3), detaching bey
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -76,6 +78,16 @@ class TokenMemory(Memory):
         written = h[:, seg.start + seg.n_tokens:]                          # (B, R, D) the write positions
         return self.write(written, previous=seg.scratch[self.name]["read"])
 
+    def inspect(self, seg: Segment, before: TokensState, after: TokensState, h: torch.Tensor) -> dict[str, Any]:
+        """Per lane and memory token (B, R): ``change``, the size of the write relative to the memory read,
+        ``|new - read| / |read|``; ``gate``, the mean gate applied (None without a gate)."""
+        read = seg.scratch[self.name]["read"].detach().float()            # (B, R, D)
+        change = (after.mem.detach().float() - read).norm(dim=-1) / read.norm(dim=-1).clamp(min=1e-12)
+        gate = None
+        if self.gate is not None:
+            gate = self.gates(h[:, seg.start + seg.n_tokens:].detach())[0].detach().float().mean(dim=-1)
+        return {"change": change, "gate": gate}
+
     def gates(self, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The gate (B, R, D) that mixes the written ``outputs`` (B, R, D) into the memory, and its charge per
         lane (B,), the auxiliary loss the trainer weighs (``train.aux_weight``). Needs a gate.
@@ -86,6 +98,7 @@ class TokenMemory(Memory):
         a margin, so the small changes of the written outputs over many segments do not reopen it, and is
         then left alone, free to reopen. Without a stretch the gate is the sigmoid, and so is the charge.
         A gate below ``floor`` (``memory.tokens.floor``) is 0, straight through as well."""
+        assert self.gate is not None, "gates() needs memory.tokens.gate"
         g = torch.sigmoid(self.gate(outputs))                               # (B, R, D)
         if self.stretch <= 0:
             charge = g.mean(dim=(1, 2))

@@ -12,6 +12,8 @@ costs one position's projections instead of the whole memory's.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from longmem.models.memory.base import Memory, Segment, keep_last, slide
@@ -73,6 +75,9 @@ class XLMemory(Memory):
             mems.append(m)
             valid = v
         return XLState(mems=tuple(mems), valid=valid)
+
+    def inspect(self, seg: Segment, before: XLState, after: XLState, h: torch.Tensor) -> dict[str, Any]:
+        return {"slots": before.valid}                                   # (B,) past positions attended to
 
     def nbytes(self, *, batch_size: int, d_model: int, n_layers: int, bytes_per_value: int = 4) -> int:
         return batch_size * self.mem_len * d_model * n_layers * bytes_per_value

@@ -128,3 +128,13 @@ def live_server(app):
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+TIERS = ("unit", "invariant", "parity", "e2e")
+
+
+def pytest_collection_modifyitems(items):
+    """Tiers (STYLE.md): a test marked with none is a unit test (tiny, milliseconds): `pytest -m "not e2e"`."""
+    for item in items:
+        if not any(item.get_closest_marker(t) for t in TIERS):
+            item.add_marker(pytest.mark.unit)

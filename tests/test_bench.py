@@ -12,6 +12,8 @@ from longmem.cli import main
 
 from conftest import REPO_ROOT
 
+pytestmark = pytest.mark.e2e
+
 DRAWING = ("profiles", "knn_recall", "rmt_probes")
 
 

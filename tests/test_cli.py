@@ -19,6 +19,8 @@ from longmem.models import MemoryLM
 from longmem.runs import load_run
 from longmem.training.checkpoint import load_weights
 
+pytestmark = pytest.mark.e2e
+
 TINY = PRESETS / "tiny.yaml"
 
 

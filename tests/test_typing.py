@@ -9,6 +9,8 @@ import pytest
 
 from conftest import REPO_ROOT
 
+pytestmark = pytest.mark.e2e
+
 
 def test_the_public_modules_type_check():
     pytest.importorskip("mypy", reason="mypy is in the dev extra")

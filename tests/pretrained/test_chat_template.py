@@ -11,6 +11,8 @@ from tiny_pretrained import CHATML, hf_tokenizer, tiny_tokenizer  # noqa: E402
 from longmem.pretrained.chat_template import (ChatTemplateError, end_of_turn, render_chat,  # noqa: E402
                                               template_variables)
 
+pytestmark = pytest.mark.parity
+
 # Qwen2.5's template (shortened tool text): a default system prompt, tools serialised with tojson.
 QWEN = (
     "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == 'system' %}\n"

@@ -15,6 +15,8 @@ from tiny_pretrained import CHATML, TEXTS, gguf_name, permute, tiny_model, tiny_
 from longmem.pretrained import read_checkpoint, read_gguf  # noqa: E402
 from longmem.pretrained.gguf_reader import unpermute_rows  # noqa: E402
 
+pytestmark = pytest.mark.parity
+
 # max |dequantized - original| per type for weights of std 0.3 (about 4 std): a loose bound that
 # still fails if a row is permuted or a block is misread (those change values by O(1)).
 QUANT_ERROR = {"F32": 0.0, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 1e-2, "Q5_0": 0.1, "Q5_1": 0.1, "Q4_0": 0.2, "Q4_1": 0.2}

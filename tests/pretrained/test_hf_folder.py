@@ -14,6 +14,8 @@ from tiny_pretrained import CHATML, TEXTS, hf_tokenizer, save_hf, tiny_model, ti
 from longmem.pretrained import read_checkpoint, read_hf_folder  # noqa: E402
 from longmem.pretrained.checkpoint import CONFIG_KEYS, complete_config  # noqa: E402
 
+pytestmark = pytest.mark.parity
+
 
 @pytest.fixture(scope="module")
 def tok():

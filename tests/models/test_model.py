@@ -15,6 +15,8 @@ from longmem.models import IGNORE_INDEX, MemoryLM
 
 from conftest import tiny_config
 
+pytestmark = pytest.mark.invariant
+
 B, V = 2, 37
 
 

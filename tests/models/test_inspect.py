@@ -20,7 +20,7 @@ from longmem.models.inspect import distance_bin, trace
 
 from conftest import make_tiny_run, spread_weights, tiny_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.invariant, pytest.mark.usefixtures("one_thread")]
 TEXT = "The passkey is 4711. The grass is green. The grass is green. The passkey is"
 
 

@@ -45,6 +45,7 @@ def turn(run, text: str, state=None) -> TextStream:
     return s
 
 
+@pytest.mark.e2e
 def test_piped_chat_saves_the_session_and_the_next_run_continues_it(run, tmp_path):
     res = subprocess.run([sys.executable, "-m", "longmem", "chat", str(run.path), "--session", "s1",
                           "--sessions-dir", str(tmp_path), "--max-new-tokens", "8", "--temperature", "0"],

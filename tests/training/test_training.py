@@ -19,6 +19,8 @@ from longmem.training import state as S
 from longmem.training.precision import resolve_precision
 from longmem.training.trainer import TrainingStopped, train
 
+pytestmark = pytest.mark.e2e
+
 TINY = PRESETS / "tiny.yaml"
 
 

@@ -14,6 +14,8 @@ from longmem.models import MemoryLM
 
 from conftest import spread_weights
 
+pytestmark = pytest.mark.invariant
+
 V = 37
 
 

@@ -12,6 +12,8 @@ from longmem.data.stream import encode_documents
 from longmem.data.tokenizer import ByteTokenizer
 from longmem.evaluation.perplexity import evaluate_ppl, predicted_chars
 
+pytestmark = pytest.mark.invariant
+
 
 def make_docs(lengths: list[int], *, vocab: int = 37, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)

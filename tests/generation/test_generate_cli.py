@@ -11,7 +11,7 @@ from longmem.generation.processors import SamplingConfig
 
 from conftest import make_tiny_run
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

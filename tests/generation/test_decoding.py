@@ -11,7 +11,7 @@ from longmem.generation.processors import SamplingConfig
 
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.invariant, pytest.mark.usefixtures("one_thread")]
 
 
 def test_cached_decoding_without_memory_equals_full_recomputation(make_model):

@@ -20,7 +20,7 @@ from longmem.serving.server import create_app  # noqa: E402
 
 from conftest import live_server, make_tiny_chat_run, make_tiny_run  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_thread")]
 GREEDY = dict(temperature=0.0, max_new_tokens=8)
 
 

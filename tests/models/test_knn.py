@@ -15,6 +15,8 @@ from longmem.models.memory.knn import KNNMemory, faiss_search, resolve_knn_layer
 
 from conftest import spread_weights, tiny_config
 
+pytestmark = pytest.mark.invariant
+
 V = 37
 
 
@@ -254,6 +256,7 @@ def test_faiss_backend_in_the_model_matches_torch():
 
 
 # -- end to end ----------------------------------------------------------------------
+@pytest.mark.e2e
 def test_cli_trains_with_knn_memory(tmp_path, capsys):
     from longmem.cli import main
     code = main(["train", "--config", "tiny", "--out", str(tmp_path / "RUN"),

@@ -167,6 +167,7 @@ def cli(capsys, *args: str) -> str:
     return capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_train_on_passkey_and_eval_sweep_through_the_cli(tmp_path, capsys, one_thread):
     out = tmp_path / "run"
     cli(capsys, "train", "--out", str(out), "--task.name", "passkey", "--task.length", "300", "--task.n_test", "4",

@@ -14,6 +14,8 @@ from longmem.models import IGNORE_INDEX
 from longmem.training.state import concat_lane_states, slice_lane_state
 from longmem.training.task import forward_window
 
+pytestmark = pytest.mark.invariant
+
 B, V, SEG, R = 2, 37, 8, 3
 
 
@@ -313,6 +315,7 @@ def test_generation_token_by_token_equals_one_call_in_bounded_memory(rmt):
     assert dec.cache_positions() == 4 + SEG - 1
 
 
+@pytest.mark.e2e
 def test_curriculum_grows_the_task_examples_and_the_bptt_window(tmp_path, monkeypatch, one_thread):
     """task passkey, curriculum 1,2 over 4 steps: steps 1-2 read one-segment examples one segment per
     step, steps 3-4 two-segment examples two segments per step (one window = one example)."""

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import logging
 import platform
 import statistics
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from longmem.io import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 PUBLISHED = BENCH_DIR.parent / "BENCHMARKS.md"           # its pictures live in benchmarks/
@@ -77,7 +79,7 @@ def run_benchmarks(*, out: str | Path, quick: bool, argv: list[str] | None = Non
     sections = []
     t0 = time.perf_counter()
     for name in suite:
-        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        log.info("%s ...", name)
         run = _load(name, folder).run
         draws = "out_dir" in inspect.signature(run).parameters
         sections.append(run(quick, out_dir=out.parent, figures=figures) if draws else run(quick))
@@ -91,5 +93,5 @@ def run_benchmarks(*, out: str | Path, quick: bool, argv: list[str] | None = Non
     ]
     text = "\n".join(header + sections)
     atomic_write_text(out, text)
-    print(f"bench: wrote {out} ({seconds:.0f}s)", file=sys.stderr)
+    log.info("wrote %s (%.0fs)", out, seconds)
     return text

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-from longmem.config import LEGACY_KEYS, REMOVED_KEYS, config_help, did_you_mean, preset_names, valid_keys
+from longmem.config import (LEGACY_KEYS, REMOVED_KEYS, config_help, did_you_mean, legacy_key, preset_names,
+                            valid_keys)
 from longmem.runs import EVAL_KEYS, IMPORT_KEYS, RUN_KEYS
 
 
@@ -43,10 +47,10 @@ def parse_overrides(args: list[str], *, keys: list[str] | tuple[str, ...] | None
             hint = did_you_mean(arg.partition("=")[0], options) if arg.startswith("-") else ""
             raise ValueError(f"unrecognized argument {arg!r}{hint}" + (
                 " (config overrides look like --train.lr 3e-4)" if accepted and not hint else ""))
-        key, eq, value = arg[2:].partition("=")
-        key = LEGACY_KEYS.get(key, key)                         # a key of longmem 0.1: today's name
-        if key in REMOVED_KEYS:
-            raise ValueError(REMOVED_KEYS[key])
+        given, eq, value = arg[2:].partition("=")
+        if given in REMOVED_KEYS:
+            raise ValueError(REMOVED_KEYS[given])
+        key = LEGACY_KEYS.get(given, given)                     # a key of longmem 0.1: today's name
         if key not in accepted:
             listed = (f"the config keys it accepts: {', '.join(f'--{k}' for k in accepted)}" if accepted
                       else "it takes no config keys")
@@ -58,6 +62,7 @@ def parse_overrides(args: list[str], *, keys: list[str] | tuple[str, ...] | None
             if i + 1 >= len(args):
                 raise ValueError(f"--{key} needs a value")
             value, i = args[i + 1], i + 1
+        key, value = legacy_key(given, value)                   # today's value too, with a FutureWarning
         out[key] = value
         i += 1
     return out
@@ -453,6 +458,62 @@ COMMANDS = [
 ]
 
 
+# -- logging -------------------------------------------------------------------
+LOG_LEVELS = ("debug", "info", "warning", "error")
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class _LogFormat(logging.Formatter):
+    """``longmem COMMAND: message``; ``warning:`` (``error:``, ``debug:``) before a message not at INFO."""
+
+    def __init__(self, command: str):
+        super().__init__()
+        self.prefix = f"longmem {command}: "
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        return self.prefix + level + super().format(record)
+
+
+def log_level(*, quiet: bool = False) -> int:
+    """The level of the library's messages on stderr: ``LONGMEM_LOG_LEVEL`` (default info); --quiet: warning at
+    least."""
+    name = os.environ.get("LONGMEM_LOG_LEVEL", "").strip().lower() or "info"
+    if name not in LOG_LEVELS:
+        raise ValueError(f"LONGMEM_LOG_LEVEL={name!r} (accepted: {', '.join(LOG_LEVELS)})"
+                         f"{did_you_mean(name, LOG_LEVELS)}")
+    level = getattr(logging, name.upper())
+    return max(level, logging.WARNING) if quiet else level
+
+
+@contextmanager
+def cli_logging(command: str, *, quiet: bool = False) -> Iterator[None]:
+    """While a command runs: the ``longmem`` logger's messages on stderr as ``longmem COMMAND: ...`` from
+    :func:`log_level` up, and Python warnings raised from longmem's own code (a legacy config key's
+    FutureWarning) as warnings there too; others keep Python's format. All is put back afterwards."""
+    logger = logging.getLogger("longmem")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormat(command))
+    level, old_level = log_level(quiet=quiet), logger.level
+    python_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if Path(filename).resolve().is_relative_to(PACKAGE_DIR):
+            logger.warning("%s", message)
+        else:
+            python_show(message, category, filename, lineno, file, line)
+
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longmem", description="Language models that remember beyond their "
                                      "attention window: train, evaluate, generate.")
@@ -464,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog=_overrides_epilog(cmd.keys) if cmd.takes_overrides else None,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         cmd.add_args(p)
+        p.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors on stderr "
+                       "(LONGMEM_LOG_LEVEL=debug|info|warning|error sets any level; default info); progress bars "
+                       "and results are not log messages")
         p.set_defaults(_cmd=cmd, _parser=p)
     return parser
 
@@ -475,9 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd: Command = args._cmd
     flags = [s for a in args._parser._actions for s in a.option_strings if s.startswith("--")]
     try:
-        overrides = parse_overrides(rest, keys=cmd.keys if cmd.takes_overrides else (), flags=flags,
-                                    command=cmd.name)
-        return cmd.run(args, overrides)
+        with cli_logging(cmd.name, quiet=args.quiet):
+            overrides = parse_overrides(rest, keys=cmd.keys if cmd.takes_overrides else (), flags=flags,
+                                        command=cmd.name)
+            return cmd.run(args, overrides)
     except (ValueError, FileNotFoundError) as e:
         print(f"longmem {cmd.name}: error: {e}", file=sys.stderr)
         return 2

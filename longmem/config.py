@@ -12,6 +12,7 @@ import difflib
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,7 @@ import yaml
 from longmem.io import atomic_write_text
 
 BUILTIN_KINDS = ("none", "xl", "knn", "tokens")
+METRIC_LOGGERS = ("jsonl", "tensorboard", "wandb")       # train.loggers; longmem.training.loggers builds them
 
 # memory kinds by name -> builder(ModelConfig) -> list of memories. ``longmem.models.memory`` registers the
 # built-in kinds (and users theirs, with ``longmem.models.memory.register_kind``); config only checks names.
@@ -266,7 +268,7 @@ class DataConfig:
     tokenizer: Literal["byte", "char", "bpe", "pretrained"] = _help(
         "byte (any UTF-8, vocab 256) | char (characters of the corpus) | bpe (byte-level BPE trained on the "
         "corpus with Hugging Face tokenizers) | pretrained (the tokenizer of an imported model, kept as it is: "
-        "runs made by longmem import, and train --init-from such a run)", default="byte")
+        "runs made by longmem import, and train --train.init_from such a run)", default="byte")
     vocab_size: int = _help("vocabulary size of the bpe tokenizer", default=4096)
     cache: bool = _help("tokenize a file corpus once into a memory-mapped token file cached beside the data",
                         default=True)
@@ -314,6 +316,10 @@ class TrainConfig:
     keep_last: int = _help("step checkpoints to keep (the best by validation loss is kept too)", default=2)
     patience: int = _help("early stopping: stop after N validations without improvement; 0 disables", default=0)
     log_every: int = _help("write a metrics.jsonl line every N steps", default=10)
+    loggers: str = _help("where metrics go besides RUN/metrics.jsonl (always written: resume and report.md read "
+                         "it), comma-separated: jsonl | tensorboard (RUN/tensorboard/, extra 'tensorboard') | wandb "
+                         "(Weights & Biases offline, RUN/wandb/, extra 'wandb'); e.g. jsonl,tensorboard",
+                         default="jsonl")
     seed: int = _help("seed of weights and dropout", default=0)
     threads: int = _help("torch CPU threads; 0 leaves torch's default", default=0)
     progress: bool = _help("show a progress bar on stderr", default=True)
@@ -358,6 +364,7 @@ class TrainConfig:
         if self.keep_last < 1:
             raise ValueError(f"train.keep_last must be >= 1, got {self.keep_last}")
         self.curriculum_stages()                          # validates
+        self.logger_names()
 
     def curriculum_stages(self) -> list[int]:
         """The curriculum as a list of segments per example (empty: none)."""
@@ -372,6 +379,15 @@ class TrainConfig:
         if len(stages) > self.max_steps:
             raise ValueError(f"train.curriculum has {len(stages)} stages but train.max_steps={self.max_steps}")
         return stages
+
+    def logger_names(self) -> list[str]:
+        """The metric loggers of ``loggers`` (``longmem.training.loggers``): jsonl first, whether named or not."""
+        names = [p.strip() for p in str(self.loggers).split(",") if p.strip()]
+        for name in names:
+            if name not in METRIC_LOGGERS:
+                raise ValueError(f"train.loggers: unknown logger {name!r} (accepted, comma-separated: "
+                                 f"{', '.join(METRIC_LOGGERS)}){did_you_mean(name, METRIC_LOGGERS)}")
+        return list(dict.fromkeys(["jsonl", *names]))
 
     def segments_at(self, step: int) -> int:
         """Segments per example at optimizer step ``step`` (0-based): the curriculum stage, 0 without one."""
@@ -512,9 +528,7 @@ class RunConfig:
         d = self.to_dict()
         overrides = dict(sorted(overrides.items(), key=lambda kv: kv[0] != "model.arch"))    # the arch first
         for key, raw in overrides.items():
-            key, raw = _legacy_key(key, raw)
-            if key is None:
-                continue
+            key, raw = legacy_key(key, raw)
             path = key.split(".")
             if path[0] not in SECTIONS or len(path) < 2:
                 raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
@@ -720,11 +734,14 @@ def _legacy_value(old: str, value: Any) -> Any:
     return value
 
 
-def _legacy_key(key: str, raw: Any) -> tuple[str | None, Any]:
-    """A command-line key of an older longmem mapped to today's (None: a removed key, refused)."""
+def legacy_key(key: str, raw: Any) -> tuple[str, Any]:
+    """A dotted key of an older longmem and its value mapped to today's, with a FutureWarning (a removed key:
+    refused)."""
     if key in REMOVED_KEYS:
         raise ValueError(REMOVED_KEYS[key])
     if key in LEGACY_KEYS:
+        warnings.warn(f"{key} is the old name of {LEGACY_KEYS[key]}; use the new one (old names will be removed)",
+                      FutureWarning, stacklevel=3)
         return LEGACY_KEYS[key], _legacy_value(key, raw)
     return key, raw
 

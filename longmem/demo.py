@@ -7,7 +7,7 @@ of the no-memory model and of the XL model at evaluation memory 0, 1x, 2x and
 """
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from pathlib import Path
 
@@ -21,9 +21,7 @@ from longmem.utils import pyplot
 
 MEMORY_FACTORS = (0, 1, 2, 4)
 
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 def run_demo(out: str | Path, *, config_path: str | Path | None = None,
@@ -35,10 +33,10 @@ def run_demo(out: str | Path, *, config_path: str | Path | None = None,
         raise ValueError("the demo config must use memory.kind xl with mem_len > 0")
     mem_len = base.memory.mem_len
     steps = base.train.max_steps
-    _say(f"longmem demo: trains 2 models ({base.model.n_layers} layers, d_model {base.model.d_model}, "
-         f"segment {base.model.segment_len}) for {steps} steps each on "
-         f"{'the embedded corpus (Python pydoc topics)' if not base.data.path else base.data.path}, then evaluates "
-         f"perplexity at memory 0/1x/2x/4x. About 3-4 minutes on 2 CPU cores.")
+    log.info(f"trains 2 models ({base.model.n_layers} layers, d_model {base.model.d_model}, "
+             f"segment {base.model.segment_len}) for {steps} steps each on "
+             f"{'the embedded corpus (Python pydoc topics)' if not base.data.path else base.data.path}, then "
+             f"evaluates perplexity at memory 0/1x/2x/4x. About 3-4 minutes on 2 CPU cores.")
     t0 = time.perf_counter()
     none_cfg = base.override({"memory.kind": "none", "memory.mem_len": 0})
     results = {}
@@ -60,7 +58,7 @@ def run_demo(out: str | Path, *, config_path: str | Path | None = None,
     print(table)
     plot = _plot(rows, out / "ppl_vs_memory.png", train_mem_len=mem_len)
     _report(out, base, results, rows, table, plot, sample, seconds)
-    _say(f"demo finished in {seconds:.0f}s; report: {out / 'report.md'}")
+    log.info(f"finished in {seconds:.0f}s; report: {out / 'report.md'}")
     return rows
 
 
@@ -82,7 +80,7 @@ def _table(rows: list[dict], *, train_mem_len: int) -> str:
 def _plot(rows: list[dict], path: Path, *, train_mem_len: int) -> Path | None:
     plt = pyplot()
     if plt is None:
-        _say("matplotlib is not installed (pip install 'longmem[plot]'): no plot")
+        log.warning("matplotlib is not installed (pip install 'longmem[plot]'): no plot")
         return None
     xl = [r for r in rows if r["model"] == "xl"]
     none = [r for r in rows if r["model"] == "none"]

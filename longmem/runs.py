@@ -13,6 +13,7 @@ from longmem.training.checkpoint import load_weights
 from longmem.utils import check_model_fits
 
 CONFIG, WEIGHTS, TOKENIZER, METRICS = "config.yaml", "model.safetensors", "tokenizer.json", "metrics.jsonl"
+TENSORBOARD_DIR, WANDB_DIR = "tensorboard", "wandb"     # what train.loggers tensorboard and wandb write
 # model settings that evaluation may change; everything else is fixed by the weights
 # settings that size, search or threshold the memory, not its weights: a run may be evaluated with other
 # values (e.g. a kNN store larger than in training, as Wu et al. 2022 evaluate)
@@ -108,7 +109,7 @@ def load_run(path: str | Path, *, overrides: dict[str, str] | None = None) -> Ru
 
 # what a run directory holds: the run's files, its checkpoints, and what eval and chat write into it by default
 RUN_ENTRIES = {CONFIG, WEIGHTS, TOKENIZER, METRICS, "trainer_state.safetensors", "trainer_state.json", "report.md",
-               "loss.png", "checkpoints", "eval", "sessions"}
+               "loss.png", "checkpoints", "eval", "sessions", TENSORBOARD_DIR, WANDB_DIR}
 
 
 def prepare_run_dir(path: str | Path, *, overwrite: bool = False) -> None:

@@ -5,9 +5,11 @@ every CPython, so no download is needed).
 from __future__ import annotations
 
 import json
+import logging
 import random
-import sys
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def embedded_corpus() -> list[str]:
@@ -76,11 +78,11 @@ def _read(p: Path) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        print(f"warning: {p} is not valid UTF-8 ({e.reason} at byte {e.start}); decoded with replacement "
-              f"characters", file=sys.stderr)
+        log.warning("%s is not valid UTF-8 (%s at byte %d); decoded with replacement characters", p, e.reason,
+                    e.start)
         return raw.decode("utf-8", errors="replace")
     if "\x00" in text[:8192]:
-        print(f"warning: {p} looks like a binary file (it holds NUL bytes); read as text anyway", file=sys.stderr)
+        log.warning("%s looks like a binary file (it holds NUL bytes); read as text anyway", p)
     return text
 
 

@@ -2,7 +2,7 @@
 run directory as a Hugging Face folder.
 
 An imported run is a run like any other (``config.yaml``, ``model.safetensors``, ``tokenizer.json``),
-so ``eval``, ``generate``, ``chat``, ``serve`` and ``train --init-from`` work on it unchanged. Its
+so ``eval``, ``generate``, ``chat``, ``serve`` and ``train --train.init_from`` work on it unchanged. Its
 tokenizer is the model's own, written as plain Hugging Face files (``tokenizer.json``,
 ``tokenizer_config.json`` with the chat template, ``generation_config.json``). Both directions write
 into a temporary folder beside the target and rename it into place: a failure leaves nothing half
@@ -11,8 +11,8 @@ written.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +29,8 @@ from longmem.pretrained.hub import fetch_known, is_known
 from longmem.runs import CONFIG, TOKENIZER, WEIGHTS, load_run
 from longmem.io import atomic_write_bytes, atomic_write_text
 from longmem.training.checkpoint import save_weights
+
+log = logging.getLogger(__name__)
 
 # an imported model reads segments of 512 tokens with a window of 1,536 cached keys/values and 4 attention
 # sinks (StreamingLLM): 2,048 keys at most, however long the text; --model.segment_len and --memory.* change it
@@ -77,7 +79,7 @@ def import_pretrained(src: str, out: str | Path, *, overrides: dict[str, str] | 
 
     ``overrides``: dotted settings on top of :data:`IMPORT_DEFAULTS` (``model.segment_len``, ``memory.*``,
     ``data.*``, ``train.*``); the model's own sizes come from the checkpoint. A memory kind with weights of
-    its own (knn, tokens) gets them freshly initialised: train it with ``longmem train --init-from``."""
+    its own (knn, tokens) gets them freshly initialised: train it with ``longmem train --train.init_from``."""
     overrides = dict(overrides or {})
     fixed = [k for k in overrides if k.startswith("model.") and k not in ("model.segment_len", "model.dropout")]
     if fixed:
@@ -105,8 +107,8 @@ def import_pretrained(src: str, out: str | Path, *, overrides: dict[str, str] | 
         atomic_write_text(tmp / SOURCE, json.dumps({"source": str(path), "model_type": ckpt.config["model_type"],
                                                     "config": ckpt.config}, indent=1, default=str))
     if fresh:
-        print(f"longmem import: memory.kind {cfg.memory.kind} adds weights ({', '.join(fresh)}) that start "
-              f"untrained; fine-tune with: longmem train --init-from {out} --config ...", file=sys.stderr)
+        log.warning("memory.kind %s adds weights (%s) that start untrained; fine-tune with: longmem train "
+                    "--train.init_from %s --config ...", cfg.memory.kind, ", ".join(fresh), out)
     return Path(out)
 
 

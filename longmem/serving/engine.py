@@ -12,8 +12,8 @@ here imports a web framework.
 """
 from __future__ import annotations
 
+import logging
 import queue
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -32,6 +32,8 @@ from longmem.generation.processors import SamplingConfig
 from longmem.generation.session import Session, SessionStore, state_nbytes
 from longmem.models.memory import State
 from longmem.serving.config import ServeConfig
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from longmem.runs import Run
@@ -199,8 +201,8 @@ class Engine:
             sess.tokens += stream.prompt_tokens + stream.completion_tokens
             sess.updated = time.time()
             if state_nbytes(sess.state) > self.config.max_session_bytes:
-                print(f"longmem serve: session {sess.name!r} went past max_session_bytes "
-                      f"({state_nbytes(sess.state):,} bytes); its memory is cleared", file=sys.stderr)
+                log.warning("session %r went past max_session_bytes (%s bytes); its memory is cleared", sess.name,
+                            f"{state_nbytes(sess.state):,}")
                 sess.reset()
                 reset = True
         return Completion(text=stream.text, finish_reason="stop" if stream.finish_reason == "stop" else "length",

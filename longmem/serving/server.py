@@ -25,12 +25,11 @@ import contextlib
 import errno
 import hmac
 import json
+import logging
 import os
 import secrets
 import socket
-import sys
 import time
-import traceback
 import uuid
 from importlib import resources
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
@@ -60,6 +59,8 @@ except ImportError as e:                                     # pragma: no cover 
 if TYPE_CHECKING:
     from longmem.runs import Run
 
+log = logging.getLogger(__name__)
+
 CHAT_MAX_TOKENS = 512                  # a chat reply's default max_tokens (capped by max_tokens_limit)
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503)}
 
@@ -81,8 +82,8 @@ def _error_kind(status: int) -> str:
 
 
 class CatchAll:
-    """ASGI middleware: an exception nobody handled becomes the documented JSON 500 (and a traceback on
-    stderr). Starlette's own handler for ``Exception`` re-raises after answering, which makes uvicorn close
+    """ASGI middleware: an exception nobody handled becomes the documented JSON 500 (and its traceback in
+    the log). Starlette's own handler for ``Exception`` re-raises after answering, which makes uvicorn close
     the connection; this one does not, so the client's next request on it works."""
 
     def __init__(self, app):
@@ -101,8 +102,7 @@ class CatchAll:
         except Exception as e:
             if scope["type"] != "http" or started:              # nothing JSON can be said any more
                 raise
-            print(f"longmem serve: internal error in {scope.get('method')} {scope.get('path')}:", file=sys.stderr)
-            traceback.print_exc(file=sys.stderr)
+            log.exception("internal error in %s %s:", scope.get("method"), scope.get("path"))
             await _error(500, f"internal error: {type(e).__name__}: {e}", "server_error")(scope, receive, send)
 
 
@@ -449,9 +449,9 @@ def serve(run: Run, config: ServeConfig) -> None:
     import uvicorn
     check_port(config.host, config.port)
     if not config.loopback and not (config.api_key or os.environ.get("LONGMEM_API_KEY")):
-        print(f"longmem serve: warning: listening on {config.host} without an API key; anyone who can reach "
-              f"this address can use the model (set --api-key)", file=sys.stderr)
+        log.warning("listening on %s without an API key; anyone who can reach this address can use the model "
+                    "(set --api-key)", config.host)
     app = create_app(run, config)
-    print(f"longmem serve: {run.path} on http://{config.host}:{config.port} (POST /v1/chat/completions, "
-          f"/v1/completions; GET /v1/models, /inspect, /docs, /health)", file=sys.stderr)
+    log.info("%s on http://%s:%d (POST /v1/chat/completions, /v1/completions; GET /v1/models, /inspect, /docs, "
+             "/health)", run.path, config.host, config.port)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")

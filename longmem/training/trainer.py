@@ -10,7 +10,7 @@ model's corpus or probes, or a baseline's examples (``longmem.classic.tasks``).
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 import math
 import shutil
 import signal
@@ -29,10 +29,13 @@ from longmem.runs import CONFIG, METRICS, TOKENIZER, load_run
 from longmem.training import distributed as D
 from longmem.training import state as S
 from longmem.training.checkpoint import load_weights
+from longmem.training.loggers import MetricLoggers, check_loggers
 from longmem.training.optim import build_optimizer
 from longmem.training.precision import resolve_device, resolve_precision
 from longmem.training.task import make_task
 from longmem.utils import check_memory_fits, check_model_fits, progress
+
+log = logging.getLogger(__name__)
 
 
 class TrainingStopped(RuntimeError):
@@ -93,6 +96,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
     ckpt = S.latest_checkpoint(out_dir) if resume else None
     if resume and ckpt is None:
         raise FileNotFoundError(f"{out_dir} has no checkpoint to resume from (no {S.CKPT_DIR}/step-*)")
+    check_loggers(t.logger_names())
 
     lanes = D.lane_slice(d.batch_size, dist)
     init = load_run(t.init_from) if t.init_from and not resume else None
@@ -122,21 +126,16 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
         start_step, state, info = _resume(ckpt, model=model, opt=opt, scaler=scaler, task=task, lanes=lanes,
                                           dist=dist, device=device)
         if dist.main:
-            S.truncate_metrics(out_dir / METRICS, start_step)
+            log.info("resuming %s at step %d (%s)", out_dir, start_step, ckpt)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
-
-    metrics = (out_dir / METRICS).open("a", encoding="utf-8") if dist.main else None
-
-    def log(event: dict) -> None:
-        if metrics is not None:
-            metrics.write(json.dumps(event) + "\n")
-            metrics.flush()
+    loggers = (MetricLoggers.open(out_dir, cfg, resume_step=start_step if ckpt is not None else None)
+               if dist.main else MetricLoggers([]))           # metrics.jsonl (+ train.loggers); rank 0 only
 
     def validate(step: int, *, full: bool) -> dict:
         res = {}
         if dist.main:
             res = task.validate(model, full=full)
-            log({"step": step, **{f"val_{k}": res[k] for k in task.logged}})
+            loggers.log({"step": step, **{f"val_{k}": res[k] for k in task.logged}})
         model.train()
         return D.broadcast_object(res, dist)
 
@@ -165,7 +164,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
     start = t_log = time.perf_counter()
     bar = progress(total=t.max_steps, desc=desc, enabled=t.progress and dist.main)
     bar.update(start_step)
-    with _StopSignal() as stop:
+    with _StopSignal() as stop, loggers:
         for step in range(start_step, t.max_steps):
             lr = task.lr(step)
             for g in opt.param_groups:
@@ -212,8 +211,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
                 rate = inputs_since / max(now - t_log, 1e-9)
                 avg = loss_sum / n_loss if n_loss else float("nan")       # per target
                 u = task.units
-                log({"step": done, "loss": avg, "lr": lr, u: info["tokens_seen"], f"{u}_per_s": rate,
-                     **({"grad_norm": float(grad_norm)} if grad_norm is not None else {})})
+                loggers.log({"step": done, "loss": avg, "lr": lr, u: info["tokens_seen"], f"{u}_per_s": rate,
+                             **({"grad_norm": float(grad_norm)} if grad_norm is not None else {})})
                 bar.set_postfix(loss=f"{avg:.3f}", **{f"{u[:3]}_s": f"{rate:,.0f}"})
                 loss_sum, n_loss, t_log, inputs_since = 0.0, 0, now, 0
             last = done == t.max_steps
@@ -225,10 +224,10 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
                     info.update(best_val_loss=list(task.score(val)), best_step=done, bad_evals=0)
                     is_best, best_val = True, val
                     if task.keep_best:
-                        log({"step": done, "event": "best", "best_step": done})
+                        loggers.log({"step": done, "event": "best", "best_step": done})
                 else:
                     info["bad_evals"] += 1
-                task.after_validation(done, val, model, log)
+                task.after_validation(done, val, model, loggers.log)
                 model.train()
                 stopped_early = bool(t.patience) and info["bad_evals"] >= t.patience
             interrupted = D.all_sum(float(stop.signum is not None), dist, device) > 0
@@ -242,12 +241,10 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
                 raise TrainingStopped(f"interrupted at step {done}; saved {path}. "
                                       f"Continue with: longmem train --resume {out_dir}", signum=stop.signum)
             if stopped_early:
-                log({"step": done, "event": "early_stop", "best_step": info["best_step"],
-                     "best_val_loss": info["best_val_loss"][0]})
+                loggers.log({"step": done, "event": "early_stop", "best_step": info["best_step"],
+                             "best_val_loss": info["best_val_loss"][0]})
                 break
     bar.close()
-    if metrics is not None:
-        metrics.close()
     logged = []
     if dist.main:
         if task.keep_best and (out_dir / S.CKPT_DIR / "best" / S.WEIGHTS).is_file():

@@ -242,8 +242,8 @@ def test_knn_layers_resolution_and_errors():
     cfg = RunConfig().override({"memory.kind": "knn", "memory.knn.layers": "[1]", "memory.mem_len": "32",
                                 "memory.knn.backend": "faiss"})
     assert cfg.memory.knn.layers == [1] and cfg.memory.mem_len == 32 and cfg.memory.knn.backend == "faiss"
-    with pytest.raises(ValueError, match="accepted"):
-        RunConfig().override({"memory.kind": "knn", "memory.knn_backend": "annoy"})
+    with pytest.raises(ValueError, match="accepted"), pytest.warns(FutureWarning, match="old name"):
+        RunConfig().override({"memory.kind": "knn", "memory.knn_backend": "annoy"})      # an old key, checked too
 
 
 def test_faiss_backend_in_the_model_matches_torch():

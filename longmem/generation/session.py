@@ -181,7 +181,10 @@ class SessionStore:
         """ValueError naming the file unless ``tensors`` have the names, dtypes and sizes of this model's
         memory for one lane, with finite values and no negative counts."""
         (key_sets, want), problems = self._reference_layout(), []
-        if frozenset(tensors) not in key_sets:                    # names against those of a full memory
+        names = frozenset(tensors)
+        if "kv.seen" not in names and names | {"kv.seen"} in key_sets:
+            names = names | {"kv.seen"}                           # a cache of keys before rotary positions (0.2)
+        if names not in key_sets:                                 # names against those of a full memory
             missing, extra = sorted(key_sets[-1] - set(tensors)), sorted(set(tensors) - key_sets[-1])
             if missing:
                 problems.append(f"missing tensors {missing[:5]}")

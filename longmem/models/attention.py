@@ -90,6 +90,15 @@ class Rotary(nn.Module):
                                          torch.cat([-sin, sin], dim=-1).to(dtype))
         return table[0][:n_positions], table[1][:n_positions]
 
+    def at(self, positions: torch.Tensor, *, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables of :meth:`cos_sin` for any positions: ``positions`` (B, L) long -> cos, sin (B, 1, L, Dh),
+        the angles computed in float64, so a position in the millions keeps float32 accuracy (a key cached
+        with its rotation then meets queries millions of positions later at the right distance)."""
+        angles = positions.to(torch.float64).unsqueeze(-1) * self.inv_freq.to(torch.float64)   # (B, L, Dh/2)
+        cos, sin = angles.cos(), angles.sin()
+        return (torch.cat([cos, cos], dim=-1).unsqueeze(1).to(dtype),
+                torch.cat([-sin, sin], dim=-1).unsqueeze(1).to(dtype))
+
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "Rotary":
         self._tables = {}                                                       # moved or cast: rebuild
         return super()._apply(fn, recurse)
@@ -173,6 +182,23 @@ class LayerView:
     hidden: torch.Tensor | None = None
     kv: tuple[torch.Tensor, torch.Tensor] | Callable | None = None
     hooks: list[AttentionHook] = field(default_factory=list)
+    rotated: "RotatedCache | None" = None
+
+
+@dataclass
+class RotatedCache:
+    """How to read a key/value cache whose keys are stored with rotary positions (``memory/kv.py``): the
+    segment's positions get their own rotation, ``cos``, ``sin`` (B, 1, T, Dh) (a lane's p-th position since
+    its reset at p), so a cached key needs none. A lane that evicted positions keeps its first ``n_sinks``
+    slots (attention sinks) at positions 0 .. n_sinks - 1; they are read rotated further by
+    ``sink_cos``, ``sink_sin`` (B, 1, 1, Dh), which puts them right before the window as StreamingLLM
+    assigns positions inside the cache (the identity for lanes that evicted nothing). Exactly the distances
+    of re-rotating the whole cache at its slots, at the cost of rotating T + n_sinks keys instead of M + T."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    n_sinks: int = 0
+    sink_cos: torch.Tensor | None = None
+    sink_sin: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -218,17 +244,33 @@ class Attention(nn.Module):
             mk, mv = self.project_kv(memory)
             keys, values = torch.cat([mk, k], dim=2), torch.cat([mv, v], dim=2)  # (B, G, S, Dh)
         elif cached is not None:                                                 # a cache of keys and values
-            keys, values = torch.cat([cached[0].to(k.dtype), k], dim=2), torch.cat([cached[1].to(v.dtype), v], dim=2)
+            values = torch.cat([cached[1].to(v.dtype), v], dim=2)
+            keys = k if view.rotated is not None else torch.cat([cached[0].to(k.dtype), k], dim=2)
         else:
             keys, values = k, v
-        raw_keys = keys                                                          # [memory; segment] unsmeared
-        if self.smear is not None:
-            keys = smear(keys, self.smear)
-        k_seg = keys[:, :, keys.shape[2] - T:]                                   # (B, G, T, Dh) the memories see
-        qr = Rotary.rotate(q, view.cos[-T:], view.sin[-T:])
-        kr = Rotary.rotate(keys, view.cos, view.sin)
+        restore = None
+        if view.rotated is not None:                                             # cached keys hold their rotation
+            rc = view.rotated
+            qr, kr_seg = Rotary.rotate(q, rc.cos, rc.sin), Rotary.rotate(k, rc.cos, rc.sin)
+            raw_keys = kr_seg if cached is None else torch.cat([cached[0].to(k.dtype), kr_seg], dim=2)  # as cached
+            kr, s = raw_keys, rc.n_sinks
+            if rc.sink_cos is not None and cached is not None:                   # sinks read just before the window
+                sinks = Rotary.rotate(raw_keys[:, :, :s], rc.sink_cos, rc.sink_sin)
+                if torch.is_grad_enabled():
+                    kr = torch.cat([sinks, raw_keys[:, :, s:]], dim=2)
+                else:                                                            # no copy: put them back after
+                    restore = raw_keys[:, :, :s].clone()
+                    raw_keys[:, :, :s] = sinks
+            k_seg = k
+        else:
+            raw_keys = keys                                                      # [memory; segment] unsmeared
+            if self.smear is not None:
+                keys = smear(keys, self.smear)
+            k_seg = keys[:, :, keys.shape[2] - T:]                               # (B, G, T, Dh) the memories see
+            qr = Rotary.rotate(q, view.cos[-T:], view.sin[-T:])
+            kr = Rotary.rotate(keys, view.cos, view.sin)
         y = F.scaled_dot_product_attention(
-            qr, kr, values, attn_mask=mask, is_causal=mask is None and keys.shape[2] == T,
+            qr, kr, values, attn_mask=mask, is_causal=mask is None and kr.shape[2] == T,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads)                          # (B, H, T, Dh)
         if view.hooks:
@@ -236,6 +278,8 @@ class Attention(nn.Module):
                 return attention_probs(qr, kr, mask)
             for hook in view.hooks:
                 y = hook(q=q, k=k_seg, v=v, y=y, raw_k=k, context=(raw_keys, values), probs=probs)
+        if restore is not None:
+            raw_keys[:, :, :restore.shape[2]] = restore
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)        # (B, T, H*Dh)
         return self.resid_drop(self.out(y))
 

@@ -126,6 +126,12 @@ class MemoryLM(nn.Module):
         return any(m.stateful for m in self.memories)
 
     @property
+    def _plain_positions(self) -> bool:
+        """Whether a cache may store keys with their rotary positions: no smeared keys (which mix a key with
+        the one before it, before rotation) and no memory adding positions around the tokens."""
+        return not self.config.smear_keys and not any(m.added_positions for m in self.memories)
+
+    @property
     def whole_segments(self) -> bool:
         return any(m.whole_segments for m in self.memories)
 
@@ -182,6 +188,7 @@ class MemoryLM(nn.Module):
     def _segment(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
         """Logits (B, T, V), the state after the segment and its memories' auxiliary loss (or None)."""
         seg = Segment(self.drop(self.embed(tokens)))                # x: (B, T, D)
+        seg.rope, seg.plain_positions = self.rope, self._plain_positions
         if self.tracer is not None:                                 # inspection only (models/inspect.py)
             self.tracer.begin(seg, len(self.blocks))
         parts = {m.name: m.begin(seg, state.part(m.name)) for m in self.memories}

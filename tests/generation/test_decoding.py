@@ -8,6 +8,7 @@ from longmem.data.tokenizer import ByteTokenizer
 from longmem.generation.decoding import Decoder
 from longmem.generation.generate import TextStream, TokenStream, generate_ids
 from longmem.generation.processors import SamplingConfig
+from longmem.models.attention import Rotary
 
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
 
@@ -57,10 +58,57 @@ def test_attention_sink_keeps_the_first_positions_for_good(make_model):
         assert torch.equal(m_sink.kv.keys[layer][:, :, :3], first.kv.keys[layer][:, :, :3])   # the sinks stay
     with torch.no_grad():                                             # layer-0 keys: which tokens are cached
         keys, _ = model.blocks[0].attn.project_kv(model.blocks[0].norm1(model.embed(seq)))   # (1, G, 40, Dh)
+        cos, sin = model.rope.at(torch.arange(40).unsqueeze(0), dtype=keys.dtype)
+        keys = Rotary.rotate(keys, cos, sin)                          # cached with their rotation, position p at p
     torch.testing.assert_close(m_sink.kv.keys[0], torch.cat([keys[:, :, :3], keys[:, :, -4:]], dim=2),
-                               atol=1e-6, rtol=0)
-    torch.testing.assert_close(m_plain.kv.keys[0], keys[:, :, -7:], atol=1e-6, rtol=0)
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(m_plain.kv.keys[0], keys[:, :, -7:], atol=1e-5, rtol=0)
+    assert m_sink.kv.seen.tolist() == [40] and m_sink.kv.valid.tolist() == [7]
     assert not torch.allclose(l_sink, l_plain, atol=1e-3)             # the sinks are attended to
+
+
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_a_cache_of_rotated_keys_attends_like_one_rotated_at_its_slots(make_model, monkeypatch, sinks):
+    """Keys stored with their rotation (only the sinks turned again) give the attention of re-rotating the
+    whole cache at its slots for every token (the StreamingLLM recipe), over a stream far past the window,
+    in one lane and in lanes at different points of their streams (one reset midway)."""
+    model = make_model(kind="none", mem_len=0, segment_len=8)
+    seq = torch.randint(0, 37, (2, 60), generator=torch.Generator().manual_seed(5))
+    reset = torch.zeros(2, 60, dtype=torch.bool)
+    reset[1, 23] = True
+
+    def run():
+        dec, mem, out = Decoder(model, attention_sink=sinks), None, []
+        logits, mem = dec.feed(seq[:, :5], None)
+        for t in range(5, 60):
+            if reset[:, t].any():
+                mem = mem.reset(reset[:, t])
+            logits, mem = dec.feed(seq[:, t:t + 1], mem)
+            out.append(logits)
+        return torch.stack(out, 1), mem
+
+    rotated, mem = run()
+    assert mem.kv.seen is not None
+    monkeypatch.setattr(type(model), "_plain_positions", property(lambda self: False))
+    reference, ref_mem = run()
+    assert ref_mem.kv.seen is None                                    # keys cached before rotary positions
+    torch.testing.assert_close(rotated, reference, atol=1e-4, rtol=0)
+
+
+def test_a_cache_of_keys_before_rotation_is_converted_on_first_use(make_model, monkeypatch):
+    model = make_model(kind="none", mem_len=0, segment_len=8)
+    seq = torch.randint(0, 37, (1, 30), generator=torch.Generator().manual_seed(6))
+    dec = Decoder(model, attention_sink=2)
+    _, mem = dec.feed(seq[:, :20], None)
+    with monkeypatch.context() as m:
+        m.setattr(type(model), "_plain_positions", property(lambda self: False))
+        _, old = dec.feed(seq[:, :20], None)                          # as longmem 0.2 cached it
+    assert old.kv.seen is None
+    for t in range(20, 30):
+        a, mem = dec.feed(seq[:, t:t + 1], mem)
+        b, old = dec.feed(seq[:, t:t + 1], old)
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert old.kv.seen is not None
 
 
 def test_xl_generation_keeps_the_state_bounded(make_model):

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from longmem.config import MEMORY_KINDS
-from longmem.models.attention import LayerView, prefix_mask
+from longmem.models.attention import LayerView, RotatedCache, prefix_mask
 
 
 class Memory(nn.Module):
@@ -109,6 +109,14 @@ class Segment:
         self.scratch: dict[str, Any] = {}               # per memory name: what its hooks recorded
         self.inspecting = False                         # traced: memories record what ``inspect`` reports
         self._mask: torch.Tensor | None = None
+        # set by the model: its rotary positions, and whether a cache may store keys with their rotation (no
+        # smeared keys, no positions added around the tokens); set by a cache that does: the positions each lane
+        # has read before this segment, (B,), and its attention sinks
+        self.rope: Any = None
+        self.plain_positions = False
+        self.rotated_from: torch.Tensor | None = None
+        self.rotated_sinks = 0
+        self._rotated: Any = None
 
     def surround(self, front: torch.Tensor, back: torch.Tensor) -> None:
         """Put (B, R, D) vectors before and after the positions so far (memory tokens)."""
@@ -138,11 +146,26 @@ class Segment:
             self._mask = prefix_mask(self.valid.to(self.x.device), self.memory_len, self.x.shape[1])
         return self._mask
 
+    def rotated(self) -> RotatedCache | None:
+        """The rotation of a cache that stores keys with their rotary positions (see ``RotatedCache``)."""
+        if self.rotated_from is None:
+            return None
+        if self._rotated is None:
+            seen, s = self.rotated_from.to(self.x.device), self.rotated_sinks
+            pos = seen.unsqueeze(1) + torch.arange(self.x.shape[1], device=seen.device)          # (B, L)
+            cos, sin = self.rope.at(pos, dtype=self.x.dtype)
+            sink_cos = sink_sin = None
+            if s and self.memory_len and self.valid is not None and bool((seen > self.valid).any()):
+                shift = torch.where(seen > self.valid.to(seen.device), seen - self.memory_len, 0)   # (B,)
+                sink_cos, sink_sin = self.rope.at(shift.unsqueeze(1), dtype=self.x.dtype)
+            self._rotated = RotatedCache(cos=cos, sin=sin, n_sinks=s, sink_cos=sink_cos, sink_sin=sink_sin)
+        return self._rotated
+
     def view(self, i: int, cos: torch.Tensor, sin: torch.Tensor) -> LayerView:
         return LayerView(mask=self.mask(), cos=cos, sin=sin,
                          hidden=self.hidden[i] if self.hidden is not None and self.memory_len else None,
                          kv=self.kv[i] if self.kv is not None and self.memory_len else None,
-                         hooks=self.hooks.get(i, []))
+                         hooks=self.hooks.get(i, []), rotated=self.rotated())
 
     def tokens_of(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """The segment tokens' slice of a tensor over the L positions (along ``dim``)."""

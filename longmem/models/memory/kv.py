@@ -3,19 +3,28 @@ attention sinks its first ``n_sinks`` positions for good (StreamingLLM, Xiao et 
 
 Legend: B lanes, G key/value heads, M cached positions, T segment tokens, Dh head size.
 
-Keys are cached before rotary positions and rotated at their place in the window at every
-segment, so positions stay inside ``n_sinks + window + T`` however long the stream runs (the
-StreamingLLM recipe: "positions assigned inside the cache"). Without sinks this is exactly
+Positions are assigned inside the cache (the StreamingLLM recipe): a query sees cached slot j at
+distance M + t - j, however long the stream runs. The keys are stored with their rotary positions
+(``KVState.seen``): a lane's p-th position since its reset is rotated by p once, when it is read, and
+the segment's queries by their own p, so the distance to a key of the window is the distance in the
+stream, which equals the slot distance; only the sinks (at 0 .. n_sinks - 1) are rotated again, by the
+positions evicted since, to sit right before the window. The same attention as re-rotating the whole
+cache at its slots for every token (tested), for n_sinks + T rotations instead of M + T. Angles are
+computed in float64 (``Rotary.at``), so positions in the millions stay accurate. Models with smeared
+keys or memory tokens store keys before rotary positions and rotate the cache at its slots (the
+original recipe); so do caches written by longmem 0.2, converted on first use. Without sinks this is exactly
 Transformer-XL's memory at evaluation time (the same keys and values, computed once instead of
 re-projected every segment), which is how decoders use it (:meth:`XLMemory.for_decoding`). It adds
 no weights: ``kind: sinks`` puts it on any trained or imported model with no training.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
+from longmem.models.attention import Rotary
 from longmem.models.memory.base import Memory, Segment, keep_last
 from longmem.models.memory.state import KVState
 
@@ -48,16 +57,38 @@ class KVMemory(Memory):
         if state.length <= self.window:
             return state
         if self.window == 0:
-            return KVState(keys=(), values=(), valid=torch.zeros_like(state.valid))
+            return KVState(keys=(), values=(), valid=torch.zeros_like(state.valid), seen=state.seen)
         kept_k = [keep_last(k, state.valid, capacity=self.window, n_sinks=self.n_sinks, dim=2) for k in state.keys]
         kept_v = [keep_last(v, state.valid, capacity=self.window, n_sinks=self.n_sinks, dim=2)[0]
                   for v in state.values]
-        return KVState(keys=tuple(k for k, _ in kept_k), values=tuple(kept_v), valid=kept_k[0][1])
+        return KVState(keys=tuple(k for k, _ in kept_k), values=tuple(kept_v), valid=kept_k[0][1], seen=state.seen)
+
+    @staticmethod
+    def rotate_cache(part: KVState, rope) -> KVState:
+        """A cache of keys before rotary positions (``seen`` None) as one with their rotation: slot j of a lane
+        holding ``valid`` positions is its position j - (M - valid), as the attention placed it."""
+        seen = part.valid.clone()
+        if not part.length:
+            return replace(part, seen=seen)
+        M = part.length
+        pos = (torch.arange(M, device=part.valid.device).unsqueeze(0) - (M - part.valid).unsqueeze(1)).clamp(min=0)
+        keys = []
+        for k in part.keys:
+            cos, sin = rope.at(pos.to(k.device), dtype=k.dtype)
+            keys.append(Rotary.rotate(k, cos, sin))
+        return replace(part, keys=tuple(keys), seen=seen)
 
     def begin(self, seg: Segment, part: KVState) -> KVState:
         part = self.trim(part)
         if self.window == 0:
             return part
+        if seg.plain_positions and seg.rope is not None:
+            if part.seen is None:
+                part = self.rotate_cache(part, seg.rope)
+            seg.rotated_from, seg.rotated_sinks = part.seen, self.n_sinks
+        elif part.seen is not None:
+            raise ValueError("this key/value cache stores keys with their rotary positions, which a model with "
+                             "smeared keys or memory tokens cannot read (it came from another model)")
         if part.length:
             seg.set_context(kv=list(zip(part.keys, part.values)), valid=part.valid)
         seg.scratch[self.name] = {}
@@ -90,7 +121,8 @@ class KVMemory(Memory):
             keys.append(k)
             values.append(v)
             valid = valid_k
-        return KVState(keys=tuple(keys), values=tuple(values), valid=valid), None
+        seen = None if part.seen is None else part.seen + T
+        return KVState(keys=tuple(keys), values=tuple(values), valid=valid, seen=seen), None
 
     def inspect(self, seg: Segment, before: KVState, after: KVState, h: torch.Tensor) -> dict[str, Any]:
         return {"slots": before.valid}                                   # (B,) cached positions attended to

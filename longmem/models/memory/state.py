@@ -84,16 +84,21 @@ class XLState:
 
 @dataclass(frozen=True)
 class KVState:
-    """A cache of keys and values (before rotary positions) per layer: the last positions of each lane,
-    and with attention sinks its first ones (StreamingLLM, Xiao et al. 2023).
+    """A cache of keys and values per layer: the last positions of each lane, and with attention sinks
+    its first ones (StreamingLLM, Xiao et al. 2023).
 
     keys[l], values[l]: (B, G, M, Dh), oldest first; valid: (B,) the most recent slots that hold real
     history (right-aligned, like :class:`XLState`). With sinks, a full lane holds its first ``n_sinks``
     positions in its first slots, then the most recent ones.
+    seen: (B,) positions each lane has read since its reset, when the keys are stored with rotary
+    positions (a key read as the lane's p-th position rotated by p; see ``memory/kv.py``); None when
+    the keys are stored before rotary positions (models with smeared keys or memory tokens, and caches
+    written by longmem 0.2 and earlier, which ``KVMemory`` converts on first use).
     """
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
     valid: torch.Tensor
+    seen: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -102,14 +107,17 @@ class KVState:
     def reset(self, drop):
         keep = ~drop.bool().to(self.valid.device)
         return KVState(keys=tuple(torch.where(_keep(drop, k), k, 0) for k in self.keys),
-                       values=tuple(torch.where(_keep(drop, v), v, 0) for v in self.values), valid=self.valid * keep)
+                       values=tuple(torch.where(_keep(drop, v), v, 0) for v in self.values), valid=self.valid * keep,
+                       seen=None if self.seen is None else self.seen * keep)
 
     def detach(self):
         return KVState(keys=tuple(k.detach() for k in self.keys), values=tuple(v.detach() for v in self.values),
-                       valid=self.valid)
+                       valid=self.valid, seen=self.seen)
 
     def to_tensors(self):
         out = {"valid": self.valid}
+        if self.seen is not None:
+            out["seen"] = self.seen
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             out[f"keys.{i}"], out[f"values.{i}"] = k.contiguous(), v.contiguous()
         return out
@@ -117,8 +125,9 @@ class KVState:
     @classmethod
     def from_tensors(cls, d):
         n = sum(1 for k in d if k.startswith("keys."))
+        seen = d.get("seen")
         return cls(keys=tuple(d[f"keys.{i}"] for i in range(n)), values=tuple(d[f"values.{i}"] for i in range(n)),
-                   valid=d["valid"].long())
+                   valid=d["valid"].long(), seen=None if seen is None else seen.long())
 
 
 @dataclass(frozen=True)

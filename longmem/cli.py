@@ -126,7 +126,9 @@ def _train(args, overrides) -> int:
     if res.val:
         print(f"trained to step {res.steps} in {res.seconds:.1f}s: train loss {res.first_loss:.4f} -> "
               f"{res.last_loss:.4f} (first and last logged means, as in report.md), val loss "
-              f"{res.val['loss']:.4f} (ppl {res.val['ppl']:.2f}){' (stopped early)' if res.stopped_early else ''}; "
+              f"{res.val['loss']:.4f} ("
+              + (f"ppl {res.val['ppl']:.2f}" if "ppl" in res.val else f"bit errors {res.val['bit_errors']:.3f}")
+              + f"){' (stopped early)' if res.stopped_early else ''}; "
               f"wrote {res.out_dir}", file=sys.stderr)
     return 0
 
@@ -145,16 +147,21 @@ def _load_run(args, overrides):
 # -- eval ----------------------------------------------------------------------
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
-    p.add_argument("--task", default="ppl", choices=["ppl", "passkey", "recall", "babi", "haystack", "text"],
+    p.add_argument("--task", default="ppl", choices=["ppl", "passkey", "recall", "babi", "haystack", "text", "copy",
+                                                     "repeat_copy"],
                    help="what to measure. ppl: perplexity (with --mem-lens: against memory length); passkey: "
                         "retrieve a number hidden at --depths of --lengths tokens of filler; recall: key=value "
-                        "pairs asked again after --lengths tokens; babi: accuracy per bAbI task (memn2n, or a "
-                        "language model reading the story as text); haystack: bAbI facts scattered through "
-                        "--lengths tokens of distractor text; text: exact match, F1, BLEU, ROUGE-L of a seq2seq run")
+                        "pairs asked again after --lengths tokens (a run trained on bit vectors: associative "
+                        "recall of --lengths items); babi: accuracy per bAbI task (memn2n, or a language model "
+                        "reading the story as text: lstm, ntm, dnc, transformer); haystack: bAbI facts scattered "
+                        "through --lengths tokens of distractor text; text: exact match, F1, BLEU, ROUGE-L of a "
+                        "seq2seq run; copy, repeat_copy: bit errors per sequence of --lengths vectors of a run "
+                        "trained on bit vectors (lstm, ntm, dnc)")
     p.add_argument("--split", default=None, choices=["val", "train", "test"],
                    help="ppl: val (default) or train; babi/text: test (default), val or train")
-    p.add_argument("--lengths", default="1k,4k", help="passkey/recall/haystack: context lengths in tokens "
-                   "(k = 1024, m = 1024^2) [default: 1k,4k]")
+    p.add_argument("--lengths", default=None, help="passkey/recall/haystack: context lengths in tokens "
+                   "(k = 1024, m = 1024^2) [default: 1k,4k]; copy/repeat_copy/recall of bit vectors: vectors or "
+                   "items per sequence [default: the run's task.max_len and twice it]")
     p.add_argument("--depths", default="0,0.5,1", help="passkey/recall: where the needle sits, 0 = start, "
                    "1 = just before the question [default: 0,0.5,1]")
     p.add_argument("--n", type=int, default=None, help="examples per cell of the sweep [default: 20; "
@@ -191,6 +198,15 @@ def _eval(args, overrides) -> int:
     if printed_only and args.out is not None:
         raise ValueError(f"--out is for sweeps (--mem-lens) and probes; this evaluation prints its result "
                          f"(--json for one JSON object)")
+    if getattr(run.tokenizer, "kind", "") == "bits" or args.task in ("copy", "repeat_copy"):
+        if args.out is not None:
+            raise ValueError("--out is for sweeps (--mem-lens) and probes; this evaluation prints its result "
+                             "(--json for one JSON object)")
+        from longmem.classic.qa import eval_sequences, format_sequence_result
+        res = eval_sequences(run, args.task, lengths=_ints(args.lengths, "--lengths") if args.lengths else None,
+                             n=args.n if args.n is not None else 100, seed=args.seed, batch_size=args.batch_size)
+        print(json.dumps(res) if args.json else format_sequence_result(res))
+        return 0
     if args.task == "text" or (args.task == "babi" and arch == "memn2n"):
         from longmem.classic.qa import eval_babi, eval_text, format_task_result
         res = (eval_babi if args.task == "babi" else eval_text)(run, split=args.split or "test")
@@ -235,9 +251,9 @@ def _eval_sweep(args, run, overrides) -> dict:
     n = args.n if args.n is not None else (0 if args.task == "babi" else 20)
     if n < 0 or (n == 0 and args.task != "babi"):
         raise ValueError(f"--n must be positive (0 means all, for babi only), got {n}")
-    return eval_probe(run, args.task, lengths=parse_lengths(args.lengths), depths=parse_depths(args.depths), n=n,
-                      seed=args.seed, batch_size=args.batch_size, babi_path=args.babi, distractor=args.distractor,
-                      shots=args.shots)
+    lengths = parse_lengths(args.lengths or "1k,4k")
+    return eval_probe(run, args.task, lengths=lengths, depths=parse_depths(args.depths), n=n, seed=args.seed,
+                      batch_size=args.batch_size, babi_path=args.babi, distractor=args.distractor, shots=args.shots)
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -306,10 +322,19 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                    "for every new token instead of using the cache (the slow reference)")
 
 
+def _text_run(run, command: str):
+    """``run``, unless it was trained on bit vectors (its outputs are bit logits, not tokens to sample)."""
+    if getattr(run.tokenizer, "kind", "") == "bits":
+        raise ValueError(f"{run.path} was trained on bit vectors (task.name {run.config.task.name}): it writes bits, "
+                         f"not text, so there is nothing to {command}; score it with longmem eval RUN --task "
+                         f"copy|repeat_copy|recall")
+    return run
+
+
 def _generate(args, overrides) -> int:
     from longmem.generation.generate import TextStream
     sampling = _sampling(args)
-    run = _load_run(args, overrides)
+    run = _text_run(_load_run(args, overrides), "generate")
     if run.config.model.arch in ("seq2seq", "memn2n"):
         from longmem.classic.decoding import task_generate
         print(task_generate(run.model, run.tokenizer, args.prompt, max_new_tokens=sampling.max_new_tokens,
@@ -340,7 +365,7 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
 def _chat(args, overrides) -> int:
     from longmem.generation.chat import run_chat
     sampling = _sampling(args)
-    run = _load_run(args, overrides)
+    run = _text_run(_load_run(args, overrides), "chat with")
     run_chat(run, session=args.session, sessions_dir=args.sessions_dir, sampling=sampling,
              turn_format=args.turn_format, system=args.system, attention_sink=args.attention_sink)
     return 0

@@ -176,7 +176,8 @@ class MemoryConfig:
 class ModelConfig:
     arch: str = _help("transformer (MemoryLM, these settings) | lstm (LSTM LM, state carried across segments) | "
                       "seq2seq (Transformer encoder-decoder, source -> target) | memn2n (end-to-end memory network, "
-                      "bAbI): the classic baselines (longmem.classic) have settings of their own", default="transformer")
+                      "bAbI) | ntm (Neural Turing Machine) | dnc (Differentiable Neural Computer): the classic "
+                      "baselines (longmem.classic) have settings of their own", default="transformer")
     vocab_size: int = _help("vocabulary size (set from the tokenizer when training)", default=256)
     d_model: int = _help("width of the residual stream", default=128)
     n_layers: int = _help("number of Transformer blocks", default=4)
@@ -265,8 +266,9 @@ class DataConfig:
                             "the local cache or network access); replaces data.path", default="")
     hf_config: str = _help("the Hugging Face dataset configuration", default="")
     hf_split: str = _help("the Hugging Face split read as the corpus", default="train")
-    tokenizer: Literal["byte", "char", "bpe", "pretrained"] = _help(
-        "byte (any UTF-8, vocab 256) | char (characters of the corpus) | bpe (byte-level BPE trained on the "
+    tokenizer: Literal["byte", "char", "word", "bpe", "pretrained"] = _help(
+        "byte (any UTF-8, vocab 256) | char (characters of the corpus) | word (lower-case words of the corpus, "
+        "punctuation dropped: bAbI as word tokens, as MemN2N and the DNC read it) | bpe (byte-level BPE trained on the "
         "corpus with Hugging Face tokenizers) | pretrained (the tokenizer of an imported model, kept as it is: "
         "runs made by longmem import, and train --train.init_from such a run)", default="byte")
     vocab_size: int = _help("vocabulary size of the bpe tokenizer", default=4096)
@@ -407,16 +409,20 @@ class TaskConfig:
     """Tasks: bAbI for memn2n, source -> target pairs for seq2seq (see longmem/classic/tasks.py), and the long-range
     probes a language model (transformer, lstm) can train on, the loss on answer tokens only
     (data/tasks/probes.py)."""
-    name: Literal["auto", "babi", "copy", "passage", "passkey", "recall", "haystack"] = _help(
+    name: Literal["auto", "babi", "copy", "passage", "passkey", "recall", "haystack", "repeat_copy",
+                  "associative_recall"] = _help(
         "auto (babi for memn2n, passage for seq2seq, the data.path corpus for language models) | babi "
-        "(data.path: bAbI folder/file, empty: generated stories) | copy (target = source) | passage (answer a "
-        "key from the far start of a long passage) | passkey (a number hidden in filler) | recall (key=value "
-        "pairs asked again later) | haystack (bAbI facts scattered through task.distractor text); seq2seq reads "
-        "source/target pairs instead when data.path is a .jsonl file", default="auto")
+        "(data.path: bAbI folder/file, empty: generated stories) | copy (seq2seq: target = source; lstm, ntm, "
+        "dnc: copy random bit vectors, Graves et al. 2014 §4.1) | passage (answer a key from the far start of a "
+        "long passage) | passkey (a number hidden in filler) | recall (key=value pairs asked again later) | "
+        "haystack (bAbI facts scattered through task.distractor text) | repeat_copy, associative_recall (lstm, "
+        "ntm, dnc: the bit-vector tasks of Graves et al. 2014 §4.2, §4.3); seq2seq reads source/target pairs "
+        "instead when data.path is a .jsonl file", default="auto")
     babi_tasks: str = _help("bAbI task ids, comma-separated (e.g. '1' per task, '1,2,3'); empty: all tasks "
                             "found (1,2,3 when generated)", default="")
     n_train: int = _help("generated tasks: training examples per task", default=1000)
-    n_test: int = _help("generated tasks: test examples per task (probes: validation examples)", default=200)
+    n_test: int = _help("generated tasks: test examples per task (probes, bit-vector tasks: validation examples)",
+                        default=200)
     source_len: int = _help("generated seq2seq tasks: characters of a source", default=64)
     min_source_len: int = _help("generated seq2seq tasks: 0 makes every source task.source_len long; N > 0 draws "
                                 "the length of each training/validation source between N and task.source_len "
@@ -437,15 +443,27 @@ class TaskConfig:
                             "embedded corpus", default="")
     time_noise: float = _help("memn2n: fraction of random empty memories inserted in training "
                               "(random noise, Sukhbaatar et al. 2015 §4.1)", default=0.1)
+    bits: int = _help("copy, repeat_copy, associative_recall: bits W of each random vector (Graves et al. 2014 "
+                      "§4: 8; sets model.bits)", default=8)
+    min_len: int = _help("copy, repeat_copy: fewest vectors in a sequence; associative_recall: fewest items (at "
+                         "least 2); drawn uniformly per example up to task.max_len (§4.1: 1..20; §4.3: 2..6)",
+                         default=1)
+    max_len: int = _help("copy, repeat_copy: most vectors in a training sequence; associative_recall: most items",
+                         default=20)
+    max_repeats: int = _help("repeat_copy: repeats drawn uniformly from 1..N per example (§4.2: 10)", default=10)
 
     def __post_init__(self):
         _check_numbers(self, "task")
-        for name in ("n_train", "n_test", "source_len", "length", "n_pairs"):
+        for name in ("n_train", "n_test", "source_len", "length", "n_pairs", "min_len", "max_repeats"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"task.{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.min_source_len <= self.source_len:
             raise ValueError(f"task.min_source_len must be in [0, task.source_len={self.source_len}], "
                              f"got {self.min_source_len}")
+        if not 1 <= self.bits <= 16:
+            raise ValueError(f"task.bits must be from 1 to 16, got {self.bits}")
+        if self.max_len < self.min_len:
+            raise ValueError(f"task.max_len={self.max_len} must be at least task.min_len={self.min_len}")
         if self.linear_start_lr < 0:
             raise ValueError(f"task.linear_start_lr must be >= 0, got {self.linear_start_lr}")
         if self.linear_start_patience < 0:

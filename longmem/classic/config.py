@@ -13,6 +13,11 @@ from typing import Literal
 from longmem.config import MemoryConfig, _check_numbers, _help
 
 
+BITS_HELP = ("bits W of the bit-vector tasks (copy, repeat_copy, associative_recall; set from task.bits when "
+             "training): a token is read as its W bits and marker channels and the output is W bit logits and an end "
+             "bit, scored by bitwise cross-entropy (Graves et al. 2014 §4); 0: a token embedding and a softmax")
+
+
 class _Classic:
     """What every baseline config shares: no pluggable memory (the model has its own)."""
     dropout: float
@@ -23,15 +28,30 @@ class _Classic:
 
     def _check(self, section: str = "model") -> None:
         _check_numbers(self, section)
-        for name in ("vocab_size", "d_model", "n_layers", "hops", "memory_size", "segment_len", "n_heads"):
+        for name in ("vocab_size", "d_model", "n_layers", "hops", "memory_size", "segment_len", "n_heads",
+                     "memory_slots", "memory_width", "read_heads"):
             if hasattr(self, name) and getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= getattr(self, "bits", 0) <= 16:
+            raise ValueError(f"model.bits must be from 0 to 16, got {getattr(self, 'bits')}")
+
+
+class _Recurrent(_Classic):
+    """The recurrent baselines (lstm, ntm, dnc): language models (a corpus or a probe, as the Transformer) that
+    also train on the bit-vector tasks of the Neural Turing Machine paper."""
+
+    @staticmethod
+    def task_name(cfg) -> str:
+        """copy | repeat_copy | associative_recall (bit vectors), else a language model's task (lm or a probe)."""
+        from longmem.data.tasks.algorithmic import SEQUENCE_TASKS
+        from longmem.data.tasks.sources import lm_task_name
+        return cfg.task.name if cfg.task.name in SEQUENCE_TASKS else lm_task_name(cfg)
 
 
 @dataclass
-class LSTMConfig(_Classic):
+class LSTMConfig(_Recurrent):
     """The LSTM language model (Hochreiter & Schmidhuber 1997), ``model.arch: lstm``."""
     arch: Literal["lstm"] = _help("lstm", default="lstm")
     vocab_size: int = _help("vocabulary size (set from the tokenizer when training)", default=256)
@@ -39,6 +59,7 @@ class LSTMConfig(_Classic):
     n_layers: int = _help("stacked LSTM layers", default=4)
     segment_len: int = _help("tokens per training segment (truncated backpropagation through time)", default=128)
     dropout: float = _help("dropout between layers and on the output", default=0.0)
+    bits: int = _help(BITS_HELP, default=0)
 
     def __post_init__(self):
         self._check()
@@ -108,3 +129,52 @@ class MemN2NConfig(_Classic):
             raise ValueError(f"model.arch=memn2n answers bAbI questions; task.name must be auto or babi, got "
                              f"{cfg.task.name!r}")
         return "babi"
+
+
+
+
+@dataclass
+class NTMConfig(_Recurrent):
+    """The Neural Turing Machine (Graves et al. 2014, arXiv:1410.5401), ``model.arch: ntm``: an LSTM controller
+    with ``read_heads`` read heads and one write head over a memory of ``memory_slots`` x ``memory_width``,
+    addressed by content and location (§3.3)."""
+    arch: Literal["ntm"] = _help("ntm", default="ntm")
+    vocab_size: int = _help("vocabulary size (set from the tokenizer when training)", default=256)
+    d_model: int = _help("width of the token embedding and of every controller LSTM layer (§4: 100)", default=100)
+    n_layers: int = _help("stacked LSTM layers of the controller", default=1)
+    memory_slots: int = _help("memory locations N (§4.1: 128)", default=128)
+    memory_width: int = _help("width M of a memory location (§4.1: 20)", default=20)
+    read_heads: int = _help("read heads (the write head is one more)", default=1)
+    shift_range: int = _help("ntm: a head shifts its focus by -s..s locations per step (§3.3.2: s = 1)", default=1)
+    segment_len: int = _help("tokens per training segment of a stream (truncated backpropagation through time)",
+                             default=128)
+    dropout: float = _help("dropout on the controller output", default=0.0)
+    bits: int = _help(BITS_HELP, default=0)
+
+    def __post_init__(self):
+        self._check()
+        if self.shift_range < 1 or 2 * self.shift_range + 1 > self.memory_slots:
+            raise ValueError(f"model.shift_range must be at least 1 and 2 * shift_range + 1 at most "
+                             f"model.memory_slots={self.memory_slots}, got {self.shift_range}")
+
+
+@dataclass
+class DNCConfig(_Recurrent):
+    """The Differentiable Neural Computer (Graves et al. 2016, Nature 538, "Hybrid computing using neural
+    networks"), ``model.arch: dnc``: an LSTM controller with ``read_heads`` read heads and one write head,
+    content lookup, usage-based allocation and a temporal link matrix (Methods)."""
+    arch: Literal["dnc"] = _help("dnc", default="dnc")
+    vocab_size: int = _help("vocabulary size (set from the tokenizer when training)", default=256)
+    d_model: int = _help("width of the token embedding and of every controller LSTM layer (bAbI: 256)",
+                         default=128)
+    n_layers: int = _help("stacked LSTM layers of the controller", default=1)
+    memory_slots: int = _help("memory locations N (bAbI: 256)", default=64)
+    memory_width: int = _help("width W of a memory location (bAbI: 64)", default=32)
+    read_heads: int = _help("read heads R (bAbI: 4)", default=4)
+    segment_len: int = _help("tokens per training segment of a stream (truncated backpropagation through time)",
+                             default=128)
+    dropout: float = _help("dropout on the controller output", default=0.0)
+    bits: int = _help(BITS_HELP, default=0)
+
+    def __post_init__(self):
+        self._check()

@@ -2,7 +2,8 @@
 
 Legend: B lanes (batch), N tokens in a call, L layers, D width, V vocabulary.
 
-Embedding, stacked LSTM, tied output (Press & Wolf 2017; Inan et al. 2017).
+Embedding, stacked LSTM, tied output (Press & Wolf 2017; Inan et al. 2017); with ``model.bits`` bit vectors
+in and bit logits out instead (the NTM paper's LSTM baseline on its algorithmic tasks, ``bits.py``).
 It follows the MemoryLM contract: ``forward(tokens, state, targets, reset) ->
 LMOutput``. The (h, c) of every layer is the memory: it is carried from call to
 call like Transformer-XL's memory (detached by the trainer between steps:
@@ -17,6 +18,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from longmem.classic.bits import BitEmbedding, bit_loss, out_channels
 from longmem.classic.config import LSTMConfig
 from longmem.models.memory import LSTMState, State
 from longmem.models.transformer import LMOutput, lm_loss, start_call
@@ -31,10 +33,14 @@ class LSTMLM(nn.Module):
         super().__init__()
         self.config = copy.deepcopy(config)
         c = self.config
-        self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        # bit vectors in, bit logits out (bits.py), else tokens
+        self.embed: nn.Module = BitEmbedding(c.bits, c.d_model) if c.bits else nn.Embedding(c.vocab_size, c.d_model)
         self.drop = nn.Dropout(c.dropout)
         self.lstm = nn.LSTM(c.d_model, c.d_model, num_layers=c.n_layers, batch_first=True,
                             dropout=c.dropout if c.n_layers > 1 else 0.0)
+        if c.bits:
+            self.head = nn.Linear(c.d_model, out_channels(c.bits))
+            return
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=True)
         self.head.weight = self.embed.weight                      # tied: input and output share one matrix
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
@@ -61,6 +67,8 @@ class LSTMLM(nn.Module):
         c0 = state.lstm.c.transpose(0, 1).contiguous()              # (L, B, D)
         x = self.drop(self.embed(tokens))                           # (B, N, D)
         y, (h, c) = self.lstm(x, (h0, c0))                          # y: (B, N, D); h, c: (L, B, D)
-        logits = self.head(self.drop(y))                            # (B, N, V)
+        logits = self.head(self.drop(y))                            # (B, N, V), or (B, N, C_out) bit logits
         state = State(batch_size=B, lstm=LSTMState(h=h.transpose(0, 1), c=c.transpose(0, 1)))  # (B, L, D)
+        if targets is not None and isinstance(self.embed, BitEmbedding):
+            return LMOutput(logits=logits, loss=bit_loss(logits, *self.embed.target_bits(targets)), state=state)
         return LMOutput(logits=logits, loss=lm_loss(logits, targets), state=state)

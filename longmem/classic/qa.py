@@ -1,5 +1,5 @@
-"""Task evaluation: bAbI accuracy per task (memn2n) and text metrics of decoded
-targets (seq2seq)."""
+"""Task evaluation: bAbI accuracy per task (memn2n), text metrics of decoded
+targets (seq2seq) and bit errors on the bit-vector tasks (lstm, ntm, dnc)."""
 from __future__ import annotations
 
 import math
@@ -73,6 +73,70 @@ def evaluate_pairs(model, tokenizer, pairs: list[Pair], *, batch_size: int = 64,
             "bleu": bleu(pt, rt), "rouge_l": sum(map(rouge_l, pt, rt)) / len(refs),
             "n": len(refs), "examples": [{"source": s.source, "prediction": p, "target": r}
                          for s, p, r in zip(pairs[:3], preds[:3], refs[:3])]}
+
+
+@torch.no_grad()
+def evaluate_sequences(model, examples: list, *, pad: int, batch_size: int = 64) -> dict:
+    """Bitwise cross-entropy per target vector (``loss``, nats), wrong bits per sequence (``bit_errors``, the
+    NTM paper's measure, Graves et al. 2014 Figure 4), their rate over every target bit, and the fraction of
+    sequences without a wrong bit, of ``examples`` (``algorithmic.SeqExample``), each read from a new state."""
+    from longmem.classic.bits import bit_errors, bit_loss
+    from longmem.data.tasks.algorithmic import pad_examples
+    was_training = model.training
+    model.eval()
+    device = model.embed.weight.device
+    loss_sum, n_vectors, n_bits, perfect = 0.0, 0, 0, 0
+    errors: list[float] = []
+    for start in range(0, len(examples), batch_size):
+        inputs, targets = (torch.from_numpy(a).to(device)
+                           for a in pad_examples(examples[start:start + batch_size], pad=pad))
+        logits = model(inputs).logits
+        bits, mask = model.embed.target_bits(targets)
+        loss_sum += bit_loss(logits, bits, mask, reduction="sum").item()
+        wrong = bit_errors(logits, bits, mask)
+        errors += wrong.tolist()
+        perfect += int((wrong == 0).sum())
+        n_vectors += int(mask.sum())
+        n_bits += int(mask.sum()) * bits.shape[-1]
+    model.train(was_training)
+    return {"loss": loss_sum / max(1, n_vectors), "bit_errors": sum(errors) / len(errors),
+            "bit_error_rate": sum(errors) / max(1, n_bits), "perfect": perfect / len(errors), "n": len(errors)}
+
+
+SEQUENCE_EVALS = {"copy": "copy", "repeat_copy": "repeat_copy", "recall": "associative_recall"}
+
+
+def eval_sequences(run, task: str, *, lengths: list[int] | None = None, n: int = 100, seed: int = 0,
+                   batch_size: int = 64) -> dict:
+    """``longmem eval DIR --task copy|repeat_copy|recall``: bit errors of a run trained on bit vectors, per
+    sequence length (copy: vectors; recall: items), on ``n`` test examples each (default lengths: the
+    training range's longest and twice that, the NTM paper's generalisation test)."""
+    from longmem.data.tasks.algorithmic import sequence_maker
+    from longmem.data.tokenizer import BitsTokenizer
+    tok = run.tokenizer
+    if not isinstance(tok, BitsTokenizer):
+        raise ValueError(f"--task {task} scores a run trained on bit vectors (task.name copy, repeat_copy or "
+                         f"associative_recall); {run.path} has a {tok.kind} tokenizer")
+    if task not in SEQUENCE_EVALS:
+        raise ValueError(f"--task {task}; a bit-vector run is scored with: {', '.join(SEQUENCE_EVALS)}")
+    name, t = SEQUENCE_EVALS[task], run.config.task
+    lengths = lengths or [t.max_len, 2 * t.max_len]
+    results = []
+    for length in lengths:
+        make = sequence_maker(name, tok, split="test", seed=seed, min_len=length, max_len=length,
+                              max_repeats=t.max_repeats)
+        res = evaluate_sequences(run.model, [make(i) for i in range(n)], pad=tok.ids[tok.BLANK],
+                                 batch_size=batch_size)
+        results.append({"length": length, **res})
+    return {"task": name, "trained_on": [t.min_len, t.max_len], "results": results}
+
+
+def format_sequence_result(res: dict) -> str:
+    lines = [f"{res['task']} (trained on lengths {res['trained_on'][0]}..{res['trained_on'][1]})"]
+    lines += [f"length {r['length']:>4}: bit errors/sequence {r['bit_errors']:8.3f}  bit error rate "
+              f"{r['bit_error_rate']:.4f}  perfect {r['perfect']:.3f}  loss {r['loss']:.4f}  (n={r['n']})"
+              for r in res["results"]]
+    return "\n".join(lines)
 
 
 def eval_babi(run, *, split: str = "test") -> dict:

@@ -1,6 +1,7 @@
 """The training tasks of the baselines that learn from examples rather than a stream (``model.arch`` memn2n,
 seq2seq), for the one training loop (``training/task.py``): shuffled mini-batches each epoch, the data
-position (epoch, batch) saved for exact resume.
+position (epoch, batch) saved for exact resume. lstm, ntm and dnc on the bit-vector tasks of the Neural Turing
+Machine paper: ``SequenceTask``, fresh random examples every step.
 
 memn2n on bAbI (Sukhbaatar et al. 2015 §4.2): ``task.linear_start_steps`` first steps without the
 softmax in memory (linear start, at ``task.linear_start_lr``; it ends earlier when the validation loss
@@ -19,12 +20,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from longmem.classic.bits import bit_loss
 from longmem.classic.pairs import BOS, EOS, pair_examples, pairs_batch
-from longmem.classic.qa import evaluate_babi, evaluate_pairs
+from longmem.classic.qa import evaluate_babi, evaluate_pairs, evaluate_sequences
 from longmem.config import RunConfig
+from longmem.data.tasks.algorithmic import pad_examples, sequence_maker
 from longmem.data.tasks.babi import babi_batch, babi_texts, encode_babi
-from longmem.data.tasks.sources import babi_examples
-from longmem.data.tokenizer import WordTokenizer, build_tokenizer, load_tokenizer
+from longmem.data.tasks.sources import babi_examples, task_name
+from longmem.data.tokenizer import BitsTokenizer, WordTokenizer, build_tokenizer, load_tokenizer
 from longmem.models import IGNORE_INDEX
 from longmem.training.optim import lr_at
 from longmem.training.task import Task
@@ -182,3 +185,70 @@ class PairsTask(_ExampleTask):
     def validate(self, model, *, full: bool) -> dict:
         res = evaluate_pairs(model, self.tokenizer, self.val_pairs[:VAL_PAIRS])
         return {k: res[k] for k in self.logged}
+
+
+class SequenceTask(Task):
+    """The recurrent baselines (lstm, ntm, dnc) on the bit-vector tasks of Graves et al. 2014 §4 (copy,
+    repeat_copy, associative_recall; ``data/tasks/algorithmic.py``): every step a fresh batch of random
+    examples (``task.min_len``..``task.max_len`` vectors or items), each read from a new state (the memory
+    is reset per example), the loss bitwise cross-entropy on the output phase only. The data position is
+    the number of examples drawn; validation reads ``task.n_test`` examples of the validation seed."""
+    logged = ("loss", "bit_errors", "bit_error_rate")
+    keep_best = True
+    units = "examples"
+
+    def __init__(self, cfg: RunConfig, out_dir: Path, *, resume: bool, lanes: range, tokenizer=None):
+        super().__init__(cfg)
+        t = cfg.task
+        self.name = task_name(cfg)
+        if self.name == "associative_recall" and t.min_len < 2:
+            raise ValueError(f"associative_recall needs at least 2 items: set task.min_len >= 2 (the paper: 2..6), "
+                             f"got {t.min_len}")
+        self.tokenizer = load_tokenizer(out_dir / "tokenizer.json") if resume else BitsTokenizer(t.bits)
+        if not isinstance(self.tokenizer, BitsTokenizer):
+            raise ValueError(f"task.name={self.name} reads bit vectors; {out_dir} has a {self.tokenizer.kind} "
+                             f"tokenizer")
+        cfg.model.bits = self.tokenizer.width                          # the model reads and writes bits
+        self.make = sequence_maker(self.name, self.tokenizer, split="train", seed=cfg.data.seed, min_len=t.min_len,
+                                   max_len=t.max_len, max_repeats=t.max_repeats)
+        make_val = sequence_maker(self.name, self.tokenizer, split="val", seed=cfg.data.seed, min_len=t.min_len,
+                                  max_len=t.max_len, max_repeats=t.max_repeats)
+        self.val = [make_val(i) for i in range(t.n_test)]
+        self.lanes, self.drawn = lanes, 0
+
+    def window(self, step: int) -> list:
+        B = self.cfg.data.batch_size
+        idx = range(self.drawn + self.lanes.start, self.drawn + self.lanes.stop)
+        self.drawn += B
+        inputs, targets = pad_examples([self.make(i) for i in idx], pad=self.tokenizer.ids[self.tokenizer.BLANK])
+        return [{"inputs": torch.from_numpy(inputs), "targets": torch.from_numpy(targets),
+                 "_targets": int((targets != IGNORE_INDEX).sum()), "_examples": len(idx)}]
+
+    def counts(self, window: list) -> tuple[int, int]:
+        return sum(b["_targets"] for b in window), sum(b["_examples"] for b in window)
+
+    def loss(self, model, window: list, state, *, step: int, device, amp_dtype):
+        total = torch.zeros((), device=device)
+        for b in window:
+            out = model(b["inputs"].to(device))                       # a new state per example
+            total = total + bit_loss(out.logits, *model_embed(model).target_bits(b["targets"].to(device)),
+                                     reduction="sum")
+        return total, None
+
+    def validate(self, model, *, full: bool) -> dict:
+        res = evaluate_sequences(model, self.val, pad=self.tokenizer.ids[self.tokenizer.BLANK])
+        return {k: res[k] for k in self.logged}
+
+    def score(self, val: dict) -> tuple:
+        return val["bit_errors"], val["loss"]
+
+    def data_state(self) -> dict:
+        return {"drawn": self.drawn}
+
+    def load_data(self, saved: dict, lanes: range) -> None:
+        self.drawn = int(saved["drawn"])
+
+
+def model_embed(model):
+    """The bit embedding of ``model`` (unwrapping DistributedDataParallel)."""
+    return getattr(model, "module", model).embed

@@ -1,6 +1,7 @@
 """Tokenizers saved as ``tokenizer.json``: byte-level (any UTF-8, no unknown
-token), character-level (the characters of the training corpus) and byte-level
-BPE (Hugging Face ``tokenizers``, trained on the corpus).
+token), character-level (the characters of the training corpus), word-level (bAbI),
+byte-level BPE (Hugging Face ``tokenizers``, trained on the corpus) and bit vectors
+(the NTM / DNC tasks).
 """
 from __future__ import annotations
 
@@ -198,7 +199,53 @@ class WordTokenizer:
         return {"format": FORMAT, "version": 1, "type": "word", "words": self.itos[2:]}
 
 
-Tokenizer = ByteTokenizer | CharTokenizer | BPETokenizer | WordTokenizer | PretrainedTokenizer
+class BitsTokenizer:
+    """Random binary vectors of ``width`` bits as tokens (the NTM and DNC tasks, ``data/tasks/algorithmic.py``):
+    id v < 2**width is the vector whose bits are v's binary digits (most significant first), then the
+    markers ``SPECIALS``. Text is whitespace-separated: ``"0110 1011 | _ _"``."""
+    kind = "bits"
+    DELIM, QUERY, BLANK, REPEAT, END = "|", "?", "_", "*", "."
+    SPECIALS = (DELIM, QUERY, BLANK, REPEAT, END)
+
+    def __init__(self, width: int = 8):
+        if not 1 <= width <= 16:
+            raise ValueError(f"a bit-vector tokenizer takes 1 to 16 bits per vector, got {width}")
+        self.width = width
+        self.n_vectors = 2 ** width
+        self.ids = {s: self.n_vectors + i for i, s in enumerate(self.SPECIALS)}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_vectors + len(self.SPECIALS)
+
+    def encode(self, text: str) -> list[int]:
+        out = []
+        for word in text.split():
+            if word in self.ids:
+                out.append(self.ids[word])
+            elif len(word) == self.width and set(word) <= {"0", "1"}:
+                out.append(int(word, 2))
+            else:
+                raise ValueError(f"{word!r} is neither a vector of {self.width} bits (like {'01' * (self.width // 2)}"
+                                 f"{'0' * (self.width % 2)}) nor a marker ({' '.join(self.SPECIALS)})")
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return " ".join(self.token(i) for i in ids)
+
+    def token(self, i: int) -> str:
+        if 0 <= i < self.n_vectors:
+            return format(i, f"0{self.width}b")
+        return self.SPECIALS[i - self.n_vectors] if i < self.vocab_size else "<unk>"
+
+    def stream_decoder(self):
+        return lambda ids: self.decode(ids) + " "
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": 1, "type": "bits", "width": self.width}
+
+
+Tokenizer = ByteTokenizer | CharTokenizer | BPETokenizer | WordTokenizer | BitsTokenizer | PretrainedTokenizer
 
 
 def start_ids(tokenizer, ids: list[int]) -> list[int]:
@@ -215,11 +262,13 @@ def build_tokenizer(kind: str, texts: Iterable[str], *, vocab_size: int = 4096) 
         return ByteTokenizer()
     if kind == "char":
         return CharTokenizer.fit(texts)
+    if kind == "word":
+        return WordTokenizer.fit(texts)
     if kind == "bpe":
         if vocab_size < 257:
             raise ValueError(f"data.vocab_size must be > 256 for a byte-level BPE, got {vocab_size}")
         return BPETokenizer.fit(texts, vocab_size=vocab_size)
-    raise ValueError(f"unknown tokenizer {kind!r}; accepted: byte, char, bpe")
+    raise ValueError(f"unknown tokenizer {kind!r}; accepted: byte, char, bpe, word")
 
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
@@ -276,10 +325,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return CharTokenizer(d["chars"])
     if d.get("type") == "word" and isinstance(d.get("words"), list):
         return WordTokenizer(d["words"])
+    if d.get("type") == "bits" and isinstance(d.get("width"), int):
+        return BitsTokenizer(d["width"])
     if d.get("type") == "bpe" and isinstance(d.get("hf"), dict):
         from tokenizers import Tokenizer as HFTok
         try:
             return BPETokenizer(HFTok.from_str(json.dumps(d["hf"])))
         except Exception as e:                            # tokenizers raises its own Exception type
             raise ValueError(f"{path}: the BPE tokenizer inside cannot be read: {e}") from None
-    raise ValueError(f"{path}: unknown tokenizer type {d.get('type')!r}; accepted: byte, char, bpe, word")
+    raise ValueError(f"{path}: unknown tokenizer type {d.get('type')!r}; accepted: byte, char, bpe, word, bits")

@@ -83,8 +83,8 @@ def eval_probe(run: Run, task: str, *, lengths: list[int], depths: list[float], 
     passkey and recall per (length, depth); haystack per (length, bAbI task); babi per bAbI task.
     ``n`` examples per cell (babi: per task, 0 = all). ``shots``: babi and haystack examples start with this many
     solved training stories of their task (few-shot demonstrations, as BABILong prompts pretrained models)."""
-    if run.config.model.arch not in ("transformer", "lstm"):
-        raise ValueError(f"--task {task} scores a language model (transformer or lstm); this is a "
+    if run.config.model.arch not in ("transformer", "lstm", "ntm", "dnc"):
+        raise ValueError(f"--task {task} scores a language model (transformer, lstm, ntm or dnc); this is a "
                          f"{run.config.model.arch} run")
     tok, cells = run.tokenizer, []
     if task in ("passkey", "recall"):

@@ -43,9 +43,10 @@ def write_run_report(out_dir: Path, cfg: RunConfig) -> Path:
         extra = (f"bpc {last['val_bpc']:.4f}" if "val_bpc" in last
                  else f"mean error {last['val_mean_error']:.2f}%" if "val_mean_error" in last
                  else f"exact match {last['val_exact_match']:.3f}" if "val_exact_match" in last
+                 else f"bit errors per sequence {last['val_bit_errors']:.3f}" if "val_bit_errors" in last
                  else f"answer accuracy {last.get('val_accuracy', float('nan')):.3f}")
-        lines += [f"- final validation: loss {last['val_loss']:.4f}, ppl {last['val_ppl']:.3f}, "
-                  f"{extra} at step {last['step']}",
+        ppl = f", ppl {last['val_ppl']:.3f}" if "val_ppl" in last else ""      # bit-vector tasks: bitwise loss
+        lines += [f"- final validation: loss {last['val_loss']:.4f}{ppl}, {extra} at step {last['step']}",
                   f"- best validation loss: {best['val_loss']:.4f} at step {best['step']}"]
     stops = [r for r in rows if r.get("event") == "early_stop"]
     if stops:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from longmem.cli import main
 from longmem.config import PRESETS
@@ -18,14 +17,6 @@ pytestmark = pytest.mark.e2e
 
 TINY = str(PRESETS / "tiny.yaml")
 RUN_FILES = {"config.yaml", "model.safetensors", "tokenizer.json", "metrics.jsonl"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def train(tmp_path, *args: str):

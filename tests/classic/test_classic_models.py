@@ -20,15 +20,6 @@ from longmem.classic.seq2seq import Seq2Seq
 from longmem.training.optim import lr_at, param_groups
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models are faster on one thread, and far faster on a shared, busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def lstm(**kw) -> LSTMLM:
     return build_model(LSTMConfig(vocab_size=23, d_model=12, n_layers=2, **kw)).eval()
 

@@ -27,6 +27,11 @@ def task_name(cfg: RunConfig) -> str:
     own = getattr(cfg.model, "task_name", None)
     if own is not None:
         return own(cfg)
+    return lm_task_name(cfg)
+
+
+def lm_task_name(cfg: RunConfig) -> str:
+    """A language model's task: "lm" (its corpus, task.name auto) or a probe."""
     name = cfg.task.name
     if name != "auto" and name not in PROBES:
         raise ValueError(f"task.name={name} is not a task of a language model (model.arch {cfg.model.arch}); it "

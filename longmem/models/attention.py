@@ -254,7 +254,7 @@ class Attention(nn.Module):
             qr, kr_seg = Rotary.rotate(q, rc.cos, rc.sin), Rotary.rotate(k, rc.cos, rc.sin)
             raw_keys = kr_seg if cached is None else torch.cat([cached[0].to(k.dtype), kr_seg], dim=2)  # as cached
             kr, s = raw_keys, rc.n_sinks
-            if rc.sink_cos is not None and cached is not None:                   # sinks read just before the window
+            if rc.sink_cos is not None and rc.sink_sin is not None and cached is not None:   # sinks before the window
                 sinks = Rotary.rotate(raw_keys[:, :, :s], rc.sink_cos, rc.sink_sin)
                 if torch.is_grad_enabled():
                     kr = torch.cat([sinks, raw_keys[:, :, s:]], dim=2)

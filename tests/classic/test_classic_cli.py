@@ -13,7 +13,7 @@ from longmem.classic.memn2n import MemN2N
 from longmem.classic.seq2seq import Seq2Seq
 from longmem.runs import load_run
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_thread")]
 
 TINY = str(PRESETS / "tiny.yaml")
 RUN_FILES = {"config.yaml", "model.safetensors", "tokenizer.json", "metrics.jsonl"}

@@ -13,6 +13,8 @@ from longmem.classic.pairs import generate_pairs, read_pairs
 from longmem.data.tokenizer import WordTokenizer, load_tokenizer, save_tokenizer
 from longmem.evaluation.metrics import accuracy, bleu, exact_match, lcs_length, rouge_l, token_f1, tokens
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: faster on one thread
+
 STORY = """1 Mary moved to the bathroom.
 2 John went to the hallway.
 3 Where is Mary? \tbathroom\t1

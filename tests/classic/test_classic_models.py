@@ -19,6 +19,8 @@ from longmem.models.memory import State
 from longmem.classic.seq2seq import Seq2Seq
 from longmem.training.optim import lr_at, param_groups
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: faster on one thread
+
 
 def lstm(**kw) -> LSTMLM:
     return build_model(LSTMConfig(vocab_size=23, d_model=12, n_layers=2, **kw)).eval()

@@ -13,6 +13,8 @@ from longmem.classic.config import DNCConfig
 from longmem.classic.dnc import DNC, allocation, update_links
 from longmem.models import build_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: faster on one thread
+
 
 def test_allocation_gives_the_least_used_slot_on_a_hand_example():
     usage = torch.tensor([[0.9, 0.1, 0.5], [0.0, 0.0, 0.0]])

@@ -20,6 +20,8 @@ from longmem.data.tokenizer import BitsTokenizer, load_tokenizer, save_tokenizer
 from longmem.models import IGNORE_INDEX, build_model
 from longmem.models.memory import State
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: faster on one thread
+
 
 def tiny(arch: str, **kw):
     sizes = {"vocab_size": 23, "d_model": 12, "n_layers": 2, **kw}

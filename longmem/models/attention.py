@@ -25,7 +25,9 @@ import torch.nn.functional as F
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019) in float32, gain ``weight``: (..., D) -> (..., D)."""
+    """Root-mean-square norm (Zhang & Sennrich 2019) in float32, gain ``weight``: (..., D) -> (..., D).
+    Written out (square, mean, rsqrt, two products) rather than ``F.rms_norm``: on CPU the same numbers, and
+    the fused op costs about 1.6x as much forward + backward at training sizes and more per decoded token."""
 
     def __init__(self, dim: int, *, eps: float = 1e-6):
         super().__init__()
@@ -34,8 +36,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, *, theta: float, scaling: dict | None = None) -> torch.Tensor:
@@ -281,7 +284,8 @@ class Attention(nn.Module):
         if restore is not None:
             raw_keys[:, :, :restore.shape[2]] = restore
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)        # (B, T, H*Dh)
-        return self.resid_drop(self.out(y))
+        y = self.out(y)
+        return self.resid_drop(y) if self.training and self.dropout else y
 
 
 class MLP(nn.Module):
@@ -296,6 +300,7 @@ class MLP(nn.Module):
         self.up = nn.Linear(d_model, (2 if kind == "swiglu" else 1) * d_ff, bias=False)
         self.down = nn.Linear(d_ff, d_model, bias=False)
         self.drop = nn.Dropout(dropout)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)                                                           # (B, T, F) or (B, T, 2F)
@@ -304,7 +309,8 @@ class MLP(nn.Module):
             h = F.silu(gate) * up
         else:
             h = F.gelu(h)
-        return self.drop(self.down(h))
+        h = self.down(h)
+        return self.drop(h) if self.training and self.dropout else h        # no call at evaluation
 
 
 class Block(nn.Module):

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from longmem.models.attention import Rotary
-from longmem.models.memory.base import Memory, Segment, keep_last
+from longmem.models.memory.base import Memory, Segment, keep_last, kept_slots, take_slots
 from longmem.models.memory.state import KVState
 
 
@@ -110,17 +110,20 @@ class KVMemory(Memory):
         cut to the window (and the sinks), so a decoded token copies the cache once, not twice."""
         if self.window == 0:
             return part, None
-        keys, values, valid = [], [], part.valid
+        keys, values = [], []
         T = seg.n_tokens
+        grown = part.valid + T
+        src, n = None, -1
         for i in range(self.n_layers):
             k, v = seg.scratch[self.name][i]
             if k.shape[2] == T and part.length:                              # only the segment was recorded
                 k, v = torch.cat([part.keys[i], k], dim=2), torch.cat([part.values[i], v], dim=2)
-            k, valid_k = keep_last(k.detach(), part.valid + T, capacity=self.window, n_sinks=self.n_sinks, dim=2)
-            v, _ = keep_last(v.detach(), part.valid + T, capacity=self.window, n_sinks=self.n_sinks, dim=2)
-            keys.append(k)
-            values.append(v)
-            valid = valid_k
+            if k.shape[2] != n:                                              # the slots kept: once, not per tensor
+                n = k.shape[2]
+                src = kept_slots(n, grown, capacity=self.window, n_sinks=self.n_sinks)
+            keys.append(take_slots(k.detach(), src, capacity=self.window, dim=2))
+            values.append(take_slots(v.detach(), src, capacity=self.window, dim=2))
+        valid = grown.clamp(max=min(n, self.window))
         seen = None if part.seen is None else part.seen + T
         return KVState(keys=tuple(keys), values=tuple(values), valid=valid, seen=seen), None
 

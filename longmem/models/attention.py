@@ -186,6 +186,9 @@ class LayerView:
     kv: tuple[torch.Tensor, torch.Tensor] | Callable | None = None
     hooks: list[AttentionHook] = field(default_factory=list)
     rotated: "RotatedCache | None" = None
+    # with ``rotated`` and a cache: (new keys rotated, new values) -> [cache; new] written behind the cache
+    # (``memory/kv.py`` ``Room``) instead of concatenated
+    join: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -246,16 +249,21 @@ class Attention(nn.Module):
         if memory is not None:                                                   # XL: project the memory here
             mk, mv = self.project_kv(memory)
             keys, values = torch.cat([mk, k], dim=2), torch.cat([mv, v], dim=2)  # (B, G, S, Dh)
-        elif cached is not None:                                                 # a cache of keys and values
+        elif cached is not None and view.rotated is None:                        # a cache of keys and values
             values = torch.cat([cached[1].to(v.dtype), v], dim=2)
-            keys = k if view.rotated is not None else torch.cat([cached[0].to(k.dtype), k], dim=2)
+            keys = torch.cat([cached[0].to(k.dtype), k], dim=2)
         else:
             keys, values = k, v
         restore = None
         if view.rotated is not None:                                             # cached keys hold their rotation
             rc = view.rotated
             qr, kr_seg = Rotary.rotate(q, rc.cos, rc.sin), Rotary.rotate(k, rc.cos, rc.sin)
-            raw_keys = kr_seg if cached is None else torch.cat([cached[0].to(k.dtype), kr_seg], dim=2)  # as cached
+            raw_keys = kr_seg                                                    # as cached
+            if view.join is not None:
+                raw_keys, values = view.join(kr_seg, v)
+            elif cached is not None:
+                raw_keys = torch.cat([cached[0].to(k.dtype), kr_seg], dim=2)
+                values = torch.cat([cached[1].to(v.dtype), v], dim=2)
             kr, s = raw_keys, rc.n_sinks
             if rc.sink_cos is not None and cached is not None:                   # sinks read just before the window
                 sinks = Rotary.rotate(raw_keys[:, :, :s], rc.sink_cos, rc.sink_sin)

@@ -26,6 +26,7 @@ trainer know this protocol, never a kind by name.
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -118,6 +119,9 @@ class Segment:
         self.rotated_from: torch.Tensor | None = None
         self.rotated_sinks = 0
         self._rotated: Any = None
+        # set by a cache that stores keys with their rotation, without gradients: join(i, (keys, values), k, v)
+        # -> [cache; segment] of layer i, written behind the cache instead of concatenated (``memory/kv.py``)
+        self.join: Callable | None = None
 
     def surround(self, front: torch.Tensor, back: torch.Tensor) -> None:
         """Put (B, R, D) vectors before and after the positions so far (memory tokens)."""
@@ -167,10 +171,11 @@ class Segment:
         return self._rotated
 
     def view(self, i: int, cos: torch.Tensor, sin: torch.Tensor) -> LayerView:
+        kv = self.kv[i] if self.kv is not None and self.memory_len else None
         return LayerView(mask=self.mask(), cos=cos, sin=sin,
                          hidden=self.hidden[i] if self.hidden is not None and self.memory_len else None,
-                         kv=self.kv[i] if self.kv is not None and self.memory_len else None,
-                         hooks=self.hooks.get(i, []), rotated=self.rotated())
+                         kv=kv, hooks=self.hooks.get(i, []), rotated=self.rotated(),
+                         join=partial(self.join, i, kv) if self.join is not None and kv is not None else None)
 
     def tokens_of(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """The segment tokens' slice of a tensor over the L positions (along ``dim``)."""

@@ -265,7 +265,7 @@ class Attention(nn.Module):
                 raw_keys = torch.cat([cached[0].to(k.dtype), kr_seg], dim=2)
                 values = torch.cat([cached[1].to(v.dtype), v], dim=2)
             kr, s = raw_keys, rc.n_sinks
-            if rc.sink_cos is not None and cached is not None:                   # sinks read just before the window
+            if rc.sink_cos is not None and rc.sink_sin is not None and cached is not None:   # sinks: before the window
                 sinks = Rotary.rotate(raw_keys[:, :, :s], rc.sink_cos, rc.sink_sin)
                 if torch.is_grad_enabled():
                     kr = torch.cat([sinks, raw_keys[:, :, s:]], dim=2)

@@ -11,6 +11,15 @@ from longmem.data.stream import eval_batches
 from longmem.models import IGNORE_INDEX, MemoryLM
 
 
+def evaluation_view(model):
+    """The model to evaluate with (no gradient, evaluation mode): ``model.for_decoding()`` where it has one, the
+    same parameters with memories that compute less for the same numbers: Transformer-XL's hidden states
+    become the key/value cache of the same positions (exact, since the memory is detached), so a segment
+    projects its own T positions instead of re-projecting the M memory slots too."""
+    view = getattr(model, "for_decoding", None)
+    return view() if view is not None else model
+
+
 @torch.no_grad()
 def evaluate_ppl(model: MemoryLM, docs: list[np.ndarray], *, batch_size: int, n_chars: int | None = None,
                  max_segments: int = 0, progress_bar=None) -> dict:
@@ -25,9 +34,10 @@ def evaluate_ppl(model: MemoryLM, docs: list[np.ndarray], *, batch_size: int, n_
     total, count, state = 0.0, 0, None
     total_tokens = sum(len(d) - 1 for d in docs)
     device = model.embed.weight.device
+    run = evaluation_view(model)
     for batch in eval_batches(docs, batch_size=batch_size, seg_len=model.config.segment_len,
                               max_segments=max_segments):
-        out = model(batch.inputs.to(device), state=state, reset=batch.reset.to(device))
+        out = run(batch.inputs.to(device), state=state, reset=batch.reset.to(device))
         state = out.state
         targets = batch.targets.to(device)
         total += F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,

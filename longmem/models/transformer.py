@@ -187,7 +187,8 @@ class MemoryLM(nn.Module):
 
     def _segment(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
         """Logits (B, T, V), the state after the segment and its memories' auxiliary loss (or None)."""
-        seg = Segment(self.drop(self.embed(tokens)))                # x: (B, T, D)
+        x = self.embed(tokens)
+        seg = Segment(self.drop(x) if self.training and self.config.dropout else x)   # x: (B, T, D)
         seg.rope, seg.plain_positions = self.rope, self._plain_positions
         if self.tracer is not None:                                 # inspection only (models/inspect.py)
             self.tracer.begin(seg, len(self.blocks))

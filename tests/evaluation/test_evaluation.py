@@ -77,3 +77,39 @@ def test_bpc_of_ascii_bytes_equals_bits_per_token(make_model):
                        n_chars=predicted_chars(texts))
     assert res["tokens"] == n_chars - len(texts)
     assert res["bpc"] == pytest.approx(res["bits_per_token"], rel=1e-9)
+
+
+@pytest.mark.parametrize("kind,n_sinks", [("xl", 0), ("xl", 2), ("knn", 0), ("tokens", 0)])
+def test_evaluation_with_the_cache_equals_the_hidden_state_path(make_model, kind, n_sinks):
+    # evaluation reads XL memory as the key/value cache of the same positions (model.for_decoding()): per
+    # segment the same losses as re-projecting the hidden states, also across resets and past mem_len
+    from longmem.data.stream import eval_batches
+    from longmem.evaluation.perplexity import evaluation_view
+    docs = make_docs([70, 23, 9, 55], seed=1)
+    model = make_model(kind=kind, mem_len=12, segment_len=8)
+    model.config.memory.n_sinks = model.xl.n_sinks = n_sinks
+    view = evaluation_view(model)
+    assert view.xl is None and view.kv is not None                   # the cache, not hidden states
+    hidden = cached = None
+    with torch.no_grad():
+        for batch in eval_batches(docs, batch_size=2, seg_len=8):
+            a = model(batch.inputs, state=hidden, reset=batch.reset)
+            b = view(batch.inputs, state=cached, reset=batch.reset)
+            hidden, cached = a.state, b.state
+            torch.testing.assert_close(b.logits, a.logits, atol=1e-5, rtol=0)
+    assert evaluate_ppl(model, docs, batch_size=2)["loss"] == pytest.approx(
+        _hidden_state_loss(model, docs, batch_size=2), abs=1e-5)
+
+
+def _hidden_state_loss(model, docs, *, batch_size: int) -> float:
+    from longmem.data.stream import eval_batches
+    from longmem.models import IGNORE_INDEX
+    total, count, state = 0.0, 0, None
+    with torch.no_grad():
+        for batch in eval_batches(docs, batch_size=batch_size, seg_len=model.config.segment_len):
+            out = model(batch.inputs, state=state, reset=batch.reset)
+            state = out.state
+            total += F.cross_entropy(out.logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX,
+                                     reduction="sum").item()
+            count += int((batch.targets != IGNORE_INDEX).sum())
+    return total / count

@@ -169,3 +169,30 @@ def test_decoder_arguments_are_checked(make_model):
         Decoder(make_model(kind="none", mem_len=0), attention_sink=-1)
     with pytest.raises(ValueError, match="prompt token ids"):
         TokenStream(make_model(), [99], sampling=SamplingConfig())
+
+
+@pytest.mark.parametrize("kind,sinks", [("none", 0), ("none", 2), ("xl", 0)])
+def test_a_state_fed_twice_gives_two_independent_branches(make_model, kind, sinks):
+    """Decoding appends a token's keys and values behind the cache in place (memory/kv.py ``Room``): a state
+    fed again later (two branches from one point, as a chat retried from a saved turn) must not see the other
+    branch's writes, and the older state keeps its tensors unchanged, through the window filling and sliding."""
+    model = make_model(kind=kind, mem_len=12 if kind == "xl" else 0, segment_len=8)
+    seq = torch.randint(0, 37, (2, 40), generator=torch.Generator().manual_seed(7))
+    dec = Decoder(model, attention_sink=sinks)
+    _, base = dec.feed(seq[:, :6], None)
+    for t in range(6, 30):                                       # every point: the window grows, then slides
+        kept = [k.clone() for k in base.kv.keys]
+        a, left = dec.feed(seq[:, t:t + 1], base)                 # branch 1
+        b, right = dec.feed(seq[:, t + 1:t + 2], base)            # branch 2 from the same state
+        a2, _ = dec.feed(seq[:, t + 1:t + 2], left)               # branch 1 continued after branch 2 was written
+        _, fresh = dec.feed(seq[:, :6], None)                     # the references, from scratch
+        for u in range(6, t):
+            _, fresh = dec.feed(seq[:, u:u + 1], fresh)
+        ra, rl = dec.feed(seq[:, t:t + 1], fresh)
+        rb, _ = dec.feed(seq[:, t + 1:t + 2], fresh)
+        ra2, _ = dec.feed(seq[:, t + 1:t + 2], rl)
+        for x, y in ((a, ra), (b, rb), (a2, ra2)):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+        for k, old in zip(base.kv.keys, kept):
+            assert torch.equal(k, old)
+        _, base = dec.feed(seq[:, t:t + 1], base)

@@ -26,6 +26,7 @@ trainer know this protocol, never a kind by name.
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -109,6 +110,7 @@ class Segment:
         self.scratch: dict[str, Any] = {}               # per memory name: what its hooks recorded
         self.inspecting = False                         # traced: memories record what ``inspect`` reports
         self._mask: torch.Tensor | None = None
+        self._mask_known = False
         # set by the model: its rotary positions, and whether a cache may store keys with their rotation (no
         # smeared keys, no positions added around the tokens); set by a cache that does: the positions each lane
         # has read before this segment, (B,), and its attention sinks
@@ -117,11 +119,15 @@ class Segment:
         self.rotated_from: torch.Tensor | None = None
         self.rotated_sinks = 0
         self._rotated: Any = None
+        # set by a cache that stores keys with their rotation, without gradients: join(i, (keys, values), k, v)
+        # -> [cache; segment] of layer i, written behind the cache instead of concatenated (``memory/kv.py``)
+        self.join: Callable | None = None
 
     def surround(self, front: torch.Tensor, back: torch.Tensor) -> None:
         """Put (B, R, D) vectors before and after the positions so far (memory tokens)."""
         self.x = torch.cat([front, self.x, back], dim=1)
         self.start += front.shape[1]
+        self._mask_known = False
 
     def set_context(self, *, valid: torch.Tensor | None, hidden=None, kv=None, length: int | None = None) -> None:
         """Past context in front of the segment, per layer: hidden states (B, M, D), (keys, values) (B, G, M, Dh)
@@ -131,6 +137,7 @@ class Segment:
             raise ValueError("two memories of this model put past context in front of the segment; "
                              "a kind may have one (xl or a key/value cache)")
         self.hidden, self.kv, self.valid = hidden, kv, valid
+        self._mask_known = False
         if length is None:
             length = (hidden[0].shape[1] if hidden is not None else kv[0][0].shape[2]) if (hidden or kv) else 0
         self.memory_len = length
@@ -138,12 +145,14 @@ class Segment:
     def mask(self) -> torch.Tensor | None:
         """(B, 1, L, M + L) bool: valid memory slots plus causal attention over the positions; None when
         there is no memory (plain causal) or a memory chooses its keys from the queries (the layer builds it)."""
+        if self._mask_known:                                         # once per segment, not once per layer
+            return self._mask
+        self._mask_known = True
         if self.memory_len == 0 or self.valid is None:
             return None
         if self.x.shape[1] == 1 and bool((self.valid >= self.memory_len).all()):
             return None                                              # one new token, every slot real: no mask
-        if self._mask is None:
-            self._mask = prefix_mask(self.valid.to(self.x.device), self.memory_len, self.x.shape[1])
+        self._mask = prefix_mask(self.valid.to(self.x.device), self.memory_len, self.x.shape[1])
         return self._mask
 
     def rotated(self) -> RotatedCache | None:
@@ -162,10 +171,11 @@ class Segment:
         return self._rotated
 
     def view(self, i: int, cos: torch.Tensor, sin: torch.Tensor) -> LayerView:
+        kv = self.kv[i] if self.kv is not None and self.memory_len else None
         return LayerView(mask=self.mask(), cos=cos, sin=sin,
                          hidden=self.hidden[i] if self.hidden is not None and self.memory_len else None,
-                         kv=self.kv[i] if self.kv is not None and self.memory_len else None,
-                         hooks=self.hooks.get(i, []), rotated=self.rotated())
+                         kv=kv, hooks=self.hooks.get(i, []), rotated=self.rotated(),
+                         join=partial(self.join, i, kv) if self.join is not None and kv is not None else None)
 
     def tokens_of(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """The segment tokens' slice of a tensor over the L positions (along ``dim``)."""
@@ -186,21 +196,37 @@ def keep_last(buf: torch.Tensor, valid: torch.Tensor, *, capacity: int, n_sinks:
     """At most ``capacity`` slots of a right-aligned buffer whose last ``valid[b]`` slots hold lane b's
     history: the most recent, and with ``n_sinks`` each lane's first ``n_sinks`` positions for good
     (attention sinks, Xiao et al. 2023). Returns the buffer and ``valid`` (B,) clamped to it."""
-    n = buf.shape[dim]
+    src = kept_slots(buf.shape[dim], valid, capacity=capacity, n_sinks=n_sinks)
+    return take_slots(buf, src, capacity=capacity, dim=dim), valid.clamp(max=min(buf.shape[dim], capacity))
+
+
+def kept_slots(n: int, valid: torch.Tensor, *, capacity: int, n_sinks: int = 0) -> torch.Tensor | None:
+    """Which of ``n`` right-aligned slots :func:`keep_last` keeps: None for the last ``min(n, capacity)``
+    (a view, no copy), else (B, keep) source slots per lane; computed once for the many tensors of a state."""
     keep = min(n, capacity)
     if n_sinks == 0 or not bool((valid > capacity).any()):
-        return buf.narrow(dim, n - keep, keep), valid.clamp(max=keep)
+        return None
     # slot j of the result comes from slot n - keep + j (right-aligned), except that a lane past capacity
     # takes its first n_sinks slots from where its history starts, n - valid (its sinks)
-    j = torch.arange(keep, device=buf.device)
+    j = torch.arange(keep, device=valid.device)
     src = (n - keep + j).expand(len(valid), keep).clone()                # (B, keep)
-    sinks = (n - valid.to(buf.device)).unsqueeze(1) + j[:n_sinks]        # (B, n_sinks)
-    over = (valid > capacity).to(buf.device).unsqueeze(1)
+    sinks = (n - valid).unsqueeze(1) + j[:n_sinks]                       # (B, n_sinks)
+    over = (valid > capacity).unsqueeze(1)
     src[:, :n_sinks] = torch.where(over, sinks, src[:, :n_sinks])
+    return src
+
+
+def take_slots(buf: torch.Tensor, src: torch.Tensor | None, *, capacity: int, dim: int = 1) -> torch.Tensor:
+    """The slots :func:`kept_slots` chose of ``buf`` (lanes first, slots along ``dim``)."""
+    n = buf.shape[dim]
+    keep = min(n, capacity)
+    if src is None:
+        return buf.narrow(dim, n - keep, keep)
+    src = src.to(buf.device)
     shape = [1] * buf.dim()
-    shape[0], shape[dim] = len(valid), keep
+    shape[0], shape[dim] = src.shape[0], keep
     index = src.view(shape).expand(*[shape[d] if d in (0, dim) else buf.shape[d] for d in range(buf.dim())])
-    return buf.gather(dim, index), valid.clamp(max=keep)
+    return buf.gather(dim, index)
 
 
 # -- the registry of kinds -------------------------------------------------------

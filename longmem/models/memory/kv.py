@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from longmem.models.attention import Rotary
-from longmem.models.memory.base import Memory, Segment, keep_last
+from longmem.models.memory.base import Memory, Segment, keep_last, kept_slots, take_slots
 from longmem.models.memory.state import KVState
 
 
@@ -76,7 +76,7 @@ class KVMemory(Memory):
         for k in part.keys:
             cos, sin = rope.at(pos.to(k.device), dtype=k.dtype)
             keys.append(Rotary.rotate(k, cos, sin))
-        return replace(part, keys=tuple(keys), seen=seen)
+        return replace(part, keys=tuple(keys), seen=seen, room=None)
 
     def begin(self, seg: Segment, part: KVState) -> KVState:
         part = self.trim(part)
@@ -92,9 +92,27 @@ class KVMemory(Memory):
         if part.length:
             seg.set_context(kv=list(zip(part.keys, part.values)), valid=part.valid)
         seg.scratch[self.name] = {}
+        if part.length and seg.rotated_from is not None and not torch.is_grad_enabled():
+            seg.join = self._join(seg, part)
         for i in range(self.n_layers):
             seg.hooks[i].append(self._recorder(seg, i))
         return part
+
+    def _join(self, seg: Segment, part: KVState):
+        """The function that puts a layer's new keys (rotated) and values (B, G, T, Dh) behind its cache: in the
+        spare slots of the cache's buffers when this cache is the last one written there (a decoded token
+        copies nothing), else into new buffers with spare slots (the cache copied once, as ``torch.cat``
+        would). A segment that pushes a lane with sinks past the window gets buffers of its own, so ``end``
+        can move the sinks up in place instead of gathering the cache again."""
+        T, M = seg.n_tokens, part.length
+        room, start = part.room, part.room_end - M
+        over = bool(self.n_sinks) and bool((part.valid + T > self.window).any())
+        if over or room is None or room.end != part.room_end or room.end + T > room.capacity:
+            spare = 0 if over else min(self.window, max(256, 4 * T))
+            room, start = Room(capacity=M + T + spare, n_layers=self.n_layers, owned=over), 0
+        room.end = start + M + T                                     # claimed: an older cache here copies
+        seg.scratch[self.name]["room"] = (room, start)
+        return room.join
 
     def _recorder(self, seg: Segment, i: int):
         def record(*, q, k, v, y, raw_k, context, **_):
@@ -110,22 +128,69 @@ class KVMemory(Memory):
         cut to the window (and the sinks), so a decoded token copies the cache once, not twice."""
         if self.window == 0:
             return part, None
-        keys, values, valid = [], [], part.valid
+        keys, values = [], []
         T = seg.n_tokens
+        grown = part.valid + T
+        src, n = None, -1
+        room, start = seg.scratch[self.name].get("room", (None, 0))
         for i in range(self.n_layers):
             k, v = seg.scratch[self.name][i]
             if k.shape[2] == T and part.length:                              # only the segment was recorded
                 k, v = torch.cat([part.keys[i], k], dim=2), torch.cat([part.values[i], v], dim=2)
-            k, valid_k = keep_last(k.detach(), part.valid + T, capacity=self.window, n_sinks=self.n_sinks, dim=2)
-            v, _ = keep_last(v.detach(), part.valid + T, capacity=self.window, n_sinks=self.n_sinks, dim=2)
-            keys.append(k)
-            values.append(v)
-            valid = valid_k
+            if k.shape[2] != n:                                              # the slots kept: once, not per tensor
+                n = k.shape[2]
+                src = kept_slots(n, grown, capacity=self.window, n_sinks=self.n_sinks)
+            if room is not None and room.owned and src is not None:          # sinks moved up in place: no gather
+                keys.append(_sinks_up(k, src, n_sinks=self.n_sinks))
+                values.append(_sinks_up(v, src, n_sinks=self.n_sinks))
+            else:
+                keys.append(take_slots(k.detach(), src, capacity=self.window, dim=2))
+                values.append(take_slots(v.detach(), src, capacity=self.window, dim=2))
+        valid = grown.clamp(max=min(n, self.window))
         seen = None if part.seen is None else part.seen + T
-        return KVState(keys=tuple(keys), values=tuple(values), valid=valid, seen=seen), None
+        return KVState(keys=tuple(keys), values=tuple(values), valid=valid, seen=seen, room=room,
+                       room_end=start + n if room is not None else 0), None
 
     def inspect(self, seg: Segment, before: KVState, after: KVState, h: torch.Tensor) -> dict[str, Any]:
         return {"slots": before.valid}                                   # (B,) cached positions attended to
 
     def nbytes(self, *, batch_size: int, d_model: int, n_layers: int, bytes_per_value: int = 4) -> int:
         return 2 * batch_size * self.window * d_model * n_layers * bytes_per_value    # an upper bound (G <= H)
+
+
+def _sinks_up(buf: torch.Tensor, src: torch.Tensor, *, n_sinks: int) -> torch.Tensor:
+    """``take_slots(buf, src)`` of a buffer no other cache reads (``Room.owned``): the kept window is the tail
+    of ``buf`` (B, G, n, Dh), so only the sinks are copied, to its first slots, instead of gathering it all."""
+    keep = src.shape[1]
+    sinks = take_slots(buf, src[:, :n_sinks], capacity=n_sinks, dim=2) if n_sinks else None
+    kept = buf.narrow(2, buf.shape[2] - keep, keep)
+    if sinks is not None:
+        kept[:, :, :n_sinks] = sinks
+    return kept
+
+
+class Room:
+    """Buffers (B, G, ``capacity``, Dh) per layer behind the caches of one stream, for decoding and evaluation
+    (no gradients): a cache is a view of the slots [a, b) of each buffer, and ``end`` the slots taken. A
+    segment appends in place only to a cache with b == end (no other cache was written after it), so a cache
+    never sees its own slots change; one that was (the same state fed twice) copies into a new room.
+    ``owned``: made for one segment whose cache only it reads (sinks may be moved in place)."""
+
+    def __init__(self, *, capacity: int, n_layers: int, owned: bool = False):
+        self.capacity, self.owned, self.end = capacity, owned, 0
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+
+    def join(self, i: int, cached: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor,
+             v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[cache; new] of layer i (B, G, M + T, Dh): the cache ``cached`` (M slots) and the new keys/values."""
+        M, T = cached[0].shape[2], k.shape[2]
+        a = self.end - M - T
+        kb, vb = self.keys[i], self.values[i]
+        if kb is None or vb is None or kb.dtype != k.dtype:              # a new room: copy the cache in once
+            B, G, _, Dh = k.shape
+            kb, vb = k.new_empty(B, G, self.capacity, Dh), v.new_empty(B, G, self.capacity, v.shape[-1])
+            kb[:, :, a:a + M], vb[:, :, a:a + M] = cached
+            self.keys[i], self.values[i] = kb, vb
+        kb[:, :, a + M:a + M + T], vb[:, :, a + M:a + M + T] = k, v
+        return kb[:, :, a:a + M + T], vb[:, :, a:a + M + T]

@@ -11,7 +11,7 @@ flat ``{"name.key": tensor}`` dict so it can be written with safetensors (resume
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import EllipsisType
 from typing import Any, Mapping, Protocol
 
@@ -94,11 +94,16 @@ class KVState:
     positions (a key read as the lane's p-th position rotated by p; see ``memory/kv.py``); None when
     the keys are stored before rotary positions (models with smeared keys or memory tokens, and caches
     written by longmem 0.2 and earlier, which ``KVMemory`` converts on first use).
+    room: where ``keys``/``values`` are views of buffers with spare slots behind them (``memory/kv.py``
+    ``Room``: decoding and evaluation append a segment there instead of copying the cache), and ``room_end``
+    the buffer slot they end at; None for tensors of their own. Not saved; reset drops it.
     """
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
     valid: torch.Tensor
     seen: torch.Tensor | None = None
+    room: Any = field(default=None, compare=False, repr=False)
+    room_end: int = field(default=0, compare=False, repr=False)
 
     @property
     def length(self) -> int:
@@ -112,7 +117,7 @@ class KVState:
 
     def detach(self):
         return KVState(keys=tuple(k.detach() for k in self.keys), values=tuple(v.detach() for v in self.values),
-                       valid=self.valid, seen=self.seen)
+                       valid=self.valid, seen=self.seen, room=self.room, room_end=self.room_end)
 
     def to_tensors(self):
         out = {"valid": self.valid}

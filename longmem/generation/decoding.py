@@ -20,9 +20,12 @@ V vocabulary.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from longmem.models import MemoryLM
 from longmem.models.attention import Block
@@ -135,3 +138,79 @@ class Decoder:
             out = view(piece, state=memory)
             logits, memory = out.logits[:, -1], out.state
         return logits, memory
+
+
+class LaneExact(TorchFunctionMode):
+    """While on, a step of one token per lane computes each lane as the lane alone would, bit for bit: a matmul
+    over many rows rounds differently from the one-row matmul of a lone stream (another kernel), and attention
+    over a cache padded in front (masked) sums differently from the lane's own unpadded cache. So linear layers
+    on (B, 1, D) run as a batch of one-row matmuls (``baddbmm`` over the weight expanded, B > 1), and masked
+    attention of one query runs per lane over its own slots. Checked on CPU (tests/generation/test_lanes.py);
+    the cost there is the per-lane attention calls, small next to running the lanes one after another."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, w = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if x.dim() == 3 and x.shape[0] > 1 and x.shape[1] == 1:
+                wt = w.t().unsqueeze(0).expand(x.shape[0], *w.t().shape)                 # (B, D, F), no copy
+                if bias is None:
+                    return torch.bmm(x, wt)
+                return torch.baddbmm(bias.view(1, 1, -1).expand(x.shape[0], 1, -1), x, wt)   # as addmm
+        elif func is F.scaled_dot_product_attention:
+            q, k, v = args[:3]
+            mask = kwargs.get("attn_mask")
+            if mask is not None and q.shape[0] > 1 and q.shape[2] == 1 and mask.dtype == torch.bool:
+                rest = {n: a for n, a in kwargs.items() if n not in ("attn_mask", "is_causal")}
+                keys = mask[:, 0, 0].sum(-1).tolist()                  # (B,): a lane's slots are its last ones
+                return torch.cat([F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1, :, k.shape[2] - n:],
+                                                                 v[i:i + 1, :, v.shape[2] - n:], **rest)
+                                  for i, n in enumerate(keys)])
+        return func(*args, **kwargs)
+
+
+class Lanes:
+    """Streams decoded together, one token each per step, as the lanes of one batch (continuous batching):
+    streams join and leave between steps. Their one-lane states are stacked (``State.stack``: caches of
+    different lengths right-aligned, ``valid`` masking the front) and stay stacked while the lanes do not
+    change; a change unstacks and restacks. States that do not stack (kNN rings, memory tokens with a segment
+    pending, different cache layouts) are fed one lane at a time. With ``exact`` (the default) each lane's
+    logits and state equal those of the stream fed alone bit for bit (:class:`LaneExact`); without, one matmul
+    serves all lanes and they equal it to rounding."""
+
+    def __init__(self, decoder: Decoder, *, exact: bool = True):
+        if decoder.kind != "state" and decoder.recompute:
+            raise ValueError("lanes need cached decoding (recompute=False)")
+        self.decoder, self.exact = decoder, exact
+        self._stacked: State | None = None            # every lane, when their states stack
+        self._alone: list[State] = []                 # else one state per lane
+
+    def __len__(self) -> int:
+        return self._stacked.batch_size if self._stacked is not None else len(self._alone)
+
+    def states(self) -> list[State]:
+        """The lanes' states, one lane each, in order."""
+        return self._stacked.unstack() if self._stacked is not None else list(self._alone)
+
+    def set(self, states: list[State]) -> None:
+        """Make ``states`` (one lane each) the lanes, in order."""
+        if any(s.batch_size != 1 for s in states):
+            raise ValueError("each stream's state must hold one lane")
+        self._stacked = State.stack(states) if states else None
+        self._alone = [] if self._stacked is not None else list(states)
+
+    @torch.no_grad()
+    def step(self, tokens: list[int]) -> list[torch.Tensor]:
+        """Feed token ``tokens[i]`` to lane i; returns each lane's logits (1, V) after it."""
+        if len(tokens) != len(self):
+            raise ValueError(f"{len(tokens)} tokens for {len(self)} lanes")
+        if self._stacked is None:
+            out = [self.decoder.feed(torch.tensor([[t]], device=self.decoder.device), s)
+                   for t, s in zip(tokens, self._alone)]
+            self._alone = [s for _, s in out]
+            return [lg for lg, _ in out]
+        ids = torch.tensor(tokens, device=self.decoder.device).view(-1, 1)             # (B, 1)
+        with LaneExact() if self.exact and len(tokens) > 1 else contextlib.nullcontext():
+            logits, self._stacked = self.decoder.feed(ids, self._stacked)              # (B, V)
+        return [logits[i:i + 1] for i in range(len(tokens))]

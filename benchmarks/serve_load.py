@@ -89,7 +89,8 @@ def _client(i: int, url: str, deadline: float, log: list, lat: list, errors: lis
             k += 1
 
 
-def load_test(*, clients: int, seconds: float, max_tokens: int = 24) -> dict:
+def load_test(*, clients: int, seconds: float, max_tokens: int = 24, max_batch: int = 8,
+              batch_math: str = "exact") -> dict:
     import uvicorn
 
     from longmem.generation.generate import TextStream
@@ -103,7 +104,8 @@ def load_test(*, clients: int, seconds: float, max_tokens: int = 24) -> dict:
         run = _make_run(Path(tmp) / "RUN")
         port = _free_port()
         cfg = ServeConfig(host="127.0.0.1", port=port, sessions_dir=str(Path(tmp) / "sessions"),
-                          max_live_sessions=max(2, clients // 2))      # forces eviction to disk and back
+                          max_live_sessions=max(2, clients // 2),      # forces eviction to disk and back
+                          max_batch=max_batch, batch_math=batch_math)
         server = uvicorn.Server(uvicorn.Config(create_app(run, cfg), host="127.0.0.1", port=port,
                                                log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
@@ -150,7 +152,8 @@ def load_test(*, clients: int, seconds: float, max_tokens: int = 24) -> dict:
             "p99_ms": pct(99), "max_ms": lat_ms[-1] if lat_ms else float("nan"),
             "mean_ms": statistics.mean(lat_ms) if lat_ms else float("nan"),
             "mismatched_answers": mismatched_answers, "mismatched_sessions": mismatched_memory,
-            "max_tokens": max_tokens, "live_cap": cfg.max_live_sessions}
+            "p95_ms": pct(95), "throughput_per_s": len(lat_ms) / wall, "max_batch": max_batch,
+            "batch_math": batch_math, "max_tokens": max_tokens, "live_cap": cfg.max_live_sessions}
 
 
 def run(quick: bool) -> str:
@@ -186,6 +189,8 @@ if __name__ == "__main__":
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--max-batch", type=int, default=8, help="ServeConfig.max_batch (1: one request at a time)")
+    ap.add_argument("--batch-math", default="exact", choices=("exact", "fast"))
     a = ap.parse_args()
-    print(json.dumps(load_test(clients=a.clients, seconds=a.seconds, max_tokens=a.max_tokens), indent=1),
-          file=sys.stdout)
+    print(json.dumps(load_test(clients=a.clients, seconds=a.seconds, max_tokens=a.max_tokens, max_batch=a.max_batch,
+                               batch_math=a.batch_math), indent=1), file=sys.stdout)

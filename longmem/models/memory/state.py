@@ -162,8 +162,18 @@ class KVState:
     @classmethod
     def stack(cls, parts: list["KVState"]) -> "KVState | None":
         """Lanes of different lengths right-aligned (padded in front; ``valid`` masks the padding). None when
-        their layouts differ (keys with and without rotary positions, or caches of different depths)."""
+        their layouts differ (keys with and without rotary positions, or caches of different depths), or when
+        padding would move what a lane reads (see below)."""
         if len({p.seen is None for p in parts}) > 1 or len({len(p.keys) for p in parts if p.length}) > 1:
+            return None
+        # a lane that evicted positions may keep attention sinks in its first slots, where the attention reads
+        # them: it stacks only with lanes no longer than it (no padding in front of it)
+        n = max(p.length for p in parts)
+        if any(p.seen is not None and p.length < n and bool((p.seen > p.valid).any()) for p in parts):
+            return None
+        # keys before rotary positions are rotated at their slots: padded, a lane's keys would be read at other
+        # positions (the same distances, other roundings), so only caches of one length stack
+        if parts[0].seen is None and len({p.length for p in parts}) > 1:
             return None
         filled = [p for p in parts if p.length]
         if not filled:

@@ -21,7 +21,7 @@ V vocabulary.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -153,33 +153,35 @@ class LaneExact(TorchFunctionMode):
     order of summation depends on the shape, not on the values. Checked on CPU (tests/generation/test_lanes.py).
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.fits: dict[tuple, bool] = {}            # shape key -> the batched form gives each row's bits
 
-    def _probe(self, key: tuple, batched, one, make) -> bool:
+    def _probe(self, key: tuple, batched: Callable[..., torch.Tensor], one: Callable[..., torch.Tensor],
+               make: Callable[[], tuple]) -> bool:
         if key not in self.fits:
             args = make()
             self.fits[key] = torch.equal(batched(*args), torch.cat([one(*args, i) for i in range(key[0])]))
         return self.fits[key]
 
-    def _linear(self, x, w, bias):
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         B = x.shape[0]
         wt = w.t().unsqueeze(0).expand(B, *w.t().shape)                              # (B, D, F), no copy
 
-        def batched(x, w, bias):
+        def batched(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
             if bias is None:
                 return torch.bmm(x, wt)
             return torch.baddbmm(bias.view(1, 1, -1).expand(B, 1, -1), x, wt)        # bias added as addmm does
 
-        def one(x, w, bias, i):
+        def one(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, i: int) -> torch.Tensor:
             return F.linear(x[i:i + 1], w, bias)
         key = (B, "linear", tuple(w.shape), bias is not None, x.dtype, x.device)
         if self._probe(key, batched, one, lambda: (torch.randn_like(x), w, bias)):
             return batched(x, w, bias)
         return torch.cat([one(x, w, bias, i) for i in range(B)])
 
-    def _attention(self, q, k, v, mask, rest):
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   rest: dict[str, Any]) -> torch.Tensor:
         B = q.shape[0]
         if mask is None:
             key = (B, "sdpa", tuple(q.shape), tuple(k.shape), q.dtype, q.device, tuple(sorted(rest.items())))
@@ -195,7 +197,8 @@ class LaneExact(TorchFunctionMode):
         return torch.cat([F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1, :, S - n:], v[i:i + 1, :, S - n:],
                                                          **rest) for i, n in enumerate(slots)])
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         if func is F.linear:
             x, w = args[0], args[1]

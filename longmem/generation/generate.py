@@ -86,7 +86,7 @@ class TokenStream:
         self.completion_tokens += 1
         return int(nxt.item())
 
-    def advance(self, logits: torch.Tensor, state: State) -> None:
+    def advance(self, logits: torch.Tensor, state: State | None) -> None:
         """After the drawn token was fed: its logits (1, V) and the state after it."""
         self._logits, self.state = logits, state
 

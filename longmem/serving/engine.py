@@ -228,7 +228,8 @@ class Engine:
                 blocked.add(job.session)
         self.waiting = kept
         if joined:
-            self.lanes.set([*self.lanes.states(), *(lane.stream.state for lane in joined)])
+            fresh = [lane.stream.state for lane in joined]            # not None: the prompt was fed
+            self.lanes.set([*self.lanes.states(), *(st for st in fresh if st is not None)])
             self.running += joined
 
     def _session(self, name: str) -> Session:

@@ -6,6 +6,11 @@ methods (the :class:`Part` protocol). ``State`` itself only loops over its parts
 adds a part class and one :func:`register_part` line, nothing here. The state round-trips through a
 flat ``{"name.key": tensor}`` dict so it can be written with safetensors (resume, chat sessions).
 
+A part class may also define ``stack(parts) -> part | None`` (one part whose lanes are theirs; None when
+they do not fit together) and ``lane(i) -> part`` (lane i alone): :meth:`State.stack` / :meth:`State.unstack`
+use them to decode the states of several streams as lanes of one batch (the server's continuous batching);
+a state with a part lacking them is fed alone.
+
 ``pending`` holds the token ids of an unfinished segment when a memory writes whole segments only
 (memory tokens): the next call recomputes them in front of its own tokens.
 """
@@ -177,8 +182,7 @@ class KVState:
             return None
         filled = [p for p in parts if p.length]
         if not filled:
-            return cls(keys=(), values=(), valid=torch.cat([p.valid for p in parts]),
-                       seen=None if parts[0].seen is None else torch.cat([p.seen for p in parts]))
+            return cls(keys=(), values=(), valid=torch.cat([p.valid for p in parts]), seen=cls._seen(parts))
         like = filled[0]
 
         def layer(i: int, kind: str) -> torch.Tensor:
@@ -186,8 +190,12 @@ class KVState:
             return _left_pad(ts, dim=2)
         n = len(like.keys)
         return cls(keys=tuple(layer(i, "keys") for i in range(n)), values=tuple(layer(i, "values") for i in range(n)),
-                   valid=torch.cat([p.valid for p in parts]),
-                   seen=None if like.seen is None else torch.cat([p.seen for p in parts]))
+                   valid=torch.cat([p.valid for p in parts]), seen=cls._seen(parts))
+
+    @staticmethod
+    def _seen(parts: list["KVState"]) -> torch.Tensor | None:
+        seen = [p.seen for p in parts if p.seen is not None]
+        return torch.cat(seen) if seen else None
 
     def lane(self, i: int) -> "KVState":
         """Lane i alone, cut to the slots that hold its history."""

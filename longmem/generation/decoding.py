@@ -20,9 +20,12 @@ V vocabulary.
 """
 from __future__ import annotations
 
-from typing import Any, cast
+import contextlib
+from typing import Any, Callable, cast
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from longmem.models import MemoryLM
 from longmem.models.attention import Block
@@ -135,3 +138,148 @@ class Decoder:
             out = view(piece, state=memory)
             logits, memory = out.logits[:, -1], out.state
         return logits, memory
+
+
+class LaneExact(TorchFunctionMode):
+    """While on, a step of one token per lane computes each lane as the lane alone would, bit for bit.
+
+    A matmul over many rows may round differently from the one-row matmul of a lone stream (the library picks
+    another kernel by shape), and attention over a cache padded in front (masked) sums differently from the
+    lane's own unpadded cache; elementwise ops and per-row norms do not depend on the other rows. So a linear
+    layer on (B, 1, D) runs as a batch of one-row matmuls (``bmm`` / ``baddbmm`` over the weight expanded)
+    where that was found to give the one-row matmul's bits for this shape, else row by row; attention of one
+    query per lane runs batched where that was found to give each lane's bits (no mask: every lane's cache is
+    full), else per lane over its own slots. "Found" is a probe on random inputs, once per shape: a kernel's
+    order of summation depends on the shape, not on the values. Checked on CPU (tests/generation/test_lanes.py).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fits: dict[tuple, bool] = {}            # shape key -> the batched form gives each row's bits
+
+    def _probe(self, key: tuple, batched: Callable[..., torch.Tensor], one: Callable[..., torch.Tensor],
+               make: Callable[[], tuple]) -> bool:
+        if key not in self.fits:
+            args = make()
+            self.fits[key] = torch.equal(batched(*args), torch.cat([one(*args, i) for i in range(key[0])]))
+        return self.fits[key]
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        B = x.shape[0]
+        wt = w.t().unsqueeze(0).expand(B, *w.t().shape)                              # (B, D, F), no copy
+
+        def batched(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            if bias is None:
+                return torch.bmm(x, wt)
+            return torch.baddbmm(bias.view(1, 1, -1).expand(B, 1, -1), x, wt)        # bias added as addmm does
+
+        def one(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, i: int) -> torch.Tensor:
+            return F.linear(x[i:i + 1], w, bias)
+        key = (B, "linear", tuple(w.shape), bias is not None, x.dtype, x.device)
+        if self._probe(key, batched, one, lambda: (torch.randn_like(x), w, bias)):
+            return batched(x, w, bias)
+        return torch.cat([one(x, w, bias, i) for i in range(B)])
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   rest: dict[str, Any]) -> torch.Tensor:
+        B = q.shape[0]
+        if mask is None:
+            key = (B, "sdpa", tuple(q.shape), tuple(k.shape), q.dtype, q.device, tuple(sorted(rest.items())))
+            if self._probe(key, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **rest),
+                           lambda q, k, v, i: F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1],
+                                                                             **rest),
+                           lambda: (torch.randn_like(q), torch.randn_like(k), torch.randn_like(v))):
+                return F.scaled_dot_product_attention(q, k, v, **rest)
+            slots = [k.shape[2]] * B
+        else:
+            slots = mask[:, 0, 0].sum(-1).tolist()           # (B,): a lane's slots are its last ones
+        S = k.shape[2]
+        return torch.cat([F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1, :, S - n:], v[i:i + 1, :, S - n:],
+                                                         **rest) for i, n in enumerate(slots)])
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, w = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if x.dim() == 3 and x.shape[0] > 1 and x.shape[1] == 1:
+                return self._linear(x, w, bias)
+        elif func is F.scaled_dot_product_attention:
+            q, k, v = args[:3]
+            mask = kwargs.get("attn_mask")
+            if len(args) == 3 and q.shape[0] > 1 and q.shape[2] == 1 and (mask is None or mask.dtype == torch.bool):
+                rest = {n: a for n, a in kwargs.items() if n not in ("attn_mask", "is_causal")}
+                if not kwargs.get("is_causal") or k.shape[2] == 1:
+                    return self._attention(q, k, v, mask, rest)
+        return func(*args, **kwargs)
+
+
+class Lanes:
+    """Streams decoded together, one token each per step, as the lanes of one batch (continuous batching):
+    streams join and leave between steps. Their one-lane states are stacked (``State.stack``: caches of
+    different lengths right-aligned, ``valid`` masking the front) and stay stacked while the lanes do not
+    change; a change unstacks and restacks. States that do not stack together are split into groups that do,
+    each fed as one batch (kNN rings and memory tokens stack with none: one lane each). With ``exact`` (the
+    default) each lane's logits and state equal those of the stream fed alone bit for bit
+    (:class:`LaneExact`); without, one matmul serves all lanes and they equal it to rounding."""
+
+    def __init__(self, decoder: Decoder, *, exact: bool = True):
+        if decoder.kind != "state" and decoder.recompute:
+            raise ValueError("lanes need cached decoding (recompute=False)")
+        self.decoder = decoder
+        self.exact = LaneExact() if exact else None
+        self._groups: list[tuple[list[int], State]] = []     # (lane numbers, their states stacked)
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def states(self) -> list[State]:
+        """The lanes' states, one lane each, in order."""
+        out: list[State] = [None] * self._n  # type: ignore[list-item]
+        for members, state in self._groups:
+            for i, st in zip(members, state.unstack()):
+                out[i] = st
+        return out
+
+    def set(self, states: list[State]) -> None:
+        """Make ``states`` (one lane each) the lanes, in order."""
+        if any(s.batch_size != 1 for s in states):
+            raise ValueError("each stream's state must hold one lane")
+        self._n = len(states)
+        whole = State.stack(states) if states else None
+        if whole is not None:
+            self._groups = [(list(range(len(states))), whole)]
+            return
+        groups: list[list[int]] = []
+        for i, st in enumerate(states):                     # first group it stacks with, else a new one
+            home = next((g for g in groups if State.stack([states[g[0]], st]) is not None), None)
+            if home is None:
+                groups.append([i])
+            else:
+                home.append(i)
+        self._groups = []
+        for g in groups:
+            stacked = State.stack([states[i] for i in g])
+            if stacked is None:                             # stacks pairwise, not as a group: one lane each
+                self._groups += [([i], states[i]) for i in g]
+            else:
+                self._groups.append((g, stacked))
+
+    @torch.no_grad()
+    def step(self, tokens: list[int]) -> list[torch.Tensor]:
+        """Feed token ``tokens[i]`` to lane i; returns each lane's logits (1, V) after it."""
+        if len(tokens) != self._n:
+            raise ValueError(f"{len(tokens)} tokens for {self._n} lanes")
+        out: list[torch.Tensor] = [None] * self._n  # type: ignore[list-item]
+        groups = []
+        for members, state in self._groups:
+            ids = torch.tensor([tokens[i] for i in members], device=self.decoder.device).view(-1, 1)   # (b, 1)
+            with self.exact if self.exact is not None and len(members) > 1 else contextlib.nullcontext():
+                logits, state = self.decoder.feed(ids, state)                                      # (b, V)
+            groups.append((members, state))
+            for j, i in enumerate(members):
+                out[i] = logits[j:j + 1]
+        self._groups = groups
+        return out

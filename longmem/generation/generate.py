@@ -59,25 +59,44 @@ class TokenStream:
     def stop(self) -> None:
         self._stopped = True
 
+    # -- one step at a time, for a caller that feeds many streams together (serving/engine.py) --------------
     @torch.no_grad()
-    def __iter__(self) -> Iterator[int]:
+    def begin(self) -> None:
+        """Feed the prompt (alone): the stream is ready for :meth:`draw`."""
         self.model.eval()
-        dec = self.decoder
-        device = dec.device
-        gen = torch.Generator(device=device).manual_seed(self.sampling.seed)
+        device = self.decoder.device
+        self._gen = torch.Generator(device=device).manual_seed(self.sampling.seed)
         prompt = torch.tensor([self.prompt_ids], device=device)                     # (1, N)
-        counts = TokenCounts.empty(1, self.model.config.vocab_size, device=device)
-        counts.add_prompt(prompt)
-        logits, self.state = dec.feed(prompt, self.state)                           # (1, V)
-        for _ in range(self.sampling.max_new_tokens):
-            nxt = sample(apply_processors(self.procs, logits, counts), greedy=self.sampling.greedy,
-                         generator=gen)                                             # (1,)
-            counts.add_generated(nxt)
-            self.completion_tokens += 1
-            yield int(nxt.item())
-            logits, self.state = dec.feed(nxt.view(1, 1), self.state)             # remember it
-            if self._stopped:
-                break
+        self._counts = TokenCounts.empty(1, self.model.config.vocab_size, device=device)
+        self._counts.add_prompt(prompt)
+        self._logits, self.state = self.decoder.feed(prompt, self.state)           # (1, V)
+
+    @property
+    def finished(self) -> bool:
+        """No token left to draw: ``max_new_tokens`` drawn (and fed) or stopped."""
+        return self._stopped or self.completion_tokens >= self.sampling.max_new_tokens
+
+    @torch.no_grad()
+    def draw(self) -> int:
+        """The next token, drawn from the logits after everything fed so far; it must be fed next
+        (:meth:`advance` with the logits and state after it)."""
+        nxt = sample(apply_processors(self.procs, self._logits, self._counts), greedy=self.sampling.greedy,
+                     generator=self._gen)                                           # (1,)
+        self._counts.add_generated(nxt)
+        self.completion_tokens += 1
+        return int(nxt.item())
+
+    def advance(self, logits: torch.Tensor, state: State | None) -> None:
+        """After the drawn token was fed: its logits (1, V) and the state after it."""
+        self._logits, self.state = logits, state
+
+    def __iter__(self) -> Iterator[int]:
+        self.begin()
+        device = self.decoder.device
+        while not self.finished:
+            tok = self.draw()
+            yield tok
+            self.advance(*self.decoder.feed(torch.tensor([[tok]], device=device), self.state))   # remember it
 
 
 class TextStream:
@@ -101,6 +120,8 @@ class TextStream:
         self.text = ""
         self.finish_reason: str | None = None
         self.stopped_by: str | None = None                 # the stop string that ended it
+        self._decode = tokenizer.stream_decoder()
+        self._pending = ""                                 # decoded text held back (it may begin a stop string)
 
     @property
     def state(self) -> State | None:
@@ -114,29 +135,40 @@ class TextStream:
         self.text += piece
         return piece
 
-    def __iter__(self) -> Iterator[str]:
+    def push(self, tok: int) -> str:
+        """The text one drawn token lets out ("" while held back); a stop string stops the token stream
+        (its token is still remembered) and sets ``finish_reason``."""
+        if self.finish_reason is not None:
+            return ""
         stops = self.sampling.stop
-        decode = self.tokenizer.stream_decoder()
-        pending = ""
+        self._pending += self._decode([tok])
+        pending = self._pending
+        hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
+        if hits:
+            self.stopped_by = min(((pending.find(st), st) for st in stops if pending.find(st) >= 0))[1]
+            self.tokens.stop()
+            self._pending, self.finish_reason = "", "stop"
+            return self._emit(pending[:min(hits)])
+        hold = max((k for s in stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
+        out, self._pending = pending[:len(pending) - hold], pending[len(pending) - hold:]
+        return self._emit(out)
+
+    def close(self) -> str:
+        """After the last token: the text held back (none after a stop string); ``finish_reason`` is set."""
+        if self.finish_reason is not None:
+            return ""
+        self.finish_reason = "length"
+        out, self._pending = self._pending, ""
+        return self._emit(out)
+
+    def __iter__(self) -> Iterator[str]:
         for tok in self.tokens:
-            pending += decode([tok])
-            hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-            if hits:
-                self.stopped_by = min(((pending.find(st), st) for st in stops if pending.find(st) >= 0))[1]
-                self.tokens.stop()
-                if min(hits):
-                    yield self._emit(pending[:min(hits)])
-                pending = ""
-                self.finish_reason = "stop"
-                continue                                      # let the token stream remember the last token
-            hold = max((k for s in stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
-            out, pending = pending[:len(pending) - hold], pending[len(pending) - hold:]
-            if out:
-                yield self._emit(out)
-        if self.finish_reason is None:
-            self.finish_reason = "length"
-            if pending:
-                yield self._emit(pending)
+            piece = self.push(tok)
+            if piece:
+                yield piece
+        tail = self.close()
+        if tail:
+            yield tail
 
 
 def generate_ids(model: MemoryLM, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 1.0,

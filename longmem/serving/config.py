@@ -35,6 +35,12 @@ class ServeConfig:
                                          "used deleted first (live sessions' files are kept even past it)",
                                          default=4_000_000_000)
     max_queue: int = _help("requests waiting for the model at most; more are refused with 503", default=256)
+    max_batch: int = _help("requests decoded together, one token each per step, as lanes of one batch (continuous "
+                           "batching: a request joins and leaves between steps); 1 runs them one at a time",
+                           default=8)
+    batch_math: str = _help("exact: each lane computes bit for bit what its request alone would (one-row matmuls "
+                            "per lane, attention per lane over its own cache); fast: one matmul for all lanes, "
+                            "equal to the request alone up to float rounding", default="exact")
     attention_sink: int = _help("kind none: first positions kept in the decoding cache", default=4)
     turn_format: str = _help("chat API: how a message is fed ({text} its only field; an assistant's message is its "
                              "text and a newline); default: the model's chat template if it has one, else one line "
@@ -48,12 +54,14 @@ class ServeConfig:
                 raise ValueError(f"{f.name} must be a finite number, got {v}")
         for name in ("max_request_bytes", "max_prompt_chars", "max_tokens_limit", "max_live_sessions",
                      "max_session_bytes", "max_queue", "max_sessions_on_disk", "max_sessions_disk_bytes",
-                     "max_inspect_tokens"):
+                     "max_inspect_tokens", "max_batch"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_sessions_on_disk < self.max_live_sessions:
             raise ValueError(f"max_sessions_on_disk ({self.max_sessions_on_disk}) must be at least "
                              f"max_live_sessions ({self.max_live_sessions}): live sessions are never deleted")
+        if self.batch_math not in ("exact", "fast"):
+            raise ValueError(f"batch_math must be 'exact' or 'fast', got {self.batch_math!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.session_idle_s <= 0:

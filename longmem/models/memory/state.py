@@ -6,6 +6,11 @@ methods (the :class:`Part` protocol). ``State`` itself only loops over its parts
 adds a part class and one :func:`register_part` line, nothing here. The state round-trips through a
 flat ``{"name.key": tensor}`` dict so it can be written with safetensors (resume, chat sessions).
 
+A part class may also define ``stack(parts) -> part | None`` (one part whose lanes are theirs; None when
+they do not fit together) and ``lane(i) -> part`` (lane i alone): :meth:`State.stack` / :meth:`State.unstack`
+use them to decode the states of several streams as lanes of one batch (the server's continuous batching);
+a state with a part lacking them is fed alone.
+
 ``pending`` holds the token ids of an unfinished segment when a memory writes whole segments only
 (memory tokens): the next call recomputes them in front of its own tokens.
 """
@@ -51,6 +56,25 @@ def _keep(drop: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return (~drop.bool()).to(like.device).view(-1, *([1] * (like.dim() - 1)))
 
 
+def _left_pad(ts: list[torch.Tensor], *, dim: int) -> torch.Tensor:
+    """One lane per tensor, stacked along the lanes: shorter ones padded with zeros in front along ``dim``
+    (right-aligned buffers: their last slots hold the history)."""
+    n = max(t.shape[dim] for t in ts)
+    padded = []
+    for t in ts:
+        if t.shape[dim] < n:
+            shape = list(t.shape)
+            shape[dim] = n - t.shape[dim]
+            t = torch.cat([t.new_zeros(shape), t], dim=dim)
+        padded.append(t)
+    return torch.cat(padded, dim=0)
+
+
+def _last(t: torch.Tensor, i: int, n: int, *, dim: int) -> torch.Tensor:
+    """Lane i's last ``n`` slots along ``dim``, copied (a lane must not keep the whole batch alive)."""
+    return t[i:i + 1].narrow(dim, t.shape[dim] - n, n).clone()
+
+
 @dataclass(frozen=True)
 class XLState:
     """Transformer-XL memory: per layer the last states of each lane.
@@ -80,6 +104,17 @@ class XLState:
     def from_tensors(cls, d):
         n = sum(1 for k in d if k.startswith("mems."))
         return cls(mems=tuple(d[f"mems.{i}"] for i in range(n)), valid=d["valid"].long())
+
+    @classmethod
+    def stack(cls, parts: list["XLState"]) -> "XLState | None":
+        if len({len(p.mems) for p in parts}) > 1:
+            return None
+        return cls(mems=tuple(_left_pad([p.mems[i] for p in parts], dim=1) for i in range(len(parts[0].mems))),
+                   valid=torch.cat([p.valid for p in parts]))
+
+    def lane(self, i: int) -> "XLState":
+        n = int(self.valid[i].clamp(max=self.length))
+        return XLState(mems=tuple(_last(m, i, n, dim=1) for m in self.mems), valid=self.valid[i:i + 1].clone())
 
 
 @dataclass(frozen=True)
@@ -133,6 +168,51 @@ class KVState:
         seen = d.get("seen")
         return cls(keys=tuple(d[f"keys.{i}"] for i in range(n)), values=tuple(d[f"values.{i}"] for i in range(n)),
                    valid=d["valid"].long(), seen=None if seen is None else seen.long())
+
+    @classmethod
+    def stack(cls, parts: list["KVState"]) -> "KVState | None":
+        """Lanes of different lengths right-aligned (padded in front; ``valid`` masks the padding, ``seen`` is
+        per lane, so each lane's segment and sinks are rotated by its own positions). None when their layouts
+        differ (keys with and without rotary positions, or caches of different depths), or when padding would
+        move what a lane reads (see below). The result holds new tensors and no ``room``: the batch writes
+        behind its cache in buffers of its own, never in the buffers of a stream that goes on alone."""
+        if len({p.seen is None for p in parts}) > 1 or len({len(p.keys) for p in parts if p.length}) > 1:
+            return None
+        # a lane that evicted positions may keep attention sinks in its first slots, where the attention reads
+        # (and turns) them: it stacks only with lanes no longer than it (no padding in front of it); a lane that
+        # evicted nothing has no sink turned (its sink rotation is the identity), so padding in front is masked
+        # by ``valid`` like any other
+        n = max(p.length for p in parts)
+        if any(p.seen is not None and p.length < n and bool((p.seen > p.valid).any()) for p in parts):
+            return None
+        # keys before rotary positions are rotated at their slots: padded, a lane's keys would be read at other
+        # positions (the same distances, other roundings), so only caches of one length stack
+        if parts[0].seen is None and len({p.length for p in parts}) > 1:
+            return None
+        filled = [p for p in parts if p.length]
+        if not filled:
+            return cls(keys=(), values=(), valid=torch.cat([p.valid for p in parts]), seen=cls._seen(parts))
+        like = filled[0]
+
+        def layer(i: int, kind: str) -> torch.Tensor:
+            ts = [getattr(p, kind)[i] if p.length else getattr(like, kind)[i][:1, :, :0] for p in parts]
+            return _left_pad(ts, dim=2)
+        n = len(like.keys)
+        return cls(keys=tuple(layer(i, "keys") for i in range(n)), values=tuple(layer(i, "values") for i in range(n)),
+                   valid=torch.cat([p.valid for p in parts]), seen=cls._seen(parts))
+
+    @staticmethod
+    def _seen(parts: list["KVState"]) -> torch.Tensor | None:
+        seen = [p.seen for p in parts if p.seen is not None]
+        return torch.cat(seen) if seen else None
+
+    def lane(self, i: int) -> "KVState":
+        """Lane i alone, cut to the slots that hold its history: copies, no ``room`` (the batch's buffers stay
+        the batch's, so two streams given back never share a buffer written in place)."""
+        n = int(self.valid[i].clamp(max=self.length))
+        return KVState(keys=tuple(_last(k, i, n, dim=2) for k in self.keys),
+                       values=tuple(_last(v, i, n, dim=2) for v in self.values), valid=self.valid[i:i + 1].clone(),
+                       seen=None if self.seen is None else self.seen[i:i + 1].clone())
 
 
 @dataclass(frozen=True)
@@ -227,6 +307,13 @@ class LSTMState:
     def from_tensors(cls, d):
         return cls(h=d["h"], c=d["c"])
 
+    @classmethod
+    def stack(cls, parts: list["LSTMState"]) -> "LSTMState":
+        return cls(h=torch.cat([p.h for p in parts]), c=torch.cat([p.c for p in parts]))
+
+    def lane(self, i: int) -> "LSTMState":
+        return LSTMState(h=self.h[i:i + 1].clone(), c=self.c[i:i + 1].clone())
+
 
 for _name, _cls in (("xl", XLState), ("kv", KVState), ("knn", KNNState), ("tokens", TokensState),
                     ("lstm", LSTMState)):
@@ -283,6 +370,38 @@ class State:
             pending = pending[:, :0]
         return State(self.batch_size, {name: part.reset(mask) for name, part in self._parts.items()},
                      pending=pending)
+
+    @classmethod
+    def stack(cls, states: list["State"]) -> "State | None":
+        """One state whose lanes are the lanes of ``states`` in order (continuous batching: lanes of different
+        streams decoded together), or None when they cannot be stacked: different parts, a part class without
+        ``stack`` (kNN rings, memory tokens: fed one at a time), an unfinished segment pending, or layouts that
+        differ. :meth:`unstack` gives them back. One state is given back as it is (a lone lane writes behind its
+        own cache in place, as the stream alone does); several are copied into tensors of their own."""
+        if len(states) == 1:
+            return states[0]
+        names = states[0].parts()
+        if any(s.parts() != names or (s.pending is not None and s.pending.shape[1]) for s in states):
+            return None
+        parts = {}
+        for name in names:
+            group = [s.part(name) for s in states]
+            stack = getattr(type(group[0]), "stack", None)
+            if stack is None or any(type(p) is not type(group[0]) for p in group):
+                return None
+            parts[name] = stack(group)
+            if parts[name] is None:
+                return None
+        pending = None if states[0].pending is None else torch.cat([s.pending for s in states])
+        return State(sum(s.batch_size for s in states), parts, pending=pending)
+
+    def unstack(self) -> list["State"]:
+        """One state per lane (the inverse of :meth:`stack`; caches cut to each lane's own history)."""
+        if self.batch_size == 1:
+            return [self]
+        return [State(1, {name: part.lane(i) for name, part in self._parts.items()},
+                      pending=None if self.pending is None else self.pending[i:i + 1].clone())
+                for i in range(self.batch_size)]
 
     def detach(self) -> "State":
         return State(self.batch_size, {name: part.detach() for name, part in self._parts.items()},

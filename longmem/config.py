@@ -204,6 +204,14 @@ class ModelConfig:
     max_position_embeddings: int = _help("positions the model was trained on (a pretrained model's context); "
                                          "0: not known. Informational: longmem assigns positions inside the "
                                          "attention window", default=0)
+    position_range: int = _help("grouped distant positions (Self-Extend, Jin et al. 2024), an evaluation setting: "
+                                "the longest window (memory slots + segment) the model was trained on, e.g. "
+                                "mem_len + segment_len; a longer window (a larger memory.mem_len at evaluation) "
+                                "keeps exact distances below model.position_window and maps farther keys to "
+                                "floor-divided group positions, so no query meets a distance it was not trained "
+                                "on; a window that fits is read unchanged; 0 off", default=0)
+    position_window: int = _help("with model.position_range: the neighbour window, distances read exactly; "
+                                 "0 means position_range / 2", default=0)
     smear_keys: bool = _help("transformer: mix each attention key with the previous position's key, a learned "
                              "share per head (smeared keys, Olsson et al. 2022): one layer can then match "
                              "\"the token after an earlier occurrence of this one\", and copying / associative "
@@ -243,11 +251,22 @@ class ModelConfig:
             self.d_ff = 4 * self.d_model if self.mlp == "gelu" else -(-8 * self.d_model // 3 // 8) * 8
         if not isinstance(self.rope_scaling, dict):
             raise ValueError(f"model.rope_scaling must be a mapping, got {self.rope_scaling!r}")
+        if self.position_range < 0 or self.position_window < 0:
+            raise ValueError(f"model.position_range and model.position_window must be >= 0, got "
+                             f"{self.position_range} and {self.position_window}")
+        if self.position_range and not 0 <= self.position_window_ < self.position_range - 1:
+            raise ValueError(f"model.position_window={self.position_window} must be below model.position_range - 1 "
+                             f"= {self.position_range - 1} (the grouped positions need room beyond it)")
 
     @property
     def head_dim_(self) -> int:
         """The head size: ``head_dim`` or d_model / n_heads."""
         return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def position_window_(self) -> int:
+        """The neighbour window of grouped positions: ``position_window`` or position_range / 2."""
+        return self.position_window or self.position_range // 2
 
     @property
     def n_kv_heads_(self) -> int:
@@ -307,6 +326,10 @@ class TrainConfig:
     beta2: float = _help("AdamW beta2", default=0.95)
     grad_clip: float = _help("clip the gradient norm to this; 0 disables", default=1.0)
     grad_accum: int = _help("micro-batches per optimizer step (each continues the lanes)", default=1)
+    mem_len_max: int = _help("randomized memory lengths (memory kind xl): keep this many past positions while "
+                             "training and let each step read a random number of them, from memory.mem_len to this, "
+                             "so evaluation with a memory up to this long (--memory.mem_len) meets only distances "
+                             "seen in training; 0 off", default=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _help(
         "auto (bf16 on a GPU that supports it, else fp32) | fp32 | bf16 | fp16 (with a gradient scaler)",
         default="auto")

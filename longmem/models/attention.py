@@ -143,13 +143,62 @@ def prefix_mask(valid: torch.Tensor, memory_len: int, length: int) -> torch.Tens
                      dim=-1).unsqueeze(1)                                                # (B, 1, L, M+L)
 
 
-def attention_probs(qr: torch.Tensor, kr: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+@dataclass
+class GroupedPositions:
+    """Grouped distant positions (Self-Extend, Jin et al. 2024 §3) for a window longer than the model was trained
+    on: a query reads the keys less than ``window`` positions back at their exact distance, and the farther keys
+    at grouped positions, key p at p // g and query p at p // g + window - window // g, so the distances grow g
+    times slower beyond the neighbour window and none exceeds the trained range. Rotary scores only see
+    differences of positions, so the two kinds of distance are two score maps merged per (query, key).
+    near: (T, S) bool, True where the exact distance is read; q_cos, q_sin (T, Dh) and k_cos, k_sin (S, Dh): the
+    rotary tables of the grouped positions of the queries (the last T of the S positions) and of the keys."""
+    near: torch.Tensor
+    q_cos: torch.Tensor
+    q_sin: torch.Tensor
+    k_cos: torch.Tensor
+    k_sin: torch.Tensor
+    group: int
+
+
+def group_size(n_positions: int, *, limit: int, window: int) -> int:
+    """The smallest group size g that keeps every grouped distance of a window of ``n_positions`` below ``limit``
+    (the farthest pair: query n_positions - 1, key 0); 1 (positions unchanged) when the window fits."""
+    g = 1
+    while n_positions > limit and (n_positions - 1) // g + window - window // g > limit - 1:
+        g += 1
+    return g
+
+
+def grouped_positions(cos: torch.Tensor, sin: torch.Tensor, *, n_queries: int, limit: int,
+                      window: int) -> GroupedPositions | None:
+    """The grouped positions of a window of S = ``cos.shape[0]`` positions whose last ``n_queries`` are the
+    queries (``cos``, ``sin``: (S, Dh) rotary tables of positions 0 .. S - 1), or None when S <= ``limit``: a
+    window the model was trained on is read unchanged."""
+    S, T = cos.shape[0], n_queries
+    g = group_size(S, limit=limit, window=window)
+    if g == 1:
+        return None
+    pos = torch.arange(S, device=cos.device)
+    k_pos = pos // g                                                             # (S,)
+    q_pos = pos[S - T:] // g + window - window // g                              # (T,)
+    near = (pos[S - T:].unsqueeze(1) - pos.unsqueeze(0)) < window                # (T, S)
+    return GroupedPositions(near=near, q_cos=cos[q_pos], q_sin=sin[q_pos], k_cos=cos[k_pos], k_sin=sin[k_pos],
+                            group=g)
+
+
+def attention_probs(qr: torch.Tensor, kr: torch.Tensor, mask: torch.Tensor | None,
+                    far: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """(B, H, T, S) float32 attention probabilities of queries ``qr`` (B, H, T, Dh) over keys ``kr`` (B, G, S, Dh),
     both with rotary positions, as ``F.scaled_dot_product_attention`` weighs them (which does not return them):
-    ``mask`` (B, 1, T, S) bool, or None for causal attention (S == T) or, for S > T, every key."""
+    ``mask`` (B, 1, T, S) bool, or None for causal attention (S == T) or, for S > T, every key. ``far``: (queries,
+    keys, near) with grouped positions (:class:`GroupedPositions`), scoring the pairs outside ``near`` (T, S)."""
     H, G, T, S = qr.shape[1], kr.shape[1], qr.shape[2], kr.shape[2]
     k = kr.float().repeat_interleave(H // G, dim=1)                              # (B, H, S, Dh)
     scores = qr.float() @ k.transpose(-1, -2) / math.sqrt(qr.shape[-1])          # (B, H, T, S)
+    if far is not None:
+        qg, kg, near = far
+        kg = kg.float().repeat_interleave(H // G, dim=1)                         # (B, H, S, Dh)
+        scores = torch.where(near, scores, qg.float() @ kg.transpose(-1, -2) / math.sqrt(qr.shape[-1]))
     if mask is None and S == T:
         mask = torch.ones(T, S, dtype=torch.bool, device=qr.device).tril()
     if mask is not None:
@@ -186,6 +235,7 @@ class LayerView:
     kv: tuple[torch.Tensor, torch.Tensor] | Callable | None = None
     hooks: list[AttentionHook] = field(default_factory=list)
     rotated: "RotatedCache | None" = None
+    grouped: GroupedPositions | None = None       # a window longer than trained: far keys at grouped positions
     # with ``rotated`` and a cache: (new keys rotated, new values) -> [cache; new] written behind the cache
     # (``memory/kv.py`` ``Room``) instead of concatenated
     join: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -280,13 +330,25 @@ class Attention(nn.Module):
             k_seg = keys[:, :, keys.shape[2] - T:]                               # (B, G, T, Dh) the memories see
             qr = Rotary.rotate(q, view.cos[-T:], view.sin[-T:])
             kr = Rotary.rotate(keys, view.cos, view.sin)
-        y = F.scaled_dot_product_attention(
-            qr, kr, values, attn_mask=mask, is_causal=mask is None and kr.shape[2] == T,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads)                          # (B, H, T, Dh)
+        far = None
+        if view.grouped is not None:                                             # Self-Extend: two score maps
+            if view.rotated is not None:
+                raise ValueError("grouped positions (model.position_range) need keys cached before rotary "
+                                 "positions; this cache stores them rotated")
+            gp = view.grouped
+            far = (Rotary.rotate(q, gp.q_cos, gp.q_sin), Rotary.rotate(keys, gp.k_cos, gp.k_sin), gp.near)
+            p = attention_probs(qr, kr, mask, far)                               # (B, H, T, S)
+            if self.training and self.dropout:
+                p = F.dropout(p, self.dropout)
+            y = p.to(values.dtype) @ values.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        else:
+            y = F.scaled_dot_product_attention(
+                qr, kr, values, attn_mask=mask, is_causal=mask is None and kr.shape[2] == T,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_heads != self.n_heads)                      # (B, H, T, Dh)
         if view.hooks:
             def probs() -> torch.Tensor:                                         # only when a hook asks (tracing)
-                return attention_probs(qr, kr, mask)
+                return attention_probs(qr, kr, mask, far)
             for hook in view.hooks:
                 y = hook(q=q, k=k_seg, v=v, y=y, raw_k=k, context=(raw_keys, values), probs=probs)
         if restore is not None:

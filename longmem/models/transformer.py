@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longmem.config import ModelConfig
-from longmem.models.attention import Block, RMSNorm, Rotary
+from longmem.models.attention import Block, RMSNorm, Rotary, grouped_positions
 from longmem.models.memory import Memory, Segment, State, build_memories
 from longmem.models.memory.state import PARTS
 
@@ -128,8 +128,10 @@ class MemoryLM(nn.Module):
     @property
     def _plain_positions(self) -> bool:
         """Whether a cache may store keys with their rotary positions: no smeared keys (which mix a key with
-        the one before it, before rotation) and no memory adding positions around the tokens."""
-        return not self.config.smear_keys and not any(m.added_positions for m in self.memories)
+        the one before it, before rotation), no memory adding positions around the tokens, and no grouped positions
+        (``model.position_range``: a key is read at two positions)."""
+        return (not self.config.smear_keys and not self.config.position_range
+                and not any(m.added_positions for m in self.memories))
 
     @property
     def whole_segments(self) -> bool:
@@ -195,10 +197,13 @@ class MemoryLM(nn.Module):
         parts = {m.name: m.begin(seg, state.part(m.name)) for m in self.memories}
         x = seg.x                                                   # (B, L, D)
         cos, sin = self.rope.cos_sin(seg.memory_len + x.shape[1], device=x.device, dtype=x.dtype)
+        c = self.config
+        grouped = grouped_positions(cos, sin, n_queries=x.shape[1], limit=c.position_range,
+                                    window=c.position_window_) if c.position_range else None
         for i, block in enumerate(self.blocks):
             if seg.keep_inputs:
                 seg.inputs.append(seg.tokens_of(x))                 # (B, T, D): XL keeps segment tokens only
-            x = block(x, view=seg.view(i, cos, sin))
+            x = block(x, view=seg.view(i, cos, sin, grouped=grouped))
         h = self.norm(x)                                            # (B, L, D)
         logits = self.head(seg.tokens_of(h))                        # (B, T, V)
         new, aux = {}, None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import random
 import shutil
 import signal
 import threading
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from longmem.config import RunConfig
+from longmem.config import MAX_PER_STEP, RunConfig
 from longmem.data.tokenizer import save_tokenizer
 from longmem.models import build_model
 from longmem.models.memory import State
@@ -177,7 +178,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
             for i, window in enumerate(micro):
                 sync = i == len(micro) - 1
                 ctx = ddp.no_sync() if dist.enabled and not sync else contextlib.nullcontext()
-                with ctx:
+                with ctx, _random_memory(model, cfg, step=step, micro=i):
                     loss_sum_micro, state = task.loss(ddp, window, state, step=step, device=device,
                                                       amp_dtype=amp_dtype)
                     loss = loss_sum_micro * dist.world / max(n_global, 1.0)
@@ -258,6 +259,28 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
                          val=best_val if task.keep_best and best_val else val,
                          seconds=time.perf_counter() - start, stopped_early=stopped_early)
     return result
+
+
+@contextlib.contextmanager
+def _random_memory(model, cfg: RunConfig, *, step: int, micro: int):
+    """Randomized memory lengths (``train.mem_len_max``): the XL memory keeps mem_len_max slots and this
+    micro-batch reads a random number of them, from memory.mem_len up (drawn from the step, so a resume draws
+    the same); outside the micro-batch (validation, checkpoints) the memory is memory.mem_len again."""
+    top = cfg.train.mem_len_max
+    xl = getattr(model, "xl", None)
+    if not top:
+        yield
+        return
+    low = cfg.model.memory.mem_len
+    if xl is None or top < low or xl.n_sinks:
+        raise ValueError(f"train.mem_len_max={top} needs a Transformer-XL memory (memory.kind xl) "
+                         f"without attention sinks and memory.mem_len <= it (memory.mem_len={low})")
+    xl.mem_len = top
+    xl.read_len = random.Random(step * MAX_PER_STEP + micro).randint(low, top)
+    try:
+        yield
+    finally:
+        xl.mem_len, xl.read_len = low, None
 
 
 def _init_from(model, init) -> None:

@@ -349,3 +349,66 @@ def test_head_is_tied_to_embedding(make_model):
     model = make_model()
     assert model.head.weight is model.embed.weight
     assert model.num_params() == sum(p.numel() for p in set(model.parameters()))
+
+
+def grouped_model(*, mem_len: int, position_range: int, position_window: int = 0) -> MemoryLM:
+    """A tiny spread-weight XL model (segment 8) with grouped distant positions (``model.position_range``)."""
+    from conftest import spread_weights
+    config = tiny_config(kind="xl", mem_len=mem_len, segment_len=8)
+    config.position_range, config.position_window = position_range, position_window
+    return spread_weights(MemoryLM(config), seed=0).eval()
+
+
+def test_grouped_positions_leave_the_trained_window_unchanged():
+    # trained window 16 + 8 = 24 positions: a memory that fits reads exactly as without the setting
+    x = tokens(B, 48)
+    with torch.no_grad():
+        plain = grouped_model(mem_len=16, position_range=0)(x).logits
+        assert torch.equal(grouped_model(mem_len=16, position_range=24)(x).logits, plain)
+        # evaluation's cache then keeps keys before rotation (rotated once more per segment): the same numbers
+        close(run_pieces(grouped_model(mem_len=16, position_range=24).for_decoding(), x, 5)[0],
+              run_pieces(grouped_model(mem_len=16, position_range=0).for_decoding(), x, 5)[0])
+        # one position less of range and the far keys are grouped: the logits change
+        assert (grouped_model(mem_len=16, position_range=23)(x).logits - plain).abs().max() > 1e-2
+
+
+def test_grouped_positions_keep_near_distances_and_stay_in_range():
+    from longmem.models.attention import grouped_positions
+    S, T, limit, window = 72, 8, 24, 10
+    pos = torch.arange(S, dtype=torch.float32).unsqueeze(1)           # a "table" that reads back positions
+    g = grouped_positions(pos, pos, n_queries=T, limit=limit, window=window)
+    assert g is not None and g.group > 1
+    assert grouped_positions(pos[:limit], pos[:limit], n_queries=T, limit=limit, window=window) is None
+    q, k = g.q_cos[:, 0], g.k_cos[:, 0]
+    exact = pos[S - T:] - pos.T                                        # (T, S) distances in the window
+    grouped = q.unsqueeze(1) - k.unsqueeze(0)
+    causal = exact >= 0
+    assert torch.equal(g.near & causal, (exact < window) & causal)
+    far = ~g.near & causal
+    assert int(grouped[far].max()) <= limit - 1                        # no distance beyond the trained range
+    assert int(grouped[far].min()) >= window - g.group                 # and past the neighbour window, about
+    assert bool((grouped[far][1:] >= 0).all())
+
+
+def test_grouped_positions_xl_memory_equals_its_cache():
+    # 4x the trained memory: evaluation's key/value cache (keys before rotation) reads as the XL hidden states
+    model = grouped_model(mem_len=64, position_range=24)
+    x = tokens(B, 96)
+    with torch.no_grad():
+        full = model(x).logits
+        close(run_pieces(model.for_decoding(), x, 8)[0], full)
+        close(run_pieces(model, x, 16)[0], full)
+        assert (grouped_model(mem_len=64, position_range=0)(x).logits - full).abs().max() > 1e-2
+
+
+def test_xl_reading_part_of_a_longer_memory_equals_the_shorter_memory(make_model):
+    # randomized memory lengths (train.mem_len_max): 32 slots kept, the last 16 read == a memory of 16
+    short, long = make_model(kind="xl", mem_len=16), make_model(kind="xl", mem_len=32)
+    long.xl.read_len = 16
+    x = tokens(B, 64)
+    with torch.no_grad():
+        logits, state = run_pieces(long, x, 8)
+        close(logits, run_pieces(short, x, 8)[0])
+        assert state.xl.length == 32                                   # everything kept for the next step
+        long.xl.read_len = None
+        assert (run_pieces(long, x, 8)[0] - logits).abs().max() > 1e-2

@@ -281,3 +281,22 @@ def test_a_checkpoint_written_before_longmem_io_resumes_exactly(corpus, tmp_path
     save_file(load_file(old / S.STATE_T), old / S.STATE_T, metadata={"format": "longmem-trainer-state", "step": "3"})
     with pytest.raises(ValueError, match="trainer_state.safetensors is for step 3"):
         S.load_checkpoint(old)
+
+
+def test_randomized_memory_lengths_read_up_to_the_longer_memory(corpus, tmp_path, monkeypatch):
+    # train.mem_len_max: the XL memory keeps mem_len_max slots, each step reads between mem_len and that many
+    from longmem.models.memory.xl import XLMemory
+    read = []
+    real = XLMemory.begin
+
+    def begin(self, seg, part):
+        out = real(self, seg, part)
+        if self.training and torch.is_grad_enabled():
+            read.append((self.mem_len, seg.memory_len))
+        return out
+    monkeypatch.setattr(XLMemory, "begin", begin)
+    cfg = _cfg(corpus, max_steps=12, mem_len_max=48).override({"memory.kind": "xl", "memory.mem_len": "8"})
+    train(cfg, tmp_path / "run")
+    assert {kept for kept, _ in read} == {48}
+    assert max(n for _, n in read) > 8 and all(n <= 48 for _, n in read)
+    assert RunConfig.read(tmp_path / "run" / "config.yaml")["memory"]["mem_len"] == 8

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from longmem.config import MEMORY_KINDS
-from longmem.models.attention import LayerView, RotatedCache, prefix_mask
+from longmem.models.attention import GroupedPositions, LayerView, RotatedCache, prefix_mask
 
 
 class Memory(nn.Module):
@@ -170,9 +170,10 @@ class Segment:
             self._rotated = RotatedCache(cos=cos, sin=sin, n_sinks=s, sink_cos=sink_cos, sink_sin=sink_sin)
         return self._rotated
 
-    def view(self, i: int, cos: torch.Tensor, sin: torch.Tensor) -> LayerView:
+    def view(self, i: int, cos: torch.Tensor, sin: torch.Tensor, *,
+             grouped: GroupedPositions | None = None) -> LayerView:
         kv = self.kv[i] if self.kv is not None and self.memory_len else None
-        return LayerView(mask=self.mask(), cos=cos, sin=sin,
+        return LayerView(mask=self.mask(), cos=cos, sin=sin, grouped=grouped,
                          hidden=self.hidden[i] if self.hidden is not None and self.memory_len else None,
                          kv=kv, hooks=self.hooks.get(i, []), rotated=self.rotated(),
                          join=partial(self.join, i, kv) if self.join is not None and kv is not None else None)

@@ -29,6 +29,8 @@ class XLMemory(Memory):
             raise ValueError(f"attention sinks must be in [0, {max(mem_len - 1, 0)}] (the memory holds "
                              f"{mem_len} past positions), got {n_sinks}")
         self.mem_len, self.n_layers, self.n_sinks = mem_len, n_layers, n_sinks
+        # randomized memory lengths (train.mem_len_max): a segment reads only the last read_len of the slots kept
+        self.read_len: int | None = None
 
     @property
     def stateful(self) -> bool:
@@ -58,7 +60,9 @@ class XLMemory(Memory):
         if self.mem_len > 0:
             seg.keep_inputs = True
             if part.length:
-                seg.set_context(hidden=list(part.mems), valid=part.valid)
+                n = part.length if self.read_len is None else min(self.read_len, part.length)
+                seg.set_context(hidden=[m[:, part.length - n:] for m in part.mems],     # right-aligned: the last n
+                                valid=part.valid.clamp(max=n))
         return part
 
     def end(self, seg: Segment, part: XLState, h: torch.Tensor):

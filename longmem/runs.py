@@ -68,6 +68,8 @@ def eval_config(config: RunConfig, overrides: dict[str, str]) -> RunConfig:
     training-free memory kind (``--memory.kind sinks --memory.mem_len 1024``: it adds no weights); anything
     else would not fit the trained weights and is refused."""
     trained = flatten(config.to_dict())
+    if overrides.get("memory.kind") == "none":              # no memory: the run's memory length and sinks go too
+        overrides = {"memory.mem_len": "0", "memory.n_sinks": "0", **overrides}
     config = config.override(overrides)
     now = flatten(config.to_dict())
     allowed = set(EVAL_MODEL_KEYS)

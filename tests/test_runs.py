@@ -130,3 +130,20 @@ def test_files_nested_too_deeply_are_refused_with_a_value_error(tmp_path):
     for load in loaders:
         with pytest.raises(ValueError, match="not valid|not a valid"):
             load()
+
+
+def test_evaluating_without_memory_needs_no_other_memory_setting(tmp_path):
+    """``--memory.kind none`` on a run with a memory (an imported model reads with sinks and a window) drops its
+    memory length and sinks instead of refusing them; both may still be given."""
+    cfg = RunConfig.from_dict({"model": {"vocab_size": 256, "d_model": 16, "n_layers": 1, "n_heads": 2, "segment_len": 8},
+                               "memory": {"kind": "sinks", "mem_len": 16, "n_sinks": 2}})
+    run_dir = tmp_path / "RUN"
+    run_dir.mkdir()
+    cfg.save(run_dir / CONFIG)
+    save_weights(MemoryLM(cfg.model), run_dir / WEIGHTS)
+    save_tokenizer(ByteTokenizer(), run_dir / TOKENIZER)
+    run = load_run(run_dir, overrides={"memory.kind": "none"})
+    assert (run.config.memory.kind, run.config.memory.mem_len, run.config.memory.n_sinks) == ("none", 0, 0)
+    assert not run.model.stateful
+    with pytest.raises(ValueError, match="mem_len"):
+        load_run(run_dir, overrides={"memory.kind": "none", "memory.mem_len": "4"})

@@ -131,11 +131,30 @@ class RetrievalConfig:
 
 
 @dataclass
+class LocalGlobalConfig:
+    """Sparse local + global attention (Longformer, Beltagy et al. 2020 §3.1), causal; used by kind local_global,
+    which adds no weights: each token attends to itself and the ``window`` tokens before it, and to the first
+    ``n_global`` positions of its lane's stream (the global positions), across segments."""
+    window: int = _help("tokens before each token it attends to (Longformer's sliding window w, causal: only the "
+                        "past half)", default=256)
+    n_global: int = _help("first positions of each lane's stream that every later token attends to, at their true "
+                          "distance (Longformer's global attention on chosen positions)", default=4)
+
+    def __post_init__(self):
+        _check_numbers(self, "memory.local_global")
+        if self.window < 1:
+            raise ValueError(f"memory.local_global.window must be positive, got {self.window}")
+        if self.n_global < 0:
+            raise ValueError(f"memory.local_global.n_global must be >= 0, got {self.n_global}")
+
+
+@dataclass
 class MemoryConfig:
     kind: str = _help("memory kind: none | xl (Transformer-XL recurrence) | knn (kNN memory + XL) | tokens "
                       "(memory tokens + XL) | sinks (attention sinks + a window of cached keys/values, no "
                       "training) | retrieval (sinks + window + blocks of evicted keys/values retrieved per segment, "
-                      "no training) | any kind registered with longmem.models.memory.register_kind", default="none")
+                      "no training) | local_global (a sliding window + global positions, Longformer; no weights) | "
+                      "any kind registered with longmem.models.memory.register_kind", default="none")
     mem_len: int = _help("past positions kept per layer and lane: the Transformer-XL memory (Dai et al. 2019 "
                          "§3.2), or the window of a key/value cache (kind sinks); 0 disables recurrence", default=0)
     n_sinks: int = _help("first positions of each lane kept in memory for good besides the last mem_len "
@@ -143,6 +162,8 @@ class MemoryConfig:
     knn: KNNConfig = _help("kNN memory settings", default_factory=KNNConfig)
     tokens: TokensConfig = _help("memory token settings", default_factory=TokensConfig)
     retrieval: RetrievalConfig = _help("retrieval memory settings", default_factory=RetrievalConfig)
+    local_global: LocalGlobalConfig = _help("local + global attention settings (kind local_global)",
+                                            default_factory=LocalGlobalConfig)
     options: dict = _help("settings of a memory kind registered outside longmem (a mapping it reads)",
                           default_factory=dict)
 
@@ -153,6 +174,8 @@ class MemoryConfig:
             self.tokens = TokensConfig(**self.tokens)
         if isinstance(self.retrieval, dict):
             self.retrieval = RetrievalConfig(**self.retrieval)
+        if isinstance(self.local_global, dict):
+            self.local_global = LocalGlobalConfig(**self.local_global)
         _check_numbers(self, "memory")
         if MEMORY_KINDS and self.kind not in MEMORY_KINDS:
             raise ValueError(f"memory.kind={self.kind!r}; accepted: {', '.join(MEMORY_KINDS)}")

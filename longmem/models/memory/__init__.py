@@ -3,6 +3,7 @@ memory, and the registry of kinds below (a kind is a list of memories built from
 from longmem.models.memory.base import Memory, Segment, build_memories, register_kind
 from longmem.models.memory.knn import KNNMemory
 from longmem.models.memory.kv import KVMemory
+from longmem.models.memory.local_global import LocalGlobalMemory
 from longmem.models.memory.retrieval import RetrievalMemory, RetrievalState, retrieval_memory
 from longmem.models.memory.state import (KNNState, KVState, LSTMState, State, TokensState, XLState,
                                          register_part)
@@ -34,7 +35,11 @@ register_kind("tokens", lambda c: [_xl(c), _tokens(c)])
 register_kind("sinks", lambda c: [KVMemory(window=c.memory.mem_len, n_layers=c.n_layers, n_sinks=c.memory.n_sinks)],
               training_free=True)
 register_kind("retrieval", lambda c: [retrieval_memory(c)], training_free=True)
+# Longformer's sliding window + global positions (Beltagy et al. 2020 §3.1): no weights, best trained with
+register_kind("local_global", lambda c: [LocalGlobalMemory(window=c.memory.local_global.window,
+                                                           n_global=c.memory.local_global.n_global,
+                                                           n_layers=c.n_layers)], training_free=True)
 
-__all__ = ["KNNMemory", "KNNState", "KVMemory", "KVState", "LSTMState", "Memory", "RetrievalMemory", "RetrievalState",
+__all__ = ["KNNMemory", "KNNState", "KVMemory", "KVState", "LSTMState", "LocalGlobalMemory", "Memory", "RetrievalMemory", "RetrievalState",
            "Segment", "State", "TokenMemory",
            "TokensState", "XLMemory", "XLState", "build_memories", "register_kind", "register_part"]

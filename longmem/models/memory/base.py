@@ -111,6 +111,9 @@ class Segment:
         self.inspecting = False                         # traced: memories record what ``inspect`` reports
         self._mask: torch.Tensor | None = None
         self._mask_known = False
+        # set by a memory that narrows what positions see (``memory/local_global.py``: a banded window plus global
+        # positions): (B, 1, L, M + L) bool, ANDed into the mask built here (valid slots, causal positions)
+        self.extra_mask: torch.Tensor | None = None
         # set by the model: its rotary positions, and whether a cache may store keys with their rotation (no
         # smeared keys, no positions added around the tokens); set by a cache that does: the positions each lane
         # has read before this segment, (B,), and its attention sinks
@@ -143,16 +146,32 @@ class Segment:
         self.memory_len = length
 
     def mask(self) -> torch.Tensor | None:
-        """(B, 1, L, M + L) bool: valid memory slots plus causal attention over the positions; None when
-        there is no memory (plain causal) or a memory chooses its keys from the queries (the layer builds it)."""
+        """(B, 1, L, M + L) bool: valid memory slots plus causal attention over the positions, ANDed with
+        ``extra_mask`` when a memory set one; None when there is no memory and no ``extra_mask`` (plain causal) or
+        a memory chooses its keys from the queries (the layer builds it)."""
         if self._mask_known:                                         # once per segment, not once per layer
             return self._mask
         self._mask_known = True
+        if self.extra_mask is not None:
+            return self._narrowed()
         if self.memory_len == 0 or self.valid is None:
             return None
         if self.x.shape[1] == 1 and bool((self.valid >= self.memory_len).all()):
             return None                                              # one new token, every slot real: no mask
         self._mask = prefix_mask(self.valid.to(self.x.device), self.memory_len, self.x.shape[1])
+        return self._mask
+
+    def _narrowed(self) -> torch.Tensor:
+        extra = self.extra_mask
+        assert extra is not None
+        B, L, M = self.x.shape[0], self.x.shape[1], self.memory_len
+        if self.kv is not None and callable(self.kv[0]):
+            raise ValueError("a memory that narrows the mask (extra_mask) cannot be combined with one that chooses "
+                             "its keys from the queries")
+        if tuple(extra.shape) != (B, 1, L, M + L):
+            raise ValueError(f"extra_mask must be (B, 1, L, M + L) = {(B, 1, L, M + L)}, got {tuple(extra.shape)}")
+        valid = self.valid if self.valid is not None else torch.full((B,), M, dtype=torch.long)
+        self._mask = prefix_mask(valid.to(self.x.device), M, L) & extra.to(self.x.device)
         return self._mask
 
     def rotated(self) -> RotatedCache | None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -47,7 +46,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from hot_path import SIZE, RawDecoder  # noqa: E402  (the raw decoder the hot path is held to)
 
 from longmem import MemoryLM, ModelConfig  # noqa: E402
-from longmem.bench import train_rates  # noqa: E402
+from longmem.bench import interleaved_rates, train_rates  # noqa: E402
 
 PIP = ("pip install --no-deps x-transformers memorizing-transformers-pytorch recurrent-memory-transformer-pytorch "
        "einops einops-exts faiss-cpu hyper-connections torch-einops-utils einx frozendict loguru joblib cloudpickle")
@@ -180,13 +179,7 @@ def eval_rates(runs: dict, data: torch.Tensor, *, repeats: int) -> dict[str, flo
         states[name] = state
         return steps * batch * seg / (time.perf_counter() - t0)
 
-    for name in runs:
-        turn(name)
-    rates: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name in runs:
-            rates[name].append(turn(name))
-    return {name: statistics.median(v) for name, v in rates.items()}
+    return interleaved_rates(turn, list(runs), repeats=repeats)
 
 
 def measure(row: str, *, quick: bool) -> dict:

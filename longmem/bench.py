@@ -47,11 +47,17 @@ def train_rates(runs: dict, data: torch.Tensor, *, repeats: int) -> dict[str, fl
         runs[name][2] = state
         return steps * batch * seg / (time.perf_counter() - t0)
 
-    for name in runs:
+    return interleaved_rates(turn, list(runs), repeats=repeats)
+
+
+def interleaved_rates(turn, names: list[str], *, repeats: int) -> dict[str, float]:
+    """Median of ``turn(name)`` (a rate) per name: one warm-up turn each, then the names take turns
+    ``repeats`` times, so a machine whose speed drifts slows every name alike."""
+    for name in names:
         turn(name)
-    rates: dict[str, list[float]] = {name: [] for name in runs}
+    rates: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):
-        for name in runs:
+        for name in names:
             rates[name].append(turn(name))
     return {name: statistics.median(v) for name, v in rates.items()}
 

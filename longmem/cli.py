@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -124,8 +125,10 @@ def _train(args, overrides) -> int:
         print(f"longmem train: {e}", file=sys.stderr)
         return 128 + e.signum if e.signum else 1        # the shell's code for the signal: 130 SIGINT, 143 SIGTERM
     if res.val:
-        print(f"trained to step {res.steps} in {res.seconds:.1f}s: train loss {res.first_loss:.4f} -> "
-              f"{res.last_loss:.4f} (first and last logged means, as in report.md), val loss "
+        losses = (f"train loss {res.first_loss:.4f} -> {res.last_loss:.4f} (first and last logged means, as in "
+                  f"report.md)" if math.isfinite(res.first_loss) else "no train loss logged (no targets in a "
+                  "logged window)")
+        print(f"trained to step {res.steps} in {res.seconds:.1f}s: {losses}, val loss "
               f"{res.val['loss']:.4f} ("
               + (f"ppl {res.val['ppl']:.2f}" if "ppl" in res.val else f"bit errors {res.val['bit_errors']:.3f}")
               + f"){' (stopped early)' if res.stopped_early else ''}; "

@@ -335,8 +335,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = _help("optimizer steps", default=1000)
-    optimizer: Literal["adamw", "sgd"] = _help(
-        "adamw | sgd (plain SGD, as End-To-End Memory Networks train, Sukhbaatar et al. 2015 §4.2)",
+    optimizer: Literal["adamw", "sgd", "rmsprop"] = _help(
+        "adamw | sgd (plain SGD, as End-To-End Memory Networks train, Sukhbaatar et al. 2015 §4.2) | rmsprop "
+        "(momentum 0.9, decay 0.95, as the Neural Turing Machine trains, Graves et al. 2014 §4)",
         default="adamw")
     lr: float = _help("peak learning rate", default=1e-3)
     min_lr: float = _help("learning rate at the end of the cosine decay", default=1e-4)

@@ -38,6 +38,9 @@ from longmem.models.memory import State
 from longmem.models.transformer import LMOutput, lm_loss, start_call
 
 EPS = 1e-8
+# The interface is clipped to +-20 and keys and added vectors pass through tanh, as in Collier & Beel 2018
+# ("Implementing Neural Turing Machines", §3), whose NTM trains reliably where unbounded ones stall.
+INTERFACE_CLIP = 20.0
 
 
 # -- addressing ---------------------------------------------------------------
@@ -170,10 +173,12 @@ class NTM(MemoryController):
     def access(self, interface: torch.Tensor, part: NTMState) -> NTMState:
         c = self.config
         B, W, R, K = interface.shape[0], c.memory_width, c.read_heads, 2 * c.shift_range + 1
+        interface = interface.clamp(-INTERFACE_CLIP, INTERFACE_CLIP)
         heads = interface[:, :(R + 1) * self.head_size].view(B, R + 1, self.head_size)     # (B, H, P)
         key, shifts, rest = heads.split([W, K, 3], dim=-1)
         strength, gate, gamma = F.softplus(rest[..., 0]), torch.sigmoid(rest[..., 1]), oneplus(rest[..., 2])
         erase, add = interface[:, (R + 1) * self.head_size:].split([W, W], dim=-1)          # (B, W) each
+        key, add = torch.tanh(key), torch.tanh(add)            # bounded keys and memory contents (Collier & Beel)
         # every head addresses M_{t-1} at once; the read heads read it, then the write head (last) writes M_t
         w = ntm_address(part.memory, part.weights, key=key, strength=strength, gate=gate,
                         shifts=torch.softmax(shifts, dim=-1), gamma=gamma)          # (B, H, S)

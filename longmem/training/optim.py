@@ -39,4 +39,6 @@ def build_optimizer(model: torch.nn.Module, t, *, fused: bool = False) -> torch.
     """``train.optimizer``: AdamW with decay on matrices only, or plain SGD (no momentum, no decay)."""
     if t.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=t.lr)
+    if t.optimizer == "rmsprop":
+        return torch.optim.RMSprop(model.parameters(), lr=t.lr, alpha=0.95, momentum=0.9, eps=1e-6)
     return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)

@@ -210,11 +210,12 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, desc: st
             if done % max(1, t.log_every) == 0 or done == t.max_steps:
                 now = time.perf_counter()
                 rate = inputs_since / max(now - t_log, 1e-9)
-                avg = loss_sum / n_loss if n_loss else float("nan")       # per target
                 u = task.units
-                loggers.log({"step": done, "loss": avg, "lr": lr, u: info["tokens_seen"], f"{u}_per_s": rate,
+                # per target; a window without targets (a probe's steps before any answer) logs no loss, not NaN
+                seen = {"loss": loss_sum / n_loss} if n_loss else {}
+                loggers.log({"step": done, **seen, "lr": lr, u: info["tokens_seen"], f"{u}_per_s": rate,
                              **({"grad_norm": float(grad_norm)} if grad_norm is not None else {})})
-                bar.set_postfix(loss=f"{avg:.3f}", **{f"{u[:3]}_s": f"{rate:,.0f}"})
+                bar.set_postfix(loss=f"{seen['loss']:.3f}" if seen else "-", **{f"{u[:3]}_s": f"{rate:,.0f}"})
                 loss_sum, n_loss, t_log, inputs_since = 0.0, 0, now, 0
             last = done == t.max_steps
             is_best = False

@@ -32,7 +32,9 @@ def test_build_optimizer_sgd_or_adamw():
     sgd = build_optimizer(model, TrainConfig(optimizer="sgd", lr=0.1))
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0
     assert isinstance(build_optimizer(model, TrainConfig()), torch.optim.AdamW)
-    with pytest.raises(ValueError, match="accepted: adamw, sgd"):
+    rms = build_optimizer(model, TrainConfig(optimizer="rmsprop", lr=1e-4))       # the NTM's (Graves et al. 2014)
+    assert isinstance(rms, torch.optim.RMSprop) and rms.param_groups[0]["momentum"] == 0.9
+    with pytest.raises(ValueError, match="accepted: adamw, sgd, rmsprop"):
         RunConfig().override({"train.optimizer": "adam"})
 
 

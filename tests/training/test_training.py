@@ -300,3 +300,17 @@ def test_randomized_memory_lengths_read_up_to_the_longer_memory(corpus, tmp_path
     assert {kept for kept, _ in read} == {48}
     assert max(n for _, n in read) > 8 and all(n <= 48 for _, n in read)
     assert RunConfig.read(tmp_path / "run" / "config.yaml")["memory"]["mem_len"] == 8
+
+
+def test_a_logged_window_without_targets_logs_no_loss_rather_than_nan(tmp_path, capsys):
+    """The passkey preset's first steps read only filler segments (the answer comes in the last one): such a
+    window is logged without a loss, and the summary says no loss was logged instead of 'nan -> nan'."""
+    from longmem.cli import main
+    assert main(["train", "--config", "passkey", "--out", str(tmp_path / "RUN"), "--train.max_steps", "2",
+                 "--train.threads", "1", "--train.progress", "false", "--train.log_every", "1",
+                 "--task.n_test", "4"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "RUN" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "lr" in r]
+    assert [r["step"] for r in logged] == [1, 2] and all("loss" not in r for r in logged)
+    assert all(not isinstance(v, float) or v == v for r in rows for v in r.values())      # no NaN anywhere
+    assert "no train loss logged" in capsys.readouterr().err

@@ -26,6 +26,7 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 PUBLISHED = BENCH_DIR.parent / "BENCHMARKS.md"           # its pictures live in benchmarks/
 SUITE = ("xl_speed", "shakespeare", "profiles", "rmt_probes", "knn_speed", "knn_recall", "gen_memory",
          "serve_load", "babi", "seq2seq_passage")
+EXTRA = ("ntm_copy",)          # run with --only: too long for the default suite
 
 
 def train_rates(runs: dict, data: torch.Tensor, *, repeats: int) -> dict[str, float]:

@@ -420,11 +420,11 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def _bench(args, overrides) -> int:
-    from longmem.bench import SUITE, run_benchmarks
+    from longmem.bench import EXTRA, SUITE, run_benchmarks
     suite = tuple(n for n in args.only.split(",") if n) or SUITE
-    unknown = [n for n in suite if n not in SUITE]
+    unknown = [n for n in suite if n not in SUITE + EXTRA]
     if unknown:
-        raise ValueError(f"unknown benchmark(s) {unknown}; available: {', '.join(SUITE)}")
+        raise ValueError(f"unknown benchmark(s) {unknown}; available: {', '.join(SUITE + EXTRA)}")
     run_benchmarks(out=args.out, quick=args.quick, argv=args._argv, suite=suite)
     return 0
 

@@ -49,6 +49,30 @@ def tiny_config(*, kind: str = "xl", mem_len: int = 16, segment_len: int = 8, vo
                                                                gate="sigmoid" if token_gate else "none")))
 
 
+def tiny_llama(memory: MemoryConfig, *, segment_len: int, n_layers: int = 2, smear_keys: bool = False,
+               seed: int = 0, vocab_size: int = 37) -> MemoryLM:
+    """A tiny Llama-style model (GQA 4/2 heads, SwiGLU, untied head) in eval mode with spread weights: the
+    shape an imported model has, for the memories of pretrained models (retrieval, local_global)."""
+    cfg = ModelConfig(vocab_size=vocab_size, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, mlp="swiglu",
+                      tie_embeddings=False, segment_len=segment_len, memory=memory, smear_keys=smear_keys)
+    torch.manual_seed(seed)
+    return spread_weights(MemoryLM(cfg), seed=seed).eval()
+
+
+def random_tokens(b: int, n: int, seed: int = 1, vocab_size: int = 37) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+def feed_pieces(model: MemoryLM, x: torch.Tensor, piece: int, state=None):
+    """Read ``x`` (B, N) in pieces of ``piece`` tokens, carrying the state: (logits (B, N, V), final state)."""
+    out = []
+    for a in range(0, x.shape[1], piece):
+        res = model(x[:, a:a + piece], state=state)
+        state = res.state
+        out.append(res.logits)
+    return torch.cat(out, dim=1), state
+
+
 @pytest.fixture
 def make_model():
     """Factory of tiny eval-mode models; the same ``seed`` gives the same weights

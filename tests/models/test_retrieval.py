@@ -9,10 +9,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from longmem import State
-from longmem.config import MemoryConfig, ModelConfig, RetrievalConfig
+from longmem.config import MemoryConfig, RetrievalConfig
 from longmem.models import MemoryLM
 
-from conftest import spread_weights
+from conftest import feed_pieces, random_tokens, tiny_llama
 
 pytestmark = pytest.mark.invariant
 
@@ -25,23 +25,10 @@ def gqa_model(*, kind="retrieval", segment_len=16, window=24, sinks=3, block=8, 
     memory = (MemoryConfig(kind=kind, mem_len=window, n_sinks=sinks,
                            retrieval=RetrievalConfig(block_size=block, top_k=top_k, capacity=capacity))
               if kind == "retrieval" else MemoryConfig())
-    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, mlp="swiglu",
-                      tie_embeddings=False, segment_len=segment_len, memory=memory)
-    torch.manual_seed(seed)
-    return spread_weights(MemoryLM(cfg), seed=seed).eval()
+    return tiny_llama(memory, segment_len=segment_len, n_layers=n_layers, seed=seed)
 
 
-def tokens(b: int, n: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, V, (b, n), generator=torch.Generator().manual_seed(seed))
-
-
-def feed(model, x, piece: int, state=None):
-    out = []
-    for a in range(0, x.shape[1], piece):
-        res = model(x[:, a:a + piece], state=state)
-        state = res.state
-        out.append(res.logits)
-    return torch.cat(out, dim=1), state
+tokens, feed = random_tokens, feed_pieces
 
 
 @pytest.mark.parametrize("piece", [16, 7, 1])

@@ -26,6 +26,7 @@ a CPU thread) and resume where they stopped. ``report`` writes OUT/report.md and
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -115,8 +116,9 @@ def haystack_cells(run_dir: Path, out: Path, kinds, dtype) -> None:
 
 
 @torch.no_grad()
-def book_cells(run_dir: Path, out: Path, kinds, dtype, *, bucket: int = 8192) -> None:
-    """Loss of every token of the book read as one stream, per bucket of positions."""
+def book_cells(run_dir: Path, out: Path, kinds, dtype, *, bucket: int = 8192, tokens: int = 0) -> None:
+    """Loss of every token of the book read as one stream, per bucket of positions; ``tokens`` > 0 reads only
+    the first ``tokens`` (``--book-tokens``; the cell's name then carries the length: ``book-sinks-65536``)."""
     def stream_losses(kind: str, limit: int | None):
         run = _load(run_dir, kind, limit or 65536, dtype)            # retrieval: the last 64K tokens kept
         ids = run.tokenizer.encode(BOOK.read_text(encoding="utf-8"))
@@ -134,8 +136,9 @@ def book_cells(run_dir: Path, out: Path, kinds, dtype, *, bucket: int = 8192) ->
                 "first_8k_loss": sum(sums[:TRAINED]) / len(sums[:TRAINED]), "bucket": bucket,
                 "bucket_loss": buckets, "max_position_seen": run.model.rope.max_position_seen}
     for kind in kinds:
-        limit = TRAINED + 1 if kind == "full" else None
-        _cell(out, f"book-{kind}", lambda: stream_losses(kind, limit))
+        limit = TRAINED + 1 if kind == "full" else (tokens + 1 if tokens else None)
+        _cell(out, f"book-{kind}" + (f"-{tokens}" if tokens and kind != "full" else ""),
+              lambda: stream_losses(kind, limit))
 
 
 CODE_WORDS = ["amber", "falcon", "violet", "harbor", "cobalt", "meadow", "saffron", "glacier", "ember", "willow",
@@ -205,7 +208,7 @@ def report(out: Path) -> str:
                             f" {c['seconds'] / 60:.0f} min)")
             lines.append(f"| {k} | " + " | ".join(vals) + " |")
         lines += ["", f"Accuracy ({unit} scored, wall time on one CPU thread).", ""]
-    books = {k: cells[f"book-{k}"] for k in KINDS if f"book-{k}" in cells}
+    books = {name.removeprefix("book-"): c for name, c in cells.items() if name.startswith("book-")}
     if books:
         lines += ["## Tiny Shakespeare as one stream", "", "| kind | tokens | loss | ppl | ppl on the first 8K |"
                   " max position |", "|---|---:|---:|---:|---:|---:|"]
@@ -240,9 +243,9 @@ def _plots(out: Path, cells: dict) -> None:
         ax.set_title(probe)
         ax.legend()
     ax = axes[2]
-    for k in KINDS:
-        c = cells.get(f"book-{k}")
-        if c:
+    for name, c in cells.items():
+        if name.startswith("book-"):
+            k = name.removeprefix("book-")
             ax.plot([(i + 0.5) * c["bucket"] for i in range(len(c["bucket_loss"]))],
                     [math.exp(v) for v in c["bucket_loss"]], label=k)
     ax.set_xlabel("position in the stream (tokens)")
@@ -265,6 +268,7 @@ def main(argv=None) -> int:
                    help="weights and activations (norms and softmax in float32)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-length", type=int, default=0, help="skip probe cells longer than this (0: none)")
+    p.add_argument("--book-tokens", type=int, default=0, help="book: read the first N tokens only (0: the book)")
     args = p.parse_args(argv)
     if args.action == "report":
         print(report(args.out))
@@ -277,7 +281,8 @@ def main(argv=None) -> int:
             for n in [n for n in table if n > args.max_length]:
                 del table[n]
     for probe in args.only.split(","):
-        {"passkey": passkey_cells, "haystack": haystack_cells, "book": book_cells, "chat": chat_cells}[probe](
+        book = functools.partial(book_cells, tokens=args.book_tokens)
+        {"passkey": passkey_cells, "haystack": haystack_cells, "book": book, "chat": chat_cells}[probe](
             args.run, args.out, kinds, dtype)
     print(report(args.out))
     return 0

@@ -22,6 +22,7 @@ Search backends behind one function :func:`search`:
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -30,42 +31,78 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longmem.models.memory.base import Memory, Segment
-from longmem.models.memory.state import KNNState
+from longmem.models.memory.state import KNNState, Ring
 
 
 # -- search ------------------------------------------------------------------
+class Scratch:
+    """Reusable score buffers, one per thread (a model may serve several threads at once).
+
+    A (B, H, T, chunk) fp32 score matrix is tens to hundreds of MB; a fresh one per search is returned to
+    the system after each call and costs its page faults again on the next (more than the matmul that fills
+    it, measured: 52 vs 133 ms per step at 8,192 entries). The search writes its scores into this buffer
+    instead; it only grows."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def take(self, shape: tuple[int, ...], *, like: torch.Tensor) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(n, dtype=like.dtype, device=like.device)
+            self._local.buf = buf
+        return buf[:n].view(shape)
+
+
 @torch.no_grad()
 def torch_search(queries: torch.Tensor, keys: torch.Tensor, count: torch.Tensor, *, k: int,
-                 chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+                 chunk: int = 8192, scratch: Scratch | None = None,
+                 cache_bytes: int = 4 * 2**20) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k inner-product search.
 
     queries: (B, H, T, Dh); keys: (B, H, C, Dh); count: (B,) slots [0, count) are valid.
     Returns scores (B, H, T, k) and indices (B, H, T, k) into C, in no particular order (the
     attention over them does not need one); where a lane holds fewer than k entries the missing
     ones have score -inf and index 0.
+
+    The (lane, head) pairs go in groups whose scores fill about ``cache_bytes`` (one pair at a time at
+    T = 128, C = 8,192), each scored by one matmul per ``chunk`` of entries into ``scratch`` (a fresh
+    tensor without one) and cut to its top-k at once, while its scores are still in the cache: 20% faster
+    than one matmul over all pairs followed by one top-k on a CPU, where the top-k's reads are the cost.
     """
-    B, H, T, _ = queries.shape
+    B, H, T, Dh = queries.shape
     C = keys.shape[2]
     used = min(int(count.max()) if count.numel() else 0, C)        # never scan slots no lane uses
     full = min(int(count.min()) if count.numel() else 0, C)        # slots every lane uses: no mask needed
-    cand_s, cand_i = [], []                                          # per-chunk top-k, merged every 16 chunks
-    for c0 in range(0, used, chunk):
-        c1 = min(c0 + chunk, used)
-        s = queries @ keys[:, :, c0:c1].transpose(-1, -2)            # (B, H, T, n)
-        if c1 > full:
-            slot = torch.arange(c0, c1, device=queries.device)
-            s.masked_fill_((slot[None, :] >= count[:, None])[:, None, None, :], float("-inf"))
-        ts, ti = topk(s, min(k, c1 - c0))                            # (B, H, T, <=k)
-        cand_s.append(ts)
-        cand_i.append(ti + c0)
-        if len(cand_s) == 16:
-            cand_s, cand_i = _merge(cand_s, cand_i, k)
     best_s = queries.new_full((B, H, T, k), float("-inf"))
     best_i = torch.zeros(B, H, T, k, dtype=torch.long, device=queries.device)
-    if cand_s:
+    if used == 0:
+        return best_s, best_i
+    q, kf = queries.reshape(B * H, T, Dh), keys.reshape(B * H, C, Dh)
+    out_s, out_i = best_s.view(B * H, T, k), best_i.view(B * H, T, k)
+    width = min(chunk, used)
+    group = max(1, cache_bytes // (T * width * queries.element_size()))   # (lane, head) pairs per matmul
+    lane_count = count.repeat_interleave(H)                          # (B * H,)
+    for r0 in range(0, B * H, group):
+        r1 = min(r0 + group, B * H)
+        cand_s, cand_i = [], []                                      # per-chunk top-k, merged every 16 chunks
+        for c0 in range(0, used, chunk):
+            c1 = min(c0 + chunk, used)
+            kt = kf[r0:r1, c0:c1].transpose(-1, -2)                   # (r, Dh, n)
+            s = (torch.bmm(q[r0:r1], kt) if scratch is None else
+                 torch.bmm(q[r0:r1], kt, out=scratch.take((r1 - r0, T, c1 - c0), like=q)))   # (r, T, n)
+            if c1 > full:
+                slot = torch.arange(c0, c1, device=queries.device)
+                s.masked_fill_((slot[None, :] >= lane_count[r0:r1, None])[:, None, :], float("-inf"))
+            ts, ti = topk(s, min(k, c1 - c0))                        # (r, T, <=k)
+            cand_s.append(ts)
+            cand_i.append(ti + c0 if c0 else ti)
+            if len(cand_s) == 16:
+                cand_s, cand_i = _merge(cand_s, cand_i, k)
         (ms,), (mi,) = _merge(cand_s, cand_i, k)
-        best_s[..., :ms.shape[-1]], best_i[..., :mi.shape[-1]] = ms, mi
-    best_i = best_i.masked_fill(best_s == float("-inf"), 0)
+        out_s[r0:r1, :, :ms.shape[-1]], out_i[r0:r1, :, :mi.shape[-1]] = ms, mi
+    best_i.masked_fill_(best_s == float("-inf"), 0)
     return best_s, best_i
 
 
@@ -83,19 +120,22 @@ def topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     Long rows go in two stages over g blocks of n / g slots, block b holding slots b, b + n/g, ...
     (strided, so the block maxima are an element-wise max of g contiguous pieces): the k largest
     entries lie in the k blocks with the largest maxima (any other block has k blocks, each with an
-    entry, above its maximum), so a top-k over n / g block maxima and one over k * g candidates
-    replace one over n. On a CPU torch's top-k costs per row and per entry; the two short ones are
-    cheaper from n of about 1,024 on.
+    entry, above its maximum), so a top-k over n / g block maxima (itself taken this way, recursively)
+    and one over k * g candidates replace one over n. On a CPU torch's top-k costs per row and per
+    entry; the short ones are cheaper from n of about 1,024 on. g is about sqrt(n / k) / 2 (measured:
+    the recursion makes the block maxima cheap, so smaller blocks pay; 43 vs 58 ms for 16,384 rows of
+    8,192, k = 32).
     """
     n = s.shape[-1]
-    g = 2 ** int(math.log2(max(1.0, math.sqrt(n / max(k, 1)))))
-    if n % g or n // g < 4 * k or g < 4:
+    g = max(4, 2 ** int(math.log2(max(1.0, math.sqrt(n / max(k, 1)) / 2))))
+    if n % g or n // g < 4 * k:
         return s.topk(k, dim=-1, sorted=False)
     lead, nb = s.shape[:-1], n // g
-    _, block = s.reshape(*lead, g, nb).amax(-2).topk(k, dim=-1, sorted=False)           # (..., k) in [0, nb)
-    slot = (block.unsqueeze(-2) + torch.arange(0, n, nb, device=s.device).view(g, 1)).flatten(-2)  # (..., g*k)
-    best, j = s.gather(-1, slot).topk(k, dim=-1, sorted=False)
-    return best, slot.gather(-1, j)
+    blocks = s.reshape(*lead, g, nb)                                                   # (..., g, nb)
+    _, block = topk(blocks.amax(-2), k)                                                # (..., k) in [0, nb)
+    cand = blocks.gather(-1, block.unsqueeze(-2).expand(*lead, g, k))                  # (..., g, k)
+    best, j = cand.flatten(-2).topk(k, dim=-1, sorted=False)                           # j = row * k + column
+    return best, block.gather(-1, j % k) + torch.div(j, k, rounding_mode="floor") * nb
 
 
 def rows_of(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -159,9 +199,10 @@ def faiss_search(queries: torch.Tensor, keys: torch.Tensor, count: torch.Tensor,
     return scores.to(queries.device, queries.dtype), idx.to(queries.device)
 
 
-def search(queries, keys, count, *, k: int, backend: str = "torch", index: str = "flat", chunk: int = 4096):
+def search(queries, keys, count, *, k: int, backend: str = "torch", index: str = "flat", chunk: int = 8192,
+           scratch: Scratch | None = None):
     if backend == "torch":
-        return torch_search(queries, keys, count, k=k, chunk=chunk)
+        return torch_search(queries, keys, count, k=k, chunk=chunk, scratch=scratch)
     if backend == "faiss":
         return faiss_search(queries, keys, count, k=k, index=index)
     raise ValueError(f"kNN backend {backend!r}; accepted: torch, faiss")
@@ -195,6 +236,7 @@ class KNNMemory(Memory):
         self.backend, self.index, self.normalize = config.backend, config.index, config.normalize
         self.n_heads, self.head_dim = n_heads, head_dim
         self.n_kv_heads = n_kv_heads or n_heads
+        self.scratch = Scratch()                                     # score buffers of the exact search
         # one gate bias per head and retrieving layer; sigmoid(0) = 0.5 mixes evenly at the start
         self.gate = nn.ParameterList(nn.Parameter(torch.zeros(n_heads)) for _ in self.layers)
         # normalized keys: cosine scores need a temperature; learned per head, starting at 10
@@ -208,6 +250,7 @@ class KNNMemory(Memory):
                         written=torch.zeros(batch_size, dtype=torch.long, device=device))
 
     def check(self, state: KNNState) -> None:
+        state.check_current()
         want = (len(self.layers), self.n_kv_heads, self.capacity, self.head_dim)
         got = (len(state.keys), *(state.keys[0].shape[1:] if state.keys else (0, 0, 0)))
         if want != got:
@@ -256,7 +299,8 @@ class KNNMemory(Memory):
         rep = H // G
         qg = q.reshape(B, G, rep * T, Dh)                              # the queries of each key head's group
         k = min(self.k, keys.shape[2])
-        found, idx = search(qg.detach(), keys, count, k=k, backend=self.backend, index=self.index, chunk=self.chunk)
+        found, idx = search(qg.detach(), keys, count, k=k, backend=self.backend, index=self.index, chunk=self.chunk,
+                            scratch=self.scratch)
         flat = idx + (torch.arange(B * G, device=q.device) * keys.shape[2]).view(B, G, 1, 1)  # (B, G, rep*T, k)
         kr = rows_of(keys.reshape(-1, Dh), flat)                       # (B, G, rep*T, k, Dh)
         vr = rows_of(values.reshape(-1, Dh), flat)
@@ -276,7 +320,11 @@ class KNNMemory(Memory):
         return g * y_mem + (1 - g) * y
 
     def write(self, state: KNNState, keys: list[torch.Tensor], values: list[torch.Tensor]) -> KNNState:
-        """Append each lane's new entries (per layer (B, G, T, Dh)) to its ring, evicting the oldest."""
+        """Append each lane's new entries (per layer (B, G, T, Dh)) to its ring, evicting the oldest.
+
+        The newest state of a ring is written in place (``Ring``: the state passed in is used up); any other
+        state is copied into a new ring first, so a state from ``init``, a file or a reset is never changed."""
+        state.check_current()
         C = state.capacity
         T = keys[0].shape[2]
         if T > C:                                                     # only the newest C can survive
@@ -285,12 +333,33 @@ class KNNMemory(Memory):
             T = C
         else:
             written = state.written
+        ring = state.ring
+        if ring is None:                                              # tensors of its own: copy once, then own
+            ring = Ring()
+            bufs_k = tuple(k.detach().clone() for k in state.keys)
+            bufs_v = tuple(v.detach().clone() for v in state.values)
+        else:
+            bufs_k, bufs_v = state.keys, state.values
         B, G, _, Dh = keys[0].shape
-        slot = (written.view(B, 1) + torch.arange(T, device=written.device)) % C    # (B, T)
-        slot = slot.view(B, 1, T, 1).expand(B, G, T, Dh)
-        new_k = tuple(old.scatter(2, slot, k.detach().to(old.dtype)) for old, k in zip(state.keys, keys))
-        new_v = tuple(old.scatter(2, slot, v.detach().to(old.dtype)) for old, v in zip(state.values, values))
-        return KNNState(keys=new_k, values=new_v, written=written + T)
+        lo, hi = int(written.min()), int(written.max())
+        if lo == hi and T:                                            # every lane at the same slot: slices
+            a = lo % C
+            n1 = min(T, C - a)
+            for bufs, new in ((bufs_k, keys), (bufs_v, values)):
+                for buf, x in zip(bufs, new):
+                    x = x.detach().to(buf.dtype)
+                    buf[:, :, a:a + n1] = x[:, :, :n1]
+                    if n1 < T:                                        # wrapped around the end of the ring
+                        buf[:, :, :T - n1] = x[:, :, n1:]
+        elif T:
+            slot = (written.view(B, 1) + torch.arange(T, device=written.device)) % C    # (B, T)
+            slot = slot.view(B, 1, T, 1).expand(B, G, T, Dh)
+            for bufs, new in ((bufs_k, keys), (bufs_v, values)):
+                for buf, x in zip(bufs, new):
+                    buf.scatter_(2, slot, x.detach().to(buf.dtype))
+        ring.version += 1
+        out = KNNState(keys=bufs_k, values=bufs_v, written=written + T, ring=ring, version=ring.version)
+        return out
 
     def nbytes(self, *, batch_size: int, d_model: int, n_layers: int, bytes_per_value: int = 4) -> int:
         return batch_size * len(self.layers) * 2 * self.capacity * self.n_kv_heads * self.head_dim * bytes_per_value

@@ -215,6 +215,22 @@ class KVState:
                        seen=None if self.seen is None else self.seen[i:i + 1].clone())
 
 
+class Ring:
+    """The owner of a kNN store's buffers, which the memory writes in place (no copy of the store per segment).
+
+    ``version`` counts the writes; a :class:`KNNState` holds the version it was made at, so the newest state of
+    the buffers is the one whose version equals the ring's. Only that state is written in place (and then stops
+    being the newest); a state that is not (from ``init``, a file, a reset) is first copied into a ring of its
+    own. A state passed to a call that writes is therefore used up: reading it again raises (see
+    :meth:`KNNState.check_current`); ``KNNState.clone()`` (or ``State.clone()``) keeps a copy to come back to.
+    ``index``: the approximate search index over the buffers (``memory/knn.py``), kept in step with the
+    writes; never saved (the store is the source of truth)."""
+
+    def __init__(self):
+        self.version = 0
+        self.index: Any = None
+
+
 @dataclass(frozen=True)
 class KNNState:
     """kNN long-term memory (Wu et al. 2022): per retrieving layer a FIFO ring of past keys and values.
@@ -223,10 +239,14 @@ class KNNState:
     written: (B,) entries written to each lane since its last reset; the next one goes to
     slot ``written % C`` (overwriting the oldest once full), and slot s holds a real entry
     iff s < min(written, C). Slots of a reset lane are zeroed.
+    ring, version: the :class:`Ring` whose buffers ``keys``/``values`` are, written in place, and the write
+    this state was made at; None for tensors of their own (copied before the first write). Not saved.
     """
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
     written: torch.Tensor
+    ring: Any = field(default=None, compare=False, repr=False)
+    version: int = field(default=0, compare=False, repr=False)
 
     @property
     def capacity(self) -> int:
@@ -236,6 +256,24 @@ class KNNState:
         """(B,) entries each lane holds now."""
         return self.written.clamp(max=self.capacity)
 
+    @property
+    def current(self) -> bool:
+        """False once a later call wrote over this state's buffers in place."""
+        return self.ring is None or self.ring.version == self.version
+
+    def check_current(self) -> None:
+        if not self.current:
+            raise ValueError("this kNN memory state was used up: a later call wrote its store in place "
+                             f"(write {self.ring.version}, this state was made at write {self.version}); pass the "
+                             "newest state (out.state of the last call), or keep a copy to come back to with "
+                             "state.clone() before passing it on")
+
+    def clone(self) -> "KNNState":
+        """A copy with tensors of its own, unaffected by later writes to this state's ring."""
+        self.check_current()
+        return KNNState(keys=tuple(k.clone() for k in self.keys), values=tuple(v.clone() for v in self.values),
+                        written=self.written.clone())
+
     def reset(self, drop):
         keep = ~drop.bool().to(self.written.device)
         return KNNState(keys=tuple(torch.where(_keep(drop, k), k, 0) for k in self.keys),
@@ -244,12 +282,14 @@ class KNNState:
 
     def detach(self):
         return KNNState(keys=tuple(k.detach() for k in self.keys), values=tuple(v.detach() for v in self.values),
-                        written=self.written)
+                        written=self.written, ring=self.ring, version=self.version)
 
     def to_tensors(self):
+        self.check_current()
         out = {"written": self.written}
+        own = self.ring is not None                                  # a ring is written in place later: copy it
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
-            out[f"keys.{i}"], out[f"values.{i}"] = k.contiguous(), v.contiguous()
+            out[f"keys.{i}"], out[f"values.{i}"] = (k.clone(), v.clone()) if own else (k.contiguous(), v.contiguous())
         return out
 
     @classmethod
@@ -402,6 +442,12 @@ class State:
         return [State(1, {name: part.lane(i) for name, part in self._parts.items()},
                       pending=None if self.pending is None else self.pending[i:i + 1].clone())
                 for i in range(self.batch_size)]
+
+    def clone(self) -> "State":
+        """A copy whose parts written in place (kNN rings) have tensors of their own: the state to come back to
+        after feeding this one on (a part without ``clone`` is never written in place and is shared)."""
+        return State(self.batch_size, {name: part.clone() if hasattr(part, "clone") else part
+                                       for name, part in self._parts.items()}, pending=self.pending)
 
     def detach(self) -> "State":
         return State(self.batch_size, {name: part.detach() for name, part in self._parts.items()},

@@ -199,6 +199,163 @@ def faiss_search(queries: torch.Tensor, keys: torch.Tensor, count: torch.Tensor,
     return scores.to(queries.device, queries.dtype), idx.to(queries.device)
 
 
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError("memory.knn.backend='faiss' needs faiss: pip install 'longmem[faiss]'") from None
+    return faiss
+
+
+class FifoIndex:
+    """One persistent faiss inner-product index over the entries of one (layer, lane, key head) store, ids the
+    entry numbers (entry e sits in slot e % C), kept in step with the ring: :meth:`add` the new entries,
+    :meth:`evict` the ones the ring overwrote (first in, first out). Never rebuilt per call.
+
+    - ``flat``: exact (``IndexIDMap2(IndexFlatIP)``, removal by id range).
+    - ``ivf``: ``IndexIVFFlat`` with ``nlist`` = sqrt(C) lists, probed ``nprobe``; the lists are trained once,
+      on the lane's entries when it first holds 39 per list (faiss's minimum); until then the lane is searched
+      by a flat index (exact). Removal by id range.
+    - ``hnsw``: HNSW graphs (M ``hnsw_m``, ``ef_search``) cannot remove entries, so entries go to generations of
+      C / 2 consecutive entry numbers, each its own graph: a generation is dropped when the ring has overwritten
+      all of it, and the searches skip the evicted entries of the oldest one (an id selector). At most 3 graphs.
+    """
+
+    def __init__(self, *, kind: str, capacity: int, dim: int, hnsw_m: int = 32, ef_search: int = 64,
+                 nprobe: int = 32):
+        if kind not in ("flat", "ivf", "hnsw"):
+            raise ValueError(f"faiss index kind {kind!r}; accepted: flat, hnsw, ivf")
+        self.faiss = _faiss()
+        self.kind, self.capacity, self.dim = kind, capacity, dim
+        self.hnsw_m, self.ef_search = hnsw_m, ef_search
+        self.nlist = max(1, int(math.sqrt(capacity)))
+        self.nprobe = min(nprobe, self.nlist)
+        self.low = 0                                             # entries below this number are evicted
+        self.gens: dict[int, Any] = {}                           # hnsw: generation -> graph
+        self.index: Any = None if kind == "hnsw" else self._flat()
+        self.trained = kind != "ivf"
+
+    def _flat(self):
+        return self.faiss.IndexIDMap2(self.faiss.IndexFlatIP(self.dim))
+
+    def add(self, vectors: np.ndarray, first: int, *, store: np.ndarray | None = None) -> None:
+        """Entries number ``first``, ``first`` + 1, ... (rows of ``vectors``). ``store``: the lane's ring (C, Dh)
+        after the write, from which an IVF index is trained once it holds enough entries."""
+        n = vectors.shape[0]
+        if n == 0:
+            return
+        ids = np.arange(first, first + n, dtype=np.int64)
+        if self.kind == "hnsw":
+            half = max(1, self.capacity // 2)
+            for gen in range(first // half, (first + n - 1) // half + 1):
+                a, b = max(first, gen * half), min(first + n, (gen + 1) * half)
+                if gen not in self.gens:
+                    graph = self.faiss.IndexHNSWFlat(self.dim, self.hnsw_m, self.faiss.METRIC_INNER_PRODUCT)
+                    graph.hnsw.efSearch = self.ef_search
+                    self.gens[gen] = self.faiss.IndexIDMap(graph)
+                self.gens[gen].add_with_ids(vectors[a - first:b - first], ids[a - first:b - first])
+            return
+        self.index.add_with_ids(vectors, ids)
+        end = first + n
+        if not self.trained and store is not None and end - self.low >= min(self.capacity, 39 * self.nlist):
+            held = np.arange(self.low, end, dtype=np.int64)     # the lane's entries, read back from the ring
+            x = np.ascontiguousarray(store[held % self.capacity], dtype=np.float32)
+            ivf = self.faiss.IndexIVFFlat(self.faiss.IndexFlatIP(self.dim), self.dim, self.nlist,
+                                          self.faiss.METRIC_INNER_PRODUCT)
+            ivf.train(x)
+            ivf.nprobe = self.nprobe
+            ivf.add_with_ids(x, held)
+            self.index, self.trained = ivf, True
+
+    def evict(self, low: int) -> None:
+        """Forget the entries numbered below ``low``."""
+        if low <= self.low:
+            return
+        if self.kind == "hnsw":
+            half = max(1, self.capacity // 2)
+            for gen in [g for g in self.gens if (g + 1) * half <= low]:
+                del self.gens[gen]
+        else:
+            self.index.remove_ids(self.faiss.IDSelectorRange(self.low, low))
+        self.low = low
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, entry numbers), each (Q, k); missing results have score -inf and number -1."""
+        Q = queries.shape[0]
+        if self.kind != "hnsw":
+            s, i = self.index.search(queries, k)
+        else:
+            s, i = np.full((Q, k), -np.inf, dtype=np.float32), np.full((Q, k), -1, dtype=np.int64)
+            for gen in sorted(self.gens):
+                graph = self.gens[gen]
+                sel = self.faiss.IDSelectorRange(self.low, np.iinfo(np.int64).max)
+                params = self.faiss.SearchParametersHNSW(sel=sel, efSearch=self.ef_search)
+                gs, gi = graph.search(queries, k, params=params)
+                gs[gi < 0] = -np.inf
+                both_s, both_i = np.concatenate([s, gs], 1), np.concatenate([i, gi], 1)
+                top = np.argpartition(-both_s, k - 1, axis=1)[:, :k]
+                s, i = np.take_along_axis(both_s, top, 1), np.take_along_axis(both_i, top, 1)
+        s = np.where(i < 0, -np.inf, s).astype(np.float32)
+        return s, i
+
+
+class LaneIndexes:
+    """The persistent faiss indexes of a kNN store (``memory.knn.backend`` faiss): one :class:`FifoIndex` per
+    retrieving layer, lane and key head, built once from the store and then updated by every write. Kept in
+    the store's ``Ring`` (``index``), never saved: the store is the source of truth, and a state read from a
+    file, reset or copied gets its indexes built again from its tensors on first use."""
+
+    def __init__(self, state: KNNState, *, kind: str, **options):
+        self.kind, self.options = kind, options
+        C = state.capacity
+        self.version = state.version if state.ring is not None else -1
+        self.indexes = []
+        written = state.written.tolist()
+        for keys in state.keys:
+            B, G, _, Dh = keys.shape
+            store = keys.detach().float().cpu().numpy()
+            layer = []
+            for b in range(B):
+                w, n = written[b], min(written[b], C)
+                lane = []
+                for g in range(G):
+                    ix = FifoIndex(kind=kind, capacity=C, dim=Dh, **options)
+                    ix.low = w - n
+                    first = np.arange(w - n, w) % C if n else np.zeros(0, dtype=np.int64)
+                    ix.add(np.ascontiguousarray(store[b, g][first]), w - n, store=store[b, g])
+                    lane.append(ix)
+                layer.append(lane)
+            self.indexes.append(layer)
+
+    def update(self, after: KNNState, keys: list[torch.Tensor]) -> None:
+        """Add the entries ``keys`` (per layer (B, G, T, Dh), the newest last) just written to make ``after``, and
+        evict what the ring overwrote."""
+        C = after.capacity
+        w1 = after.written.tolist()
+        stores = [k.detach().float().cpu().numpy() for k in after.keys]
+        for j, new in enumerate(keys):
+            x = new.detach().float().cpu().numpy()
+            T = x.shape[2]
+            for b, lane in enumerate(self.indexes[j]):
+                first = w1[b] - min(T, C)
+                for g, ix in enumerate(lane):
+                    ix.add(np.ascontiguousarray(x[b, g, T - min(T, C):]), first, store=stores[j][b, g])
+                    ix.evict(w1[b] - min(w1[b], C))
+        self.version = after.version
+
+    def search(self, j: int, queries: torch.Tensor, *, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer j's search: queries (B, G, N, Dh) -> scores and slots (B, G, N, k); missing: -inf and slot 0."""
+        B, G, N, _ = queries.shape
+        q = queries.detach().float().cpu().numpy()
+        scores = np.full((B, G, N, k), -np.inf, dtype=np.float32)
+        ids = np.zeros((B, G, N, k), dtype=np.int64)
+        for b, lane in enumerate(self.indexes[j]):
+            for g, ix in enumerate(lane):
+                s, i = ix.search(np.ascontiguousarray(q[b, g]), k)
+                scores[b, g], ids[b, g] = s, np.where(i < 0, 0, i % ix.capacity)
+        return (torch.from_numpy(scores).to(queries.device, queries.dtype), torch.from_numpy(ids).to(queries.device))
+
+
 def search(queries, keys, count, *, k: int, backend: str = "torch", index: str = "flat", chunk: int = 8192,
            scratch: Scratch | None = None):
     if backend == "torch":
@@ -234,6 +391,7 @@ class KNNMemory(Memory):
         self.layers = resolve_knn_layers(config, n_layers)
         self.k, self.capacity, self.chunk = config.k, config.capacity, config.chunk
         self.backend, self.index, self.normalize = config.backend, config.index, config.normalize
+        self.index_options = dict(nprobe=config.nprobe, ef_search=config.ef_search, hnsw_m=config.hnsw_m)
         self.n_heads, self.head_dim = n_heads, head_dim
         self.n_kv_heads = n_kv_heads or n_heads
         self.scratch = Scratch()                                     # score buffers of the exact search
@@ -250,7 +408,6 @@ class KNNMemory(Memory):
                         written=torch.zeros(batch_size, dtype=torch.long, device=device))
 
     def check(self, state: KNNState) -> None:
-        state.check_current()
         want = (len(self.layers), self.n_kv_heads, self.capacity, self.head_dim)
         got = (len(state.keys), *(state.keys[0].shape[1:] if state.keys else (0, 0, 0)))
         if want != got:
@@ -283,12 +440,14 @@ class KNNMemory(Memory):
 
     def attend(self, j: int, *, q: torch.Tensor, y: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                count: torch.Tensor, written: torch.Tensor | None = None,
-               record: dict[int, dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
+               record: dict[int, dict[str, torch.Tensor]] | None = None,
+               indexes: "LaneIndexes | None" = None) -> torch.Tensor:
         """Gated mix of local attention ``y`` with attention over the top-k entries (layer j of self.layers).
 
         q, y: (B, H, T, Dh) queries (no positions) and local attention output; keys, values: (B, G, C, Dh).
         record (inspection): gets ``record[j]`` = entries, scores, weights (see :meth:`inspect`); needs
-        ``written`` (B,), the entries written so far per lane.
+        ``written`` (B,), the entries written so far per lane. indexes: the store's persistent faiss indexes
+        (backend faiss), searched instead of the exact torch search.
         """
         if self.normalize:
             q = F.normalize(q, dim=-1)
@@ -299,8 +458,10 @@ class KNNMemory(Memory):
         rep = H // G
         qg = q.reshape(B, G, rep * T, Dh)                              # the queries of each key head's group
         k = min(self.k, keys.shape[2])
-        found, idx = search(qg.detach(), keys, count, k=k, backend=self.backend, index=self.index, chunk=self.chunk,
-                            scratch=self.scratch)
+        if indexes is not None:
+            found, idx = indexes.search(j, qg.detach(), k=k)
+        else:
+            found, idx = torch_search(qg.detach(), keys, count, k=k, chunk=self.chunk, scratch=self.scratch)
         flat = idx + (torch.arange(B * G, device=q.device) * keys.shape[2]).view(B, G, 1, 1)  # (B, G, rep*T, k)
         kr = rows_of(keys.reshape(-1, Dh), flat)                       # (B, G, rep*T, k, Dh)
         vr = rows_of(values.reshape(-1, Dh), flat)
@@ -319,12 +480,15 @@ class KNNMemory(Memory):
         g = torch.sigmoid(self.gate[j]).view(1, H, 1, 1)
         return g * y_mem + (1 - g) * y
 
-    def write(self, state: KNNState, keys: list[torch.Tensor], values: list[torch.Tensor]) -> KNNState:
+    def write(self, state: KNNState, keys: list[torch.Tensor], values: list[torch.Tensor], *,
+              indexes: "LaneIndexes | None" = None) -> KNNState:
         """Append each lane's new entries (per layer (B, G, T, Dh)) to its ring, evicting the oldest.
 
         The newest state of a ring is written in place (``Ring``: the state passed in is used up); any other
-        state is copied into a new ring first, so a state from ``init``, a file or a reset is never changed."""
-        state.check_current()
+        state is copied into a new ring first, so a state from ``init``, a file or a reset is never changed.
+        ``indexes``: the persistent faiss indexes of ``state`` (backend faiss), updated with the new entries and
+        kept in the ring for the next segment."""
+        state = state.live()
         C = state.capacity
         T = keys[0].shape[2]
         if T > C:                                                     # only the newest C can survive
@@ -334,13 +498,16 @@ class KNNMemory(Memory):
         else:
             written = state.written
         ring = state.ring
+        B, G, _, Dh = keys[0].shape
         if ring is None:                                              # tensors of its own: copy once, then own
-            ring = Ring()
+            ring = Ring(keep=max(1, C // 4))
             bufs_k = tuple(k.detach().clone() for k in state.keys)
             bufs_v = tuple(v.detach().clone() for v in state.values)
-        else:
+        else:                                                         # in place: keep what is overwritten (undo)
             bufs_k, bufs_v = state.keys, state.values
-        B, G, _, Dh = keys[0].shape
+            slot = (written.view(B, 1) + torch.arange(T, device=written.device)) % C      # (B, T)
+            at = slot.view(B, 1, T, 1).expand(B, G, T, Dh)
+            ring.record(slot, tuple(b.gather(2, at) for b in bufs_k), tuple(b.gather(2, at) for b in bufs_v))
         lo, hi = int(written.min()), int(written.max())
         if lo == hi and T:                                            # every lane at the same slot: slices
             a = lo % C
@@ -359,7 +526,22 @@ class KNNMemory(Memory):
                     buf.scatter_(2, slot, x.detach().to(buf.dtype))
         ring.version += 1
         out = KNNState(keys=bufs_k, values=bufs_v, written=written + T, ring=ring, version=ring.version)
+        if indexes is not None:
+            indexes.update(out, keys)
+        ring.index = indexes
         return out
+
+    def indexes_of(self, state: KNNState) -> "LaneIndexes | None":
+        """The persistent faiss indexes that reflect ``state`` (backend faiss): the ring's, or built from the store
+        when it has none (a new state, one read from a file, reset or copied); None for the torch backend."""
+        if self.backend != "faiss":
+            return None
+        ring = state.ring
+        held = ring.index if ring is not None else None
+        if (isinstance(held, LaneIndexes) and held.version == state.version and held.kind == self.index
+                and held.options == self.index_options):
+            return held
+        return LaneIndexes(state, kind=self.index, **self.index_options)
 
     def nbytes(self, *, batch_size: int, d_model: int, n_layers: int, bytes_per_value: int = 4) -> int:
         return batch_size * len(self.layers) * 2 * self.capacity * self.n_kv_heads * self.head_dim * bytes_per_value
@@ -369,9 +551,11 @@ class KNNSegment:
     """The kNN memory during one segment: hooks for the retrieving blocks, then the write."""
 
     def __init__(self, memory: KNNMemory, state: KNNState, *, record: bool = False):
+        state = state.live()                                          # an older state of a ring: rebuilt
         memory.check(state)
         self.memory, self.state = memory, state
         self.count = state.count()
+        self.indexes = memory.indexes_of(state)                      # backend faiss: persistent, per lane
         self.records: dict[int, dict[str, torch.Tensor]] | None = {} if record else None   # inspection only
         self.new_keys: dict[int, torch.Tensor] = {}
         self.new_values: dict[int, torch.Tensor] = {}
@@ -387,10 +571,11 @@ class KNNSegment:
             self.new_keys[j] = F.normalize(k, dim=-1) if self.memory.normalize else k
             self.new_values[j] = v
             return self.memory.attend(j, q=q, y=y, keys=self.state.keys[j], values=self.state.values[j],
-                                      count=self.count, written=self.state.written, record=self.records)
+                                      count=self.count, written=self.state.written, record=self.records,
+                                      indexes=self.indexes)
         return retrieve
 
     def written(self) -> KNNState:
         n = len(self.memory.layers)
         return self.memory.write(self.state, [self.new_keys[j] for j in range(n)],
-                                 [self.new_values[j] for j in range(n)])
+                                 [self.new_values[j] for j in range(n)], indexes=self.indexes)

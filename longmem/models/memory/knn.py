@@ -463,10 +463,13 @@ class KNNMemory(Memory):
         else:
             found, idx = torch_search(qg.detach(), keys, count, k=k, chunk=self.chunk, scratch=self.scratch)
         flat = idx + (torch.arange(B * G, device=q.device) * keys.shape[2]).view(B, G, 1, 1)  # (B, G, rep*T, k)
-        kr = rows_of(keys.reshape(-1, Dh), flat)                       # (B, G, rep*T, k, Dh)
-        vr = rows_of(values.reshape(-1, Dh), flat)
-        # scores recomputed with gradient into the queries (the search itself is not differentiable)
-        s = torch.einsum("bgnd,bgnkd->bgnk", qg, kr).view(B, H, T, k)  # (B, H, T, k)
+        vr = rows_of(values.reshape(-1, Dh), flat)                     # (B, G, rep*T, k, Dh)
+        if qg.requires_grad:
+            # scores recomputed with gradient into the queries (the search itself is not differentiable)
+            kr = rows_of(keys.reshape(-1, Dh), flat)                   # (B, G, rep*T, k, Dh)
+            s = torch.einsum("bgnd,bgnkd->bgnk", qg, kr).view(B, H, T, k)  # (B, H, T, k)
+        else:                                                         # no gradient: the search's scores will do
+            s = found.view(B, H, T, k).to(qg.dtype)
         s = s * (self.log_scale[j].exp().view(1, H, 1, 1) if self.log_scale is not None else 1.0 / math.sqrt(Dh))
         s = s.masked_fill(found.view(B, H, T, k) == float("-inf"), torch.finfo(s.dtype).min)   # lanes with < k
         weights = s.softmax(-1)                                        # (B, H, T, k)

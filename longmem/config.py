@@ -45,9 +45,10 @@ class KNNConfig:
     capacity: int = _help("kNN memory entries kept per lane, layer and head; the oldest are evicted first",
                           default=8192)
     backend: Literal["torch", "faiss"] = _help("kNN search: torch (exact, chunked matmul + top-k) | faiss (extra "
-                                               "'faiss'; see memory.knn.index)", default="torch")
-    index: Literal["flat", "hnsw", "ivf"] = _help("faiss index: flat (exact) | hnsw | ivf (approximate)",
-                                                  default="flat")
+                                               "'faiss': persistent indexes per lane and head, updated as the "
+                                               "store moves; see memory.knn.index)", default="torch")
+    index: Literal["flat", "hnsw", "ivf"] = _help("faiss index: flat (exact) | hnsw | ivf (approximate; recall in "
+                                                  "BENCHMARKS.md)", default="flat")
     normalize: bool = _help("L2-normalize queries and keys of the kNN memory (Wu et al. 2022 §3)", default=True)
     chunk: int = _help("memory entries scored per matmul in the torch search (bounds extra memory)", default=8192)
     nprobe: int = _help("faiss ivf: inverted lists searched per query (of sqrt(capacity)); more is slower and "

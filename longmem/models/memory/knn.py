@@ -13,11 +13,17 @@ Memory keys and queries carry no positions; optionally both are L2-normalized
 Entries are written after a segment has been processed, so a segment never
 retrieves itself.
 
-Search backends behind one function :func:`search`:
-- ``torch``: exact, a chunked matmul + top-K merged chunk by chunk, batched over
-  lanes and heads; extra memory is bounded by (B, H, T, chunk + K).
-- ``faiss`` (extra ``faiss``): flat (exact), HNSW or IVF (approximate) indexes
-  over the same ring, one per (lane, head); see :class:`FaissIndex`.
+The store is a ring written in place (``Ring`` in ``state.py``: the newest state of a ring is written, an older
+one fed again is rebuilt from undo records).
+
+Search:
+- ``torch`` (:func:`torch_search`): exact. Groups of (lane, head) pairs are scored by one matmul into a reused
+  buffer (:class:`Scratch`) and cut to their top-k at once while the scores are in the cache (:func:`topk`:
+  recursive strided-block top-k); extra memory is bounded by (pairs per group, T, chunk).
+- ``faiss`` (extra ``faiss``): :class:`LaneIndexes`, one persistent :class:`FifoIndex` per (layer, lane, head):
+  flat (exact), IVF or HNSW (approximate), built once from the store and updated by each write (new entries
+  added, overwritten ones removed), never rebuilt per call and never saved. :func:`faiss_search` builds
+  throw-away indexes per call (the standalone function; the memory does not use it).
 """
 from __future__ import annotations
 

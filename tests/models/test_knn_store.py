@@ -235,3 +235,15 @@ def test_index_options_are_checked():
     with pytest.raises(ValueError, match="nprobe"):
         KNNConfig(nprobe=0)
     assert knn_mod.FifoIndex.__doc__
+
+
+def test_the_search_scores_used_without_gradient_equal_the_recomputed_ones():
+    # evaluation reads the search's scores; training recomputes them from the retrieved keys (for the gradient)
+    model = spread_weights(MemoryLM(_cfg(capacity=24, k=6)), seed=2).eval()
+    x = _tokens(2, 48, seed=4)
+    with torch.no_grad():
+        fast = model(x).logits
+    with torch.enable_grad():
+        slow = model(x).logits
+    assert slow.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=0)

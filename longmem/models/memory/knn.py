@@ -338,14 +338,14 @@ class LaneIndexes:
         evict what the ring overwrote."""
         C = after.capacity
         w1 = after.written.tolist()
-        stores = [k.detach().float().cpu().numpy() for k in after.keys]
         for j, new in enumerate(keys):
             x = new.detach().float().cpu().numpy()
             T = x.shape[2]
             for b, lane in enumerate(self.indexes[j]):
                 first = w1[b] - min(T, C)
                 for g, ix in enumerate(lane):
-                    ix.add(np.ascontiguousarray(x[b, g, T - min(T, C):]), first, store=stores[j][b, g])
+                    store = None if ix.trained else after.keys[j][b, g].detach().float().cpu().numpy()
+                    ix.add(np.ascontiguousarray(x[b, g, T - min(T, C):]), first, store=store)
                     ix.evict(w1[b] - min(w1[b], C))
         self.version = after.version
 

@@ -247,3 +247,17 @@ def test_the_search_scores_used_without_gradient_equal_the_recomputed_ones():
         slow = model(x).logits
     assert slow.requires_grad
     torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_bf16_autocast_trains_and_searches_in_the_store_dtype(backend):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    model = spread_weights(MemoryLM(_cfg(capacity=32, backend=backend)), seed=0)
+    x = _tokens(2, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, targets=x)
+        out.loss.backward()
+        again = model(x, state=out.state.detach())
+    assert torch.isfinite(out.loss) and again.state.knn.keys[0].dtype == torch.float32
+    assert model.knn.gate[0].grad is not None

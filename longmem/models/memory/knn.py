@@ -81,11 +81,12 @@ def torch_search(queries: torch.Tensor, keys: torch.Tensor, count: torch.Tensor,
     C = keys.shape[2]
     used = min(int(count.max()) if count.numel() else 0, C)        # never scan slots no lane uses
     full = min(int(count.min()) if count.numel() else 0, C)        # slots every lane uses: no mask needed
-    best_s = queries.new_full((B, H, T, k), float("-inf"))
+    best_s = keys.new_full((B, H, T, k), float("-inf"))
     best_i = torch.zeros(B, H, T, k, dtype=torch.long, device=queries.device)
     if used == 0:
         return best_s, best_i
-    q, kf = queries.reshape(B * H, T, Dh), keys.reshape(B * H, C, Dh)
+    # scores in the store's dtype (autocast does not reach a matmul with out=): exact fp32 for an fp32 store
+    q, kf = queries.to(keys.dtype).reshape(B * H, T, Dh), keys.reshape(B * H, C, Dh)
     out_s, out_i = best_s.view(B * H, T, k), best_i.view(B * H, T, k)
     width = min(chunk, used)
     group = max(1, cache_bytes // (T * width * queries.element_size()))   # (lane, head) pairs per matmul

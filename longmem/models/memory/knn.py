@@ -89,7 +89,7 @@ def torch_search(queries: torch.Tensor, keys: torch.Tensor, count: torch.Tensor,
     q, kf = queries.to(keys.dtype).reshape(B * H, T, Dh), keys.reshape(B * H, C, Dh)
     out_s, out_i = best_s.view(B * H, T, k), best_i.view(B * H, T, k)
     width = min(chunk, used)
-    group = max(1, cache_bytes // (T * width * queries.element_size()))   # (lane, head) pairs per matmul
+    group = max(1, cache_bytes // (T * width * q.element_size()))   # (lane, head) pairs per matmul
     lane_count = count.repeat_interleave(H)                          # (B * H,)
     for r0 in range(0, B * H, group):
         r1 = min(r0 + group, B * H)
@@ -151,15 +151,20 @@ def rows_of(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return F.embedding(index, table)
 
 
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError("memory.knn.backend='faiss' needs faiss: pip install 'longmem[faiss]'") from None
+    return faiss
+
+
 class FaissIndex:
     """One faiss inner-product index over n vectors: ``flat`` (exact), ``hnsw`` or ``ivf``."""
 
     def __init__(self, vectors: np.ndarray, *, kind: str = "flat", hnsw_m: int = 32, ef_search: int = 64,
                  nprobe: int = 32):
-        try:
-            import faiss
-        except ImportError:
-            raise ImportError("memory.knn_backend='faiss' needs faiss: pip install 'longmem[faiss]'") from None
+        faiss = _faiss()
         n, d = vectors.shape
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         ip = faiss.METRIC_INNER_PRODUCT
@@ -204,14 +209,6 @@ def faiss_search(queries: torch.Tensor, keys: torch.Tensor, count: torch.Tensor,
             scores[b, h], idx[b, h] = torch.from_numpy(s), torch.from_numpy(i).clamp(min=0)
     idx = idx.masked_fill(scores == float("-inf"), 0)
     return scores.to(queries.device, queries.dtype), idx.to(queries.device)
-
-
-def _faiss():
-    try:
-        import faiss
-    except ImportError:
-        raise ImportError("memory.knn.backend='faiss' needs faiss: pip install 'longmem[faiss]'") from None
-    return faiss
 
 
 class FifoIndex:

@@ -130,6 +130,8 @@ def test_an_older_state_is_rebuilt_from_undo_records_or_raises_and_clone_keeps_a
     assert all(torch.equal(p, q) for p, q in zip(again.state.knn.keys + again.state.knn.values,
                                                  s2.knn.keys + s2.knn.values))
     d = s1.state_dict()                                                  # saved as it was
+    cleared = s1.reset(torch.tensor([False, True]))                      # reset reads s1 as it was too
+    assert torch.equal(cleared.knn.keys[0][0], kept.knn.keys[0][0]) and float(cleared.knn.keys[0][1].abs().sum()) == 0
     assert all(torch.equal(d[f"knn.keys.{i}"], k) for i, k in enumerate(kept.knn.keys))
     s3 = model(x[:, 16:24], state=s2).state
     s4 = model(x[:, 24:], state=s3).state                                # the undo records (C / 4) reach back one write

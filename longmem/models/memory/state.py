@@ -307,10 +307,11 @@ class KNNState:
                         written=src.written.clone())
 
     def reset(self, drop):
-        keep = ~drop.bool().to(self.written.device)
-        return KNNState(keys=tuple(torch.where(_keep(drop, k), k, 0) for k in self.keys),
-                        values=tuple(torch.where(_keep(drop, v), v, 0) for v in self.values),
-                        written=self.written * keep)
+        src = self.live()                                            # new tensors: the ring is left alone
+        keep = ~drop.bool().to(src.written.device)
+        return KNNState(keys=tuple(torch.where(_keep(drop, k), k, 0) for k in src.keys),
+                        values=tuple(torch.where(_keep(drop, v), v, 0) for v in src.values),
+                        written=src.written * keep)
 
     def detach(self):
         return KNNState(keys=tuple(k.detach() for k in self.keys), values=tuple(v.detach() for v in self.values),

@@ -1,8 +1,9 @@
-"""kNN memory, issue 22 item 1: the fast exact search equals brute force (the previous search, one matmul and
-one top-k) on large rows, with ties and partly filled lanes; the ring written in place equals the copy-on-write
-ring it replaced (wrap-around, lanes at different places, resets), and a used-up state says so instead of reading
-overwritten entries; the persistent faiss indexes equal exact search (flat) or reach a recall (ivf, hnsw) after
-the ring has wrapped, are built once and never per call, and the store stays the source of truth in checkpoints."""
+"""kNN memory, issue 22 item 1: the fast exact search equals brute force (one matmul and one torch.topk, which
+the search before it also equalled) on large rows, with ties and partly filled lanes; the ring written in place
+equals the copy-on-write ring it replaced (wrap-around, lanes at different places, resets); an older state fed
+again is rebuilt from the ring's undo records, or says it was used up instead of reading overwritten entries; the
+persistent faiss indexes equal exact search (flat) or reach a recall (ivf, hnsw) after the ring has wrapped, are
+built once and never per call, and the store stays the source of truth in checkpoints."""
 from __future__ import annotations
 
 import pytest
@@ -24,7 +25,7 @@ V = 37
 
 
 def brute_force(q, keys, count, k):
-    """The search before issue 22: all scores, masked, one top-k."""
+    """Brute force: all scores, masked, one torch.topk (what every exact search must equal)."""
     s = q @ keys.transpose(-1, -2)                                       # (B, H, T, C)
     slot = torch.arange(keys.shape[2])
     s = s.masked_fill((slot[None, :] >= count[:, None])[:, None, None, :], float("-inf"))

@@ -217,7 +217,7 @@ class FifoIndex:
     :meth:`evict` the ones the ring overwrote (first in, first out). Never rebuilt per call.
 
     - ``flat``: exact (``IndexIDMap2(IndexFlatIP)``, removal by id range).
-    - ``ivf``: ``IndexIVFFlat`` with ``nlist`` = sqrt(C) lists, probed ``nprobe``; the lists are trained once,
+    - ``ivf``: ``IndexIVFFlat`` with ``nlist`` = sqrt(C) lists (at most C / 39), probed ``nprobe``; trained once,
       on the lane's entries when it first holds 39 per list (faiss's minimum); until then the lane is searched
       by a flat index (exact). Removal by id range.
     - ``hnsw``: HNSW graphs (M ``hnsw_m``, ``ef_search``) cannot remove entries, so entries go to generations of
@@ -232,7 +232,7 @@ class FifoIndex:
         self.faiss = _faiss()
         self.kind, self.capacity, self.dim = kind, capacity, dim
         self.hnsw_m, self.ef_search = hnsw_m, ef_search
-        self.nlist = max(1, int(math.sqrt(capacity)))
+        self.nlist = max(1, min(int(math.sqrt(capacity)), capacity // 39))   # faiss wants 39 points per list
         self.nprobe = min(nprobe, self.nlist)
         self.low = 0                                             # entries below this number are evicted
         self.gens: dict[int, Any] = {}                           # hnsw: generation -> graph

@@ -45,11 +45,18 @@ class KNNConfig:
     capacity: int = _help("kNN memory entries kept per lane, layer and head; the oldest are evicted first",
                           default=8192)
     backend: Literal["torch", "faiss"] = _help("kNN search: torch (exact, chunked matmul + top-k) | faiss (extra "
-                                               "'faiss'; see memory.knn.index)", default="torch")
-    index: Literal["flat", "hnsw", "ivf"] = _help("faiss index: flat (exact) | hnsw | ivf (approximate)",
-                                                  default="flat")
+                                               "'faiss': persistent indexes per lane and head, updated as the "
+                                               "store moves; see memory.knn.index)", default="torch")
+    index: Literal["flat", "hnsw", "ivf"] = _help("faiss index: flat (exact) | hnsw | ivf (approximate; recall in "
+                                                  "BENCHMARKS.md)", default="flat")
     normalize: bool = _help("L2-normalize queries and keys of the kNN memory (Wu et al. 2022 §3)", default=True)
-    chunk: int = _help("memory entries scored per matmul in the torch search (bounds extra memory)", default=4096)
+    chunk: int = _help("memory entries scored per matmul in the torch search (bounds extra memory)", default=8192)
+    nprobe: int = _help("faiss ivf: inverted lists searched per query (of sqrt(capacity)); more is slower and "
+                        "closer to exact", default=32)
+    ef_search: int = _help("faiss hnsw: candidate list size of a search (efSearch); more is slower and closer to "
+                           "exact", default=64)
+    hnsw_m: int = _help("faiss hnsw: links per entry in the graph (M); more is slower to write, closer to exact",
+                        default=32)
 
     def __post_init__(self):
         _check_numbers(self, "memory.knn")
@@ -59,7 +66,7 @@ class KNNConfig:
                 or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers)):
             raise ValueError(f"memory.knn.layers must be a list of block indices like [2] or [-1], got {self.layers!r}")
         self.layers = list(self.layers)
-        for name in ("k", "capacity", "chunk"):
+        for name in ("k", "capacity", "chunk", "nprobe", "ef_search", "hnsw_m"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"memory.knn.{name} must be positive, got {getattr(self, name)}")
         if self.backend not in ("torch", "faiss"):

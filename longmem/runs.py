@@ -20,7 +20,8 @@ POSITION_KEYS = ("model.position_range", "model.position_window")
 # settings that size, search or threshold the memory, not its weights: a run may be evaluated with other
 # values (e.g. a kNN store larger than in training, as Wu et al. 2022 evaluate)
 EVAL_MODEL_KEYS = ("memory.mem_len", "memory.knn.capacity", "memory.knn.k", "memory.knn.backend",
-                   "memory.knn.index", "memory.knn.chunk", "memory.tokens.floor", *POSITION_KEYS)
+                   "memory.knn.index", "memory.knn.chunk", "memory.knn.nprobe", "memory.knn.ef_search",
+                   "memory.tokens.floor", *POSITION_KEYS)
 # every memory setting: a kind that needs no training (none, xl, sinks, retrieval) may replace the trained one at
 # evaluation, with any settings (eval_config refuses what would not fit the weights)
 MEMORY_KEYS = tuple(k for k in valid_keys() if k.startswith("memory."))

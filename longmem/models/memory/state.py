@@ -215,6 +215,46 @@ class KVState:
                        seen=None if self.seen is None else self.seen[i:i + 1].clone())
 
 
+class Ring:
+    """The owner of a kNN store's buffers, which the memory writes in place (no copy of the store per segment).
+
+    ``version`` counts the writes; a :class:`KNNState` holds the version it was made at, so the newest state of
+    the buffers is the one whose version equals the ring's, and only that one is written in place; a state of
+    tensors of its own (from ``init``, a file, a reset) is copied into a new ring first. An older state of the
+    ring (the same state fed twice, a stream forked) is rebuilt from ``undo``: for each of the last writes the
+    slots it overwrote and what they held, kept up to ``keep`` entries per lane (at least the last write); a
+    state older than that raises (``KNNState.live``). ``index``: the approximate search index over the buffers
+    (``memory/knn.py``), kept in step with the writes; never saved (the store is the source of truth)."""
+
+    def __init__(self, *, keep: int = 0):
+        self.version = 0
+        self.index: Any = None
+        self.keep = keep
+        self.undo: list[tuple[int, torch.Tensor, tuple, tuple]] = []   # (version before, slots (B, T), keys, values)
+
+    def record(self, slot: torch.Tensor, keys: tuple, values: tuple) -> None:
+        """Before write ``version`` -> ``version + 1``: the slots (B, T) it overwrites and their keys and values
+        per layer (B, G, T, Dh)."""
+        self.undo.append((self.version, slot, keys, values))
+        while len(self.undo) > 1 and sum(u[1].shape[1] for u in self.undo) > self.keep:
+            self.undo.pop(0)
+
+    def restore(self, state: "KNNState") -> "KNNState | None":
+        """``state`` (an older state of this ring) in buffers of its own, or None when the undo records no longer
+        reach back to it."""
+        need = self.version - state.version
+        if need <= 0 or len(self.undo) < need or self.undo[-need][0] != state.version:
+            return None
+        keys = [k.clone() for k in state.keys]
+        values = [v.clone() for v in state.values]
+        for _, slot, old_k, old_v in reversed(self.undo[-need:]):
+            B, T = slot.shape
+            for bufs, olds in ((keys, old_k), (values, old_v)):
+                for buf, old in zip(bufs, olds):
+                    buf.scatter_(2, slot.view(B, 1, T, 1).expand(old.shape), old)
+        return KNNState(keys=tuple(keys), values=tuple(values), written=state.written, ring=Ring(keep=self.keep))
+
+
 @dataclass(frozen=True)
 class KNNState:
     """kNN long-term memory (Wu et al. 2022): per retrieving layer a FIFO ring of past keys and values.
@@ -223,10 +263,15 @@ class KNNState:
     written: (B,) entries written to each lane since its last reset; the next one goes to
     slot ``written % C`` (overwriting the oldest once full), and slot s holds a real entry
     iff s < min(written, C). Slots of a reset lane are zeroed.
+    ring, version: the :class:`Ring` whose buffers ``keys``/``values`` are, written in place, and the write
+    this state was made at; None for tensors of their own (copied before the first write). Not saved. Read a
+    state through :meth:`live` (the memory does): an older state of a ring is rebuilt from its undo records.
     """
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
     written: torch.Tensor
+    ring: Any = field(default=None, compare=False, repr=False)
+    version: int = field(default=0, compare=False, repr=False)
 
     @property
     def capacity(self) -> int:
@@ -236,20 +281,48 @@ class KNNState:
         """(B,) entries each lane holds now."""
         return self.written.clamp(max=self.capacity)
 
+    @property
+    def current(self) -> bool:
+        """False once a later call wrote over this state's buffers in place (:meth:`live` rebuilds it)."""
+        return self.ring is None or self.ring.version == self.version
+
+    def live(self) -> "KNNState":
+        """This state, or, when a later call wrote its ring in place, a copy of it rebuilt from the ring's undo
+        records (raises when they no longer reach back to it)."""
+        if self.current:
+            return self
+        back = self.ring.restore(self)
+        if back is None:
+            raise ValueError("this kNN memory state was used up: later calls wrote its store in place "
+                             f"(write {self.ring.version}, this state was made at write {self.version}, and the "
+                             f"ring keeps the overwritten entries of its last {self.ring.keep} only); pass the "
+                             "newest state (out.state of the last call), or keep a copy to come back to with "
+                             "state.clone() before passing it on")
+        return back
+
+    def clone(self) -> "KNNState":
+        """A copy with tensors of its own, unaffected by later writes to this state's ring."""
+        src = self.live()
+        return KNNState(keys=tuple(k.clone() for k in src.keys), values=tuple(v.clone() for v in src.values),
+                        written=src.written.clone())
+
     def reset(self, drop):
-        keep = ~drop.bool().to(self.written.device)
-        return KNNState(keys=tuple(torch.where(_keep(drop, k), k, 0) for k in self.keys),
-                        values=tuple(torch.where(_keep(drop, v), v, 0) for v in self.values),
-                        written=self.written * keep)
+        src = self.live()                                            # new tensors: the ring is left alone
+        keep = ~drop.bool().to(src.written.device)
+        return KNNState(keys=tuple(torch.where(_keep(drop, k), k, 0) for k in src.keys),
+                        values=tuple(torch.where(_keep(drop, v), v, 0) for v in src.values),
+                        written=src.written * keep)
 
     def detach(self):
         return KNNState(keys=tuple(k.detach() for k in self.keys), values=tuple(v.detach() for v in self.values),
-                        written=self.written)
+                        written=self.written, ring=self.ring, version=self.version)
 
     def to_tensors(self):
-        out = {"written": self.written}
-        for i, (k, v) in enumerate(zip(self.keys, self.values)):
-            out[f"keys.{i}"], out[f"values.{i}"] = k.contiguous(), v.contiguous()
+        src = self.live()
+        out = {"written": src.written}
+        own = src.ring is not None                                   # a ring is written in place later: copy it
+        for i, (k, v) in enumerate(zip(src.keys, src.values)):
+            out[f"keys.{i}"], out[f"values.{i}"] = (k.clone(), v.clone()) if own else (k.contiguous(), v.contiguous())
         return out
 
     @classmethod
@@ -402,6 +475,12 @@ class State:
         return [State(1, {name: part.lane(i) for name, part in self._parts.items()},
                       pending=None if self.pending is None else self.pending[i:i + 1].clone())
                 for i in range(self.batch_size)]
+
+    def clone(self) -> "State":
+        """A copy whose parts written in place (kNN rings) have tensors of their own: the state to come back to
+        after feeding this one on (a part without ``clone`` is never written in place and is shared)."""
+        return State(self.batch_size, {name: part.clone() if hasattr(part, "clone") else part
+                                       for name, part in self._parts.items()}, pending=self.pending)
 
     def detach(self) -> "State":
         return State(self.batch_size, {name: part.detach() for name, part in self._parts.items()},

@@ -1,6 +1,6 @@
 """Recurrent memory tokens (RMT) against the other memories on long-range probes.
 
-Every memory kind (none | xl | knn | tokens) trains the same small model the same way with
+Every memory kind (none | xl | knn | tokens | local_global) trains the same small model the same way with
 ``longmem train`` on a probe task (``task.name passkey`` or ``recall``, loss on answer tokens
 only): examples of 4 segments of 128 tokens (``task.length 512``), backpropagation through the
 4 segments (``train.bptt_segments 4``), examples growing 1 -> 2 -> 4 segments by stages of equal steps
@@ -61,6 +61,11 @@ KINDS = {
     "tokens": {"memory.kind": "tokens", "memory.tokens.n_tokens": 8, "memory.mem_len": 0,
                "memory.tokens.gate": "sigmoid", "memory.tokens.stretch": 0.1, "train.aux_weight": 0.002,
                "train.aux_start": 750},
+    # Longformer-style sparse attention (Beltagy et al. 2020 §3.1), causal: a window of one segment (as xl's
+    # mem_len) plus the first 64 stream positions global (half a segment: the prompt's opening, which holds the
+    # passkey needle or the recall pairs when they are stated at depth 0); no weights of its own
+    "local_global": {"memory.kind": "local_global", "memory.mem_len": 0, "memory.local_global.window": SEG,
+                     "memory.local_global.n_global": 64},
 }
 
 

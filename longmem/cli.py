@@ -388,12 +388,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 def _serve(args, overrides) -> int:
     import dataclasses
     from longmem.serving.config import ServeConfig
+    cfg = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
+    run = _text_run(_load_run(args, overrides), "serve")
     try:
         from longmem.serving.server import serve
     except ImportError as e:
         raise ValueError(str(e)) from None
-    cfg = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
-    run = _load_run(args, overrides)
     serve(run, cfg)
     return 0
 

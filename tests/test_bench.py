@@ -29,7 +29,7 @@ def fake_measurements(monkeypatch):
     def load(name, folder):
         module = real(name, folder)
         if name == "profiles":
-            module.measure = lambda *, quick: [{"kind": "xl", "length": n, "seconds": n / 1e4,
+            module.measure = lambda *, quick, **_: [{"kind": "xl", "length": n, "seconds": n / 1e4,
                                                 "peak_growth_mib": 1.0, "tokens_per_s": 1e4} for n in (512, 1024)]
         elif name == "knn_recall":
             module.train_and_eval = lambda kind, *, steps, fillers: {

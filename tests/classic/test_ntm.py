@@ -176,7 +176,7 @@ def test_copy_repeat_copy_and_recall_examples():
 
 # -- end to end ------------------------------------------------------------------------------------------------------
 @pytest.mark.e2e
-def test_ntm_trains_on_copy_resumes_exactly_and_reports_bit_errors(tmp_path, capsys):
+def test_ntm_trains_on_copy_resumes_exactly_and_reports_bit_errors(tmp_path, capsys, monkeypatch):
     from longmem.cli import main
     from longmem.runs import load_run
     args = ["--model.arch", "ntm", "--model.d_model", "16", "--model.n_layers", "1", "--model.memory_slots", "8",
@@ -207,3 +207,11 @@ def test_ntm_trains_on_copy_resumes_exactly_and_reports_bit_errors(tmp_path, cap
     assert "a bit-vector run is scored with: copy" in capsys.readouterr().err
     assert main(["generate", str(out), "--prompt", "0110 |"]) == 2            # bits out, not text
     assert "trained on bit vectors" in capsys.readouterr().err
+    import longmem.serving.server as server
+
+    def never(*args, **kwargs):
+        raise AssertionError("a bit-vector run reached the server")
+    monkeypatch.setattr(server, "serve", never)
+    for command in ("chat", "serve"):                                       # refused before any loop or socket
+        assert main([command, str(out)]) == 2
+        assert "trained on bit vectors" in capsys.readouterr().err

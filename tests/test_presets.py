@@ -44,7 +44,8 @@ def test_preset_trains_a_few_steps_through_the_cli(name, tmp_path, capsys):
     args = [x for k, v in over.items() for x in (f"--{k}", v)]
     assert main(["train", "--config", name, "--out", str(out), *args]) == 0
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in events if "loss" in e] == [1, 2]
+    assert [e["step"] for e in events if "lr" in e] == [1, 2]                    # both steps logged
+    assert all(e["loss"] == e["loss"] for e in events if "loss" in e)            # a loss only where targets were
     assert any("val_loss" in e for e in events)
     saved, expected = RunConfig.load(out / "config.yaml"), cfg.override(over)    # the preset's own settings
     for section in ("model", "data", "task", "train"):

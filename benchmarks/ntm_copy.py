@@ -7,12 +7,12 @@ the LSTM's copies degrade quickly past length 20).
 
 Both models train with the settings of the preset ``ntm-copy`` (the LSTM with its own sizes) through the same ``longmem.training.trainer.train`` path as ``longmem train --task.name
 copy``, side by side in two processes of one CPU thread each (``LONGMEM_NTM_WORKERS``, default 2); steps per
-model: ``LONGMEM_NTM_STEPS`` (default the preset's 6000; quick 30; ``ntm=4000,lstm=2000`` sets each). The runs are kept
+model: ``LONGMEM_NTM_STEPS`` (default the preset's 3000; quick 30; ``ntm=4000,lstm=2000`` sets each). The runs are kept
 in ``runs/bench/ntm_copy/<model>`` (``LONGMEM_NTM_RUNS`` another folder), so ``longmem eval
 runs/bench/ntm_copy/ntm --task copy --lengths 10,20,40,80`` reads them again.
 
 Run alone: ``python benchmarks/ntm_copy.py [--quick]`` writes ``runs/bench/ntm_copy.md`` and ``.json``; in the
-suite: ``longmem bench --only ntm_copy`` (not in the default suite: it trains for about half an hour).
+suite: ``longmem bench --only ntm_copy`` (not in the default suite: it trains for about 15 minutes).
 """
 from __future__ import annotations
 

@@ -91,11 +91,9 @@ def evaluate(model: MemoryLM, *, batch_size: int, fillers=TEST_FILLERS, seed: in
 
 
 def plot(results: dict, path: Path) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from longmem.utils import pyplot
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for kind, res in results.items():

@@ -119,11 +119,9 @@ def run(quick: bool) -> str:
 def plot(results: dict, folder: Path) -> bool:
     """Bit error rate against sequence length per model (``folder/ntm_copy.png``), the paper's Figure 4 as a
     curve; False when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from longmem.utils import pyplot
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for m, r in results.items():

@@ -13,7 +13,7 @@ from safetensors.torch import save as st_save
 from longmem import LMOutput, State
 from longmem.models import IGNORE_INDEX, MemoryLM
 
-from conftest import tiny_config
+from conftest import feed_pieces, tiny_config
 
 pytestmark = pytest.mark.invariant
 
@@ -24,14 +24,7 @@ def tokens(b: int, n: int, *, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, V, (b, n), generator=torch.Generator().manual_seed(seed))
 
 
-def run_pieces(model, x: torch.Tensor, piece: int, state: State | None = None) -> tuple[torch.Tensor, State]:
-    """Feed ``x`` in pieces of ``piece`` tokens, carrying the state; concatenated logits."""
-    logits = []
-    for start in range(0, x.shape[1], piece):
-        out = model(x[:, start:start + piece], state=state)
-        state = out.state
-        logits.append(out.logits)
-    return torch.cat(logits, dim=1), state
+run_pieces = feed_pieces          # conftest: read in pieces, carrying the state
 
 
 def close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-4) -> None:

@@ -10,8 +10,10 @@ Kinds (``longmem eval RUN --memory.kind ...``, segments of 512 tokens):
 
 Probes:
 - passkey at 2K, 8K, 32K (depths 0.1-0.9, 2 examples each: 10 per length) and 128K (3 examples);
-- BABILong-style QA: bAbI tasks 1 and 2 (``../shared/data/babi-en``) hidden in Tiny Shakespeare, 3 solved
-  training stories first (few-shot), at 1K, 4K, 16K (20 questions per task) and 64K (5 per task);
+- BABILong-style QA (``qa``): bAbI tasks 1 and 2 (``../shared/data/babi-en``) hidden in Tiny Shakespeare, 3
+  solved training stories first (few-shot), the answer after the question's subject restated ("Answer: Mary
+  is in the kitchen", ``--cloze``), at 1K, 4K, 16K (20 questions per task) and 64K (5 per task); ``haystack``
+  is the same with plain answers ("Answer: kitchen"), the first format, which the model loses beyond 1K;
 - perplexity of Tiny Shakespeare read as one stream (every token), by position, against full attention on
   the first 8,192 tokens;
 - chat: 20 conversations of >= 8K tokens through the chat template, a code word given in the first turn and
@@ -125,7 +127,9 @@ def passkey_cells(run_dir: Path, out: Path, kinds, dtype) -> None:
                 batch_size=1 if length > 32768 else 2, show_progress=False))
 
 
-def haystack_cells(run_dir: Path, out: Path, kinds, dtype) -> None:
+def haystack_cells(run_dir: Path, out: Path, kinds, dtype, *, cloze: bool = False) -> None:
+    """BABILong-style QA cells, ``haystack-KIND-LENGTH``; ``cloze``: the answer follows the question's subject
+    restated ("Answer: Mary is in the kitchen", ``longmem eval --cloze``), cells ``qa-KIND-LENGTH``."""
     from longmem.evaluation.suite import eval_probe
     for length, n in HAYSTACK.items():
         for kind in kinds:
@@ -137,8 +141,8 @@ def haystack_cells(run_dir: Path, out: Path, kinds, dtype) -> None:
                 run.config.task.babi_tasks = "1,2"
                 return eval_probe(run, "haystack", lengths=[length], depths=[], n=n, seed=0, shots=3,
                                   batch_size=1 if length > 16384 else 4, babi_path=str(BABI),
-                                  distractor=str(BOOK), show_progress=False)
-            _cell(out, f"haystack-{kind}-{length}", cell)
+                                  distractor=str(BOOK), cloze=cloze, show_progress=False)
+            _cell(out, f"{'qa' if cloze else 'haystack'}-{kind}-{length}", cell)
 
 
 @torch.no_grad()
@@ -220,7 +224,8 @@ def chat_cells(run_dir: Path, out: Path, kinds, dtype, *, conversations: int = 2
 def report(out: Path) -> str:
     cells = {p.stem: json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))}
     lines = ["# Long memory for a pretrained model (SmolLM2-135M-Instruct), no training", ""]
-    for probe, lengths, unit in (("passkey", PASSKEY, "examples"), ("haystack", HAYSTACK, "questions")):
+    for probe, lengths, unit in (("passkey", PASSKEY, "examples"), ("haystack", HAYSTACK, "questions"),
+                                 ("qa", HAYSTACK, "questions; answers after the subject restated, --cloze")):
         rows = [k for k in KINDS if any(f"{probe}-{k}-{n}" in cells for n in lengths)]
         if not rows:
             continue
@@ -281,7 +286,7 @@ def _plots(out: Path, cells: dict) -> None:
     if plt is None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, (probe, lengths) in zip(axes[:2], (("passkey", PASSKEY), ("haystack", HAYSTACK))):
+    for ax, (probe, lengths) in zip(axes[:2], (("passkey", PASSKEY), ("qa", HAYSTACK))):
         for k in KINDS:
             pts = [(n, cells[f"{probe}-{k}-{n}"]["accuracy"]) for n in lengths if f"{probe}-{k}-{n}" in cells]
             if pts:
@@ -289,8 +294,9 @@ def _plots(out: Path, cells: dict) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens")
         ax.set_ylabel("accuracy")
-        ax.set_title(probe)
-        ax.legend()
+        ax.set_title({"qa": "BABILong-style QA, bAbI 1-2 (--cloze)"}.get(probe, probe))
+        if ax.lines:
+            ax.legend()
     ax = axes[2]
     for name, c in cells.items():
         if name.startswith("book-"):
@@ -300,7 +306,8 @@ def _plots(out: Path, cells: dict) -> None:
     ax.set_xlabel("position in the stream (tokens)")
     ax.set_ylabel("perplexity (per bucket)")
     ax.set_title("Tiny Shakespeare, one stream")
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out / "pretrained_memory.png", dpi=110)
     plt.close(fig)
@@ -311,12 +318,14 @@ def main(argv=None) -> int:
     p.add_argument("action", choices=["run", "report"])
     p.add_argument("--run", type=Path, default=ROOT / "runs" / "bench" / "smollm2", help="the imported run")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "pretrained-memory")
-    p.add_argument("--only", default="passkey,haystack,book,chat", help="comma-separated probes")
+    p.add_argument("--only", default="passkey,qa,book,chat", help="comma-separated probes: passkey, qa, haystack "
+                   "(qa with plain answers, the first format), book, chat")
     p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated kinds")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                    help="weights and activations (norms and softmax in float32)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-length", type=int, default=0, help="skip probe cells longer than this (0: none)")
+    p.add_argument("--lengths", default="", help="probe cells of these lengths only, comma-separated (default: all)")
     p.add_argument("--book-tokens", type=int, default=0, help="book: read the first N tokens only (0: the book)")
     args = p.parse_args(argv)
     if args.action == "report":
@@ -325,13 +334,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     kinds = [k for k in args.kinds.split(",") if k]
-    if args.max_length:
-        for table in (PASSKEY, HAYSTACK):
-            for n in [n for n in table if n > args.max_length]:
-                del table[n]
+    keep = {int(n) for n in args.lengths.split(",") if n}
+    for table in (PASSKEY, HAYSTACK):
+        for n in [n for n in table if (args.max_length and n > args.max_length) or (keep and n not in keep)]:
+            del table[n]
     for probe in args.only.split(","):
         book = functools.partial(book_cells, tokens=args.book_tokens)
-        {"passkey": passkey_cells, "haystack": haystack_cells, "book": book, "chat": chat_cells}[probe](
+        qa = functools.partial(haystack_cells, cloze=True)
+        {"passkey": passkey_cells, "haystack": haystack_cells, "qa": qa, "book": book, "chat": chat_cells}[probe](
             args.run, args.out, kinds, dtype)
     print(report(args.out))
     return 0

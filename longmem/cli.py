@@ -178,6 +178,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    "(default: the run's validation text, or the embedded corpus for task runs)")
     p.add_argument("--shots", type=int, default=0, help="babi/haystack: start each example with N solved training "
                    "stories of its task (few-shot, as BABILong prompts pretrained models) [default: 0]")
+    p.add_argument("--cloze", action="store_true", help="babi/haystack: restate the question's subject before the "
+                   "answer ('Answer: Mary is in the kitchen'), so a pretrained model's next token is the place "
+                   "(BABILong asks for 'The most recent location of X is Y')")
     p.add_argument("--batch-size", type=int, default=8, help="probes: examples scored at once [default: 8]")
     p.add_argument("--max-segments", type=int, default=0, help="ppl: stop after N batches (0: the whole split)")
     p.add_argument("--out", default=None, metavar="FILE.json", help="probes and sweeps: where to write the "
@@ -256,7 +259,8 @@ def _eval_sweep(args, run, overrides) -> dict:
         raise ValueError(f"--n must be positive (0 means all, for babi only), got {n}")
     lengths = parse_lengths(args.lengths or "1k,4k")
     return eval_probe(run, args.task, lengths=lengths, depths=parse_depths(args.depths), n=n, seed=args.seed,
-                      batch_size=args.batch_size, babi_path=args.babi, distractor=args.distractor, shots=args.shots)
+                      batch_size=args.batch_size, babi_path=args.babi, distractor=args.distractor, shots=args.shots,
+                      cloze=args.cloze)
 
 
 def _ints(text: str, flag: str) -> list[int]:

@@ -78,11 +78,13 @@ def _distractor(run: Run, path: str | None) -> str:
 
 def eval_probe(run: Run, task: str, *, lengths: list[int], depths: list[float], n: int, seed: int = 0,
                batch_size: int = 8, babi_path: str | None = None, distractor: str | None = None, shots: int = 0,
-               show_progress: bool = True) -> dict:
+               cloze: bool = False, show_progress: bool = True) -> dict:
     """Answer accuracy of a language-model run on a probe, per cell of the sweep:
     passkey and recall per (length, depth); haystack per (length, bAbI task); babi per bAbI task.
     ``n`` examples per cell (babi: per task, 0 = all). ``shots``: babi and haystack examples start with this many
-    solved training stories of their task (few-shot demonstrations, as BABILong prompts pretrained models)."""
+    solved training stories of their task (few-shot demonstrations, as BABILong prompts pretrained models).
+    ``cloze``: babi and haystack answers follow the question's subject restated ("Answer: Mary is in the
+    kitchen", :func:`longmem.data.tasks.probes.answer_lead`); questions of other forms are asked plainly."""
     if run.config.model.arch not in ("transformer", "lstm", "ntm", "dnc"):
         raise ValueError(f"--task {task} scores a language model (transformer, lstm, ntm or dnc); this is a "
                          f"{run.config.model.arch} run")
@@ -103,10 +105,10 @@ def eval_probe(run: Run, task: str, *, lengths: list[int], depths: list[float], 
             by_task.setdefault(ex.task, []).append(ex)
         if task == "babi":
             for k, exs in sorted(by_task.items()):
-                cells.append(({"babi_task": k}, [P.babi(tok, ex, demos=demos.get(k, ())) for ex in (exs[:n] if n else exs)]))
+                cells.append(({"babi_task": k}, [P.babi(tok, ex, demos=demos.get(k, ()), cloze=cloze) for ex in (exs[:n] if n else exs)]))
         else:
             source = np.asarray(tok.encode(_distractor(run, distractor)), dtype=np.int64)
-            sizes = {id(ex): P.story_length(tok, ex, demos.get(ex.task, ())) for ex in stories}
+            sizes = {id(ex): P.story_length(tok, ex, demos.get(ex.task, ()), cloze=cloze) for ex in stories}
             for length in lengths:
                 for k, exs in sorted(by_task.items()):
                     fit = [ex for ex in exs if sizes[id(ex)] <= length]     # stories longer than the haystack
@@ -116,7 +118,7 @@ def eval_probe(run: Run, task: str, *, lengths: list[int], depths: list[float], 
                     picked = [fit[rng.randrange(len(fit))] for _ in range(n)]
                     cells.append(({"length": length, "babi_task": k, "stories_too_long": len(exs) - len(fit)},
                                   [P.haystack(tok, ex, length=length, rng=rng, source=source,
-                                              demos=demos.get(k, ())) for ex in picked]))
+                                              demos=demos.get(k, ()), cloze=cloze) for ex in picked]))
             if not cells:
                 raise ValueError(f"no bAbI story fits in {max(lengths)} tokens; use longer --lengths")
     else:
@@ -131,7 +133,7 @@ def eval_probe(run: Run, task: str, *, lengths: list[int], depths: list[float], 
                         **({"mean_distance": sum(dist) / len(dist)} if dist else {})})
     bar.close()
     answers = sum(r["answers"] for r in results)
-    out = {"task": task, "run": str(run.path), "split": "test", "seed": seed, "n": n, "shots": shots,
+    out = {"task": task, "run": str(run.path), "split": "test", "seed": seed, "n": n, "shots": shots, "cloze": cloze,
            "arch": run.config.model.arch, "memory": run.config.model.memory.kind,
            "mem_len": run.config.model.memory.mem_len, "segment_len": run.config.model.segment_len,
            "accuracy": sum(r["accuracy"] * r["answers"] for r in results) / max(answers, 1),

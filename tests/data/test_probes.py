@@ -224,3 +224,23 @@ def test_demonstrations_come_first_as_context_and_distances_count_from_the_story
     first = text.index(" " + ex.story[0], len(" ".join(demos[0].story)) + 30)  # the story's first sentence
     question = text.rindex("\nQuestion:")
     assert shot.answers[0]["distance"] == question - first                      # bytes: tokens = characters
+
+
+def test_cloze_restates_the_subject_before_the_answer_in_demonstrations_and_question():
+    stories = generate_babi(task=2, n=4, seed=0)
+    tok = ByteTokenizer()
+    ex, demos = stories[0], stories[1:3]
+    assert P.answer_lead("Where is the football?") == " The football is in the"
+    assert P.answer_lead("Where was the apple before the kitchen?") == ""            # other forms: asked plainly
+    source = np.asarray(tok.encode(P.FILLER * 40), dtype=np.int64)
+    p = P.haystack(tok, ex, length=1500, rng=random.Random(0), source=source, demos=demos, cloze=True)
+    text = tok.decode(p.tokens.tolist())
+    lead = P.answer_lead(ex.question)
+    assert lead and text.endswith(f"Question: {ex.question} Answer:{lead} {ex.answer}\n")
+    assert text.startswith(" ".join(demos[0].story) + f"\nQuestion: {demos[0].question} Answer:"
+                           f"{P.answer_lead(demos[0].question)} {demos[0].answer}")
+    assert answer_text(p) == ex.answer                                          # only the place is scored
+    leads = sum(len(P.answer_lead(e.question)) for e in [ex, *demos])
+    assert P.story_length(tok, ex, demos, cloze=True) == P.story_length(tok, ex, demos) + leads
+    plain = P.babi(tok, ex)
+    assert len(P.babi(tok, ex, cloze=True).tokens) == len(plain.tokens) + len(lead)

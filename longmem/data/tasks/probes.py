@@ -19,6 +19,7 @@ same example.
 from __future__ import annotations
 
 import random
+import re
 import string
 import weakref
 from collections.abc import Sequence
@@ -207,43 +208,66 @@ def recall(tokenizer, *, length: int, depth: float, rng: random.Random, n_pairs:
                  answers=answers)
 
 
-def _story_pieces(enc: _Text, ex: BabiExample) -> tuple[list[np.ndarray], list[tuple[np.ndarray, int]]]:
+_WHERE = re.compile(r"Where is (.+)\?$")
+
+
+def answer_lead(question: str) -> str:
+    """The answer's lead-in restating the question's subject ("Where is Mary?" -> "Mary is in the"), or "" for
+    a question of another form. With it a pretrained model's next token is the answer itself, as BABILong's
+    prompts ask for "The most recent location of X is Y" (Kuratov et al. 2024, appendix); without it a small
+    model far from the question's format often answers with something other than a place."""
+    m = _WHERE.match(question.strip())
+    if m is None:
+        return ""
+    subject = m.group(1)
+    return f" {subject[0].upper()}{subject[1:]} is in the"
+
+
+def _answer_text(ex: BabiExample, lead: bool) -> str:
+    return (answer_lead(ex.question) if lead else "") + " " + ex.answer
+
+
+def _story_pieces(enc: _Text, ex: BabiExample, lead: bool = False
+                  ) -> tuple[list[np.ndarray], list[tuple[np.ndarray, int]]]:
     sentences = [enc(" " + s) for s in ex.story]
-    tail = [(enc(f"\nQuestion: {ex.question} Answer:"), 0), *enc.answer(" " + ex.answer, 1), (enc("\n"), 0)]
+    head = f"\nQuestion: {ex.question} Answer:" + (answer_lead(ex.question) if lead else "")
+    tail = [(enc(head), 0), *enc.answer(" " + ex.answer, 1), (enc("\n"), 0)]
     return sentences, tail
 
 
-def _demo_pieces(enc: _Text, demos: Sequence[BabiExample]) -> list[tuple[np.ndarray, int]]:
+def _demo_pieces(enc: _Text, demos: Sequence[BabiExample], lead: bool = False) -> list[tuple[np.ndarray, int]]:
     """Solved examples put first (few-shot demonstrations, as BABILong prompts pretrained models): context."""
-    return [(enc(" ".join(d.story) + f"\nQuestion: {d.question} Answer: {d.answer}\n\n"), 0) for d in demos]
+    return [(enc(" ".join(d.story) + f"\nQuestion: {d.question} Answer:{_answer_text(d, lead)}\n\n"), 0)
+            for d in demos]
 
 
-def story_length(tokenizer, ex: BabiExample, demos: Sequence[BabiExample] = ()) -> int:
+def story_length(tokenizer, ex: BabiExample, demos: Sequence[BabiExample] = (), *, cloze: bool = False) -> int:
     """Tokens of ``ex`` as text (demonstrations, story, question, answer): the shortest haystack that holds it."""
     enc = _texts(tokenizer)
-    sentences, tail = _story_pieces(enc, ex)
-    return (sum(len(ids) for ids, _ in _demo_pieces(enc, demos)) + sum(map(len, sentences))
+    sentences, tail = _story_pieces(enc, ex, cloze)
+    return (sum(len(ids) for ids, _ in _demo_pieces(enc, demos, cloze)) + sum(map(len, sentences))
             + sum(len(ids) for ids, _ in tail))
 
 
-def babi(tokenizer, ex: BabiExample, *, demos: Sequence[BabiExample] = ()) -> Probe:
+def babi(tokenizer, ex: BabiExample, *, demos: Sequence[BabiExample] = (), cloze: bool = False) -> Probe:
     """A bAbI story as text, its question and the answer (the answer tokens are the target), after
-    ``demos`` (solved examples, context)."""
+    ``demos`` (solved examples, context). ``cloze``: the answer follows the question's subject restated
+    ("Answer: Mary is in the kitchen", see :func:`answer_lead`)."""
     enc = _texts(tokenizer)
-    sentences, tail = _story_pieces(enc, ex)
-    tokens, ans, _ = _assemble(_demo_pieces(enc, demos) + [(s, 0) for s in sentences] + tail)
+    sentences, tail = _story_pieces(enc, ex, cloze)
+    tokens, ans, _ = _assemble(_demo_pieces(enc, demos, cloze) + [(s, 0) for s in sentences] + tail)
     return Probe(tokens, ans, info={"task": "babi", "babi_task": ex.task, "length": len(tokens)},
                  answers=[{"text": ex.answer, "babi_task": ex.task}])
 
 
 def haystack(tokenizer, ex: BabiExample, *, length: int, rng: random.Random, source: np.ndarray,
-             demos: Sequence[BabiExample] = ()) -> Probe:
+             demos: Sequence[BabiExample] = (), cloze: bool = False) -> Probe:
     """The sentences of ``ex``'s story, in order, at random places in ``length`` tokens of ``source`` text
     (a random window of it, tiled if shorter); the question and answer at the end. ``demos`` (solved
-    examples, context) come first, before the text."""
+    examples, context) come first, before the text. ``cloze``: as in :func:`babi`."""
     enc = _texts(tokenizer)
-    sentences, tail = _story_pieces(enc, ex)
-    head = _demo_pieces(enc, demos)
+    sentences, tail = _story_pieces(enc, ex, cloze)
+    head = _demo_pieces(enc, demos, cloze)
     fixed = sum(len(ids) for ids, _ in head) + sum(map(len, sentences)) + sum(len(ids) for ids, _ in tail)
     room = _check_room("haystack", length, fixed)
     filler = _filler(enc, room, rng, source)

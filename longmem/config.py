@@ -123,9 +123,20 @@ class RetrievalConfig:
                              "many segment tokens", default=64)
     store_dtype: Literal["float32", "bfloat16", "float16"] = _help(
         "precision of the stored keys/values (bfloat16 halves the store's memory)", default="float32")
+    backend: Literal["torch", "faiss"] = _help("block search: torch (exact, every stored key scored) | faiss (extra "
+                                               "'faiss': a persistent index per lane and layer, updated as blocks "
+                                               "enter and leave the store; see memory.retrieval.index)",
+                                               default="torch")
+    index: Literal["flat", "hnsw", "ivf"] = _help("faiss index: flat (exact; the same blocks as torch) | hnsw | ivf "
+                                                  "(approximate); each holds a float32 copy of the stored keys",
+                                                  default="flat")
 
     def __post_init__(self):
         _check_numbers(self, "memory.retrieval")
+        if self.backend not in ("torch", "faiss"):
+            raise ValueError(f"memory.retrieval.backend={self.backend!r}; accepted: torch, faiss")
+        if self.index not in ("flat", "hnsw", "ivf"):
+            raise ValueError(f"memory.retrieval.index={self.index!r}; accepted: flat, hnsw, ivf")
         for name in ("block_size", "top_k", "capacity", "query_chunk"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"memory.retrieval.{name} must be positive, got {getattr(self, name)}")

@@ -20,10 +20,11 @@ V = 37
 
 
 def gqa_model(*, kind="retrieval", segment_len=16, window=24, sinks=3, block=8, top_k=32, capacity=256,
-              n_layers=2, seed=0) -> MemoryLM:
-    """A tiny Llama-style model (GQA 4/2 heads, SwiGLU, untied head) with the retrieval memory."""
+              n_layers=2, seed=0, **search) -> MemoryLM:
+    """A tiny Llama-style model (GQA 4/2 heads, SwiGLU, untied head) with the retrieval memory; ``search``:
+    memory.retrieval.backend and index."""
     memory = (MemoryConfig(kind=kind, mem_len=window, n_sinks=sinks,
-                           retrieval=RetrievalConfig(block_size=block, top_k=top_k, capacity=capacity))
+                           retrieval=RetrievalConfig(block_size=block, top_k=top_k, capacity=capacity, **search))
               if kind == "retrieval" else MemoryConfig())
     return tiny_llama(memory, segment_len=segment_len, n_layers=n_layers, seed=seed)
 
@@ -99,3 +100,57 @@ def test_state_round_trips_through_safetensors():
         assert back.parts() == ["retrieval"]
         y = tokens(2, 20, seed=9)
         torch.testing.assert_close(model(y, state=back).logits, model(y, state=state).logits, atol=0, rtol=0)
+
+
+def test_faiss_flat_picks_the_torch_blocks_and_keeps_one_index_per_store(monkeypatch):
+    """A flat faiss index fetches each chunk's k b best keys, which hold the exact top-k blocks: the same logits
+    as the torch search over a stream that wraps the ring (blocks leave the index first in, first out), from
+    indexes built once and then updated, never per call; a state read from a file gets them built again."""
+    pytest.importorskip("faiss")
+    from longmem.models.memory import retrieval as R
+    built = []
+    init = R.StoreIndexes.__init__
+    monkeypatch.setattr(R.StoreIndexes, "__init__", lambda self, *a, **k: (built.append(1), init(self, *a, **k))[1])
+    exact = gqa_model(top_k=2, capacity=64)
+    fast = gqa_model(top_k=2, capacity=64, backend="faiss", index="flat")
+    x = tokens(2, 300, seed=7)
+    with torch.no_grad():
+        want, _ = feed(exact, x, 16)
+        got, state = feed(fast, x, 16)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert len(built) == 1 and int(state.retrieval.written[0]) > 64    # one build; the ring wrapped
+        ix = state.retrieval.index.indexes[0][0]
+        assert ix.index.ntotal == 64 and ix.low == int(state.retrieval.written[0]) - 64   # what the ring holds
+        saved = st_save(state.state_dict())
+        y = tokens(2, 32, seed=8)
+        again = fast(y, state=State.from_state_dict(st_load(saved))).logits    # the store is written in place:
+        torch.testing.assert_close(again, exact(y, state=State.from_state_dict(st_load(saved))).logits,  # a copy each
+                                   atol=1e-5, rtol=0)
+        assert len(built) == 2
+
+
+def test_faiss_hnsw_finds_the_needle_block():
+    pytest.importorskip("faiss")
+    mem = gqa_model(top_k=2, backend="faiss", index="hnsw").retrieval
+    g = torch.Generator().manual_seed(0)
+    store = torch.randn(1, 2, 256, 8, generator=g) * 0.1
+    needle = torch.randn(2, 8, generator=g)
+    store[0, :, 8 * 13 + 5] = needle * 3                                   # in block 13
+    state = mem.init(1, device="cpu", dtype=torch.float32)
+    state = R_state(state, store, written=200)
+    q = needle.view(1, 2, 1, 1, 8).expand(1, 2, 2, 4, 8).reshape(1, 4, 4, 8)
+    top, n = mem.select(q, store, torch.tensor([200]), mem.indexes_of(state), 0)
+    assert 13 in top[0].tolist() and n.tolist() == [2]
+
+
+def R_state(state, store, *, written):
+    from longmem.models.memory.retrieval import RetrievalState
+    parts = {n: getattr(state, n) for n in RetrievalState._TENSORS + RetrievalState._COUNTS}
+    parts["store_k"] = (store,) + parts["store_k"][1:]
+    parts["written"] = torch.tensor([written])
+    return RetrievalState(**parts)
+
+
+def test_an_unknown_search_backend_names_the_choices():
+    with pytest.raises(ValueError, match="accepted: torch, faiss"):
+        RetrievalConfig(backend="annoy")

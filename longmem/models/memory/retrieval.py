@@ -17,12 +17,20 @@ Every layer attends, in one softmax, to ``[sinks; k retrieved blocks; local wind
   packed context *is* the stream): tested.
 InfLLM gives every retrieved token one fixed distance from the queries instead; packing keeps each
 block's own relative positions and makes the all-blocks case exact.
+
+Block search (``memory.retrieval.backend``): ``torch`` scores every stored key; ``faiss`` keeps a
+persistent index per (layer, lane) over the stored keys (the key heads side by side, G Dh wide, so one
+inner product is the sum over heads), updated as blocks enter and leave the ring and never rebuilt per
+call (:class:`StoreIndexes`); each query chunk fetches its k b best tokens, which hold every block of the
+exact top k (a block ranked j-th has at most (j - 1) b tokens of better blocks before it), so a flat index
+picks the torch backend's blocks; HNSW and IVF approximate.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from longmem.models.memory.base import Memory, Segment
@@ -33,7 +41,8 @@ from longmem.models.memory.state import _keep, register_part
 class RetrievalState:
     """Per layer: sinks (B, G, s, Dh) with ``n_sink`` (B,) filled; the window (B, G, W + b - 1, Dh),
     right-aligned with ``valid`` (B,); the store (B, G, C, Dh), a ring whose entry e sits in slot e % C,
-    ``written`` (B,) entries (a multiple of b) since the lane's reset.
+    ``written`` (B,) entries (a multiple of b) since the lane's reset. ``index``: the store's faiss
+    indexes (backend faiss; never saved, rebuilt from the store when missing or stale).
 
     The store is written in place (a copy would move gigabytes per segment at 128K tokens), as caches of
     Hugging Face transformers are: the state a call returns replaces the one passed to it, which must
@@ -47,6 +56,7 @@ class RetrievalState:
     store_k: tuple[torch.Tensor, ...]
     store_v: tuple[torch.Tensor, ...]
     written: torch.Tensor
+    index: Any = field(default=None, compare=False, repr=False)
 
     _TENSORS = ("sink_k", "sink_v", "win_k", "win_v", "store_k", "store_v")
     _COUNTS = ("n_sink", "valid", "written")
@@ -59,7 +69,7 @@ class RetrievalState:
 
     def detach(self):
         parts: dict[str, Any] = {n: tuple(t.detach() for t in getattr(self, n)) for n in self._TENSORS}
-        return RetrievalState(**parts, **{c: getattr(self, c) for c in self._COUNTS})
+        return RetrievalState(**parts, **{c: getattr(self, c) for c in self._COUNTS}, index=self.index)
 
     def to_tensors(self):
         out = {c: getattr(self, c) for c in self._COUNTS}
@@ -81,12 +91,65 @@ class RetrievalState:
 register_part("retrieval", RetrievalState)
 
 
+class StoreIndexes:
+    """Persistent faiss indexes of a retrieval store (backend faiss): one :class:`~longmem.models.memory.knn.
+    FifoIndex` per (layer, lane) over the stored keys with their G key heads side by side (G Dh wide), ids
+    the entry numbers (entry e in slot e % C). Built once from the store, then :meth:`add` follows every
+    write; ``written`` is the count per lane it reflects (a state whose count differs gets new indexes)."""
+
+    def __init__(self, state: RetrievalState, *, kind: str):
+        from longmem.models.memory.knn import FifoIndex
+        C, self.kind = state.capacity, kind
+        self.written = state.written.tolist()
+        self.indexes: list[list[FifoIndex]] = []
+        for keys in state.store_k:
+            B, G, _, Dh = keys.shape
+            store = self.rows(keys)                                               # (B, C, G Dh)
+            lanes = []
+            for b in range(B):
+                w = self.written[b]
+                n = min(w, C)
+                ix = FifoIndex(kind=kind, capacity=C, dim=G * Dh)
+                ix.low = w - n
+                held = np.arange(w - n, w) % C
+                ix.add(np.ascontiguousarray(store[b][held]), w - n, store=store[b])
+                lanes.append(ix)
+            self.indexes.append(lanes)
+
+    @staticmethod
+    def rows(keys: torch.Tensor) -> np.ndarray:
+        """(B, G, N, Dh) keys -> (B, N, G Dh) float32 rows."""
+        B, G, N, Dh = keys.shape
+        return keys.detach().float().permute(0, 2, 1, 3).reshape(B, N, G * Dh).cpu().numpy()
+
+    def add(self, layer: int, keys: torch.Tensor, first: list[int], count: list[int], after: RetrievalState):
+        """Entries ``first[b]`` ... ``first[b] + count[b] - 1`` of each lane, whose keys are ``keys``' first
+        ``count[b]`` tokens (B, G, m, Dh), just written to make ``after``; the ones the ring overwrote leave."""
+        x, C = self.rows(keys), after.capacity
+        for b, ix in enumerate(self.indexes[layer]):
+            if count[b]:
+                store = None if ix.trained else self.rows(after.store_k[layer][b:b + 1])[0]
+                ix.add(np.ascontiguousarray(x[b, :count[b]]), first[b], store=store)
+                ix.evict(first[b] + count[b] - C)
+
+    def search(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries (B, G, Q, Dh) -> scores and ring slots (B, Q, k); missing: -inf and slot 0."""
+        q = self.rows(queries)
+        B, Q = q.shape[0], q.shape[1]
+        scores = np.full((B, Q, k), -np.inf, dtype=np.float32)
+        slots = np.zeros((B, Q, k), dtype=np.int64)
+        for b, ix in enumerate(self.indexes[layer]):
+            s, i = ix.search(np.ascontiguousarray(q[b]), k)
+            scores[b], slots[b] = s, np.where(i < 0, 0, i % ix.capacity)
+        return torch.from_numpy(scores), torch.from_numpy(slots)
+
+
 class RetrievalMemory(Memory):
     name = "retrieval"
 
     def __init__(self, *, window: int, n_layers: int, n_kv_heads: int, head_dim: int, n_sinks: int = 4,
                  block_size: int = 64, top_k: int = 8, capacity: int = 32768, query_chunk: int = 64,
-                 store_dtype: torch.dtype | None = None):
+                 store_dtype: torch.dtype | None = None, backend: str = "torch", index: str = "flat"):
         super().__init__()
         if window < 1 or block_size < 1 or top_k < 1 or query_chunk < 1:
             raise ValueError("memory.mem_len (the window), memory.retrieval.block_size, top_k and query_chunk must "
@@ -95,7 +158,10 @@ class RetrievalMemory(Memory):
             raise ValueError(f"memory.retrieval.capacity={capacity} must be a positive multiple of "
                              f"memory.retrieval.block_size={block_size}")
         self.window, self.n_sinks, self.block, self.top_k = window, n_sinks, block_size, top_k
+        if backend not in ("torch", "faiss"):
+            raise ValueError(f"memory.retrieval.backend={backend!r}; accepted: torch, faiss")
         self.capacity, self.query_chunk, self.store_dtype = capacity, query_chunk, store_dtype
+        self.backend, self.index = backend, index
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
 
     @property
@@ -128,24 +194,36 @@ class RetrievalMemory(Memory):
                              f"{got}; this model keeps {want}")
 
     # -- reading -------------------------------------------------------------------------------------
-    def select(self, q: torch.Tensor, store_k: torch.Tensor, written: torch.Tensor) -> tuple[torch.Tensor,
-                                                                                              torch.Tensor]:
+    def query_chunks(self, q: torch.Tensor, G: int) -> torch.Tensor:
+        """q (B, H, T, Dh) -> the summed queries of each chunk of ``query_chunk`` tokens, pooled over the H / G
+        query heads of each key head: (B, G, chunks, Dh), float32 (sums in float32 are also faster)."""
+        B, H, T, Dh = q.shape
+        chunks = -(-T // self.query_chunk)
+        qc = torch.nn.functional.pad(q.float(), (0, 0, 0, chunks * self.query_chunk - T))
+        return qc.reshape(B, G, H // G, chunks, self.query_chunk, Dh).sum(dim=(2, 4))
+
+    def select(self, q: torch.Tensor, store_k: torch.Tensor, written: torch.Tensor,
+               index: StoreIndexes | None = None, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The k blocks of each lane's store that match the queries best, in stream order.
 
-        q: (B, H, T, Dh) queries before rotary positions; store_k: (B, G, C, Dh); written: (B,).
+        q: (B, H, T, Dh) queries before rotary positions; store_k: (B, G, C, Dh); written: (B,). ``index``
+        (backend faiss): the store's indexes, searched for ``layer`` instead of scoring every key.
         Returns block slots (B, k) (ring blocks, indexes into C / b) and how many are real (B,)."""
-        B, H, T, Dh = q.shape
+        B = q.shape[0]
         G, C, b = store_k.shape[1], store_k.shape[2], self.block
         n_blocks = C // b
+        qc = self.query_chunks(q, G)                                                # (B, G, chunks, Dh)
+        if index is None:
+            # one product per key head, summed over heads in float32 (an einsum over (g, d) at once copies the
+            # whole store into another layout per call: 24x slower at 128K bfloat16 entries on a CPU)
+            scores = (qc.to(store_k.dtype) @ store_k.transpose(-1, -2)).float().sum(dim=1)   # (B, chunks, C)
+            block = scores.view(B, -1, n_blocks, b).amax(dim=(1, 3))              # (B, n_blocks) best token
+        else:                                                                     # the k b best tokens per chunk
+            s, slot = index.search(layer, qc, min(self.top_k * b, C))              # (B, chunks, m)
+            block = torch.full((B, n_blocks), float("-inf"))
+            block.scatter_reduce_(1, (slot // b).view(B, -1), s.view(B, -1), "amax")
+            block = block.to(q.device)
         stored = written.clamp(max=C) // b                                         # (B,) whole blocks held
-        chunks = -(-T // self.query_chunk)
-        pad = chunks * self.query_chunk - T
-        qc = torch.nn.functional.pad(q.float(), (0, 0, 0, pad))                     # sums in float32 (faster)
-        qc = qc.reshape(B, G, H // G, chunks, self.query_chunk, Dh).sum(dim=(2, 4))  # (B, G, chunks, Dh)
-        # one product per key head, summed over heads in float32 (an einsum over (g, d) at once copies the whole
-        # store into another layout per call: 24x slower at 128K bfloat16 entries on a CPU)
-        scores = (qc.to(store_k.dtype) @ store_k.transpose(-1, -2)).float().sum(dim=1)   # (B, chunks, C)
-        block = scores.view(B, chunks, n_blocks, b).amax(dim=(1, 3))               # (B, n_blocks) best token
         # block slot j holds logical block (j - oldest) mod n_blocks; the oldest is written / b - stored
         slot = torch.arange(n_blocks, device=q.device)
         oldest = (written // b - stored) % n_blocks
@@ -159,13 +237,23 @@ class RetrievalMemory(Memory):
         top = torch.gather(top, 1, order.argsort(dim=1))                           # stream order, empty last
         return top, real.sum(dim=1)
 
+    def indexes_of(self, part: RetrievalState) -> StoreIndexes | None:
+        """The faiss indexes reflecting ``part`` (backend faiss): its own, or built from its store when it has
+        none or they are stale (a state read from a file, reset or copied); None for the torch backend."""
+        if self.backend != "faiss":
+            return None
+        held = part.index
+        if isinstance(held, StoreIndexes) and held.kind == self.index and held.written == part.written.tolist():
+            return held
+        return StoreIndexes(part, kind=self.index)
+
     def _context(self, part: RetrievalState, i: int):
         """Layer i's keys/values in front of the segment, chosen from its queries (``LayerView.kv``)."""
-        b, k_blocks = self.block, self.top_k
+        b, k_blocks, index = self.block, self.top_k, part.index
 
         def context(q: torch.Tensor):
             B, G, _, Dh = part.store_k[i].shape
-            top, n_real = self.select(q, part.store_k[i], part.written)            # (B, k), (B,)
+            top, n_real = self.select(q, part.store_k[i], part.written, index, i)  # (B, k), (B,)
             k = top.shape[1]
             tok = (top.unsqueeze(-1) * b + torch.arange(b, device=q.device)).view(B, 1, k * b, 1)
             idx = tok.expand(B, G, k * b, Dh)
@@ -189,6 +277,9 @@ class RetrievalMemory(Memory):
 
     def begin(self, seg: Segment, part: RetrievalState) -> RetrievalState:
         self.check(part)
+        index = self.indexes_of(part)
+        if index is not part.index:
+            part = RetrievalState(**{n: getattr(part, n) for n in part._TENSORS + part._COUNTS}, index=index)
         seg.set_context(kv=[self._context(part, i) for i in range(self.n_layers)], valid=None,
                         length=self.context_len)
         seg.scratch[self.name] = {}
@@ -222,6 +313,8 @@ class RetrievalMemory(Memory):
         ev_dst = ((part.written + skip).unsqueeze(1) + j_ev) % C
         ev_real = j_ev.unsqueeze(0) < (evict - skip).unsqueeze(1)
         new: dict[str, list[torch.Tensor]] = {name: [] for name in RetrievalState._TENSORS}
+        index = part.index if self.backend == "faiss" else None
+        added: list[torch.Tensor] = []
         for i in range(self.n_layers):
             k_new, v_new = seg.scratch[self.name][i]
             for kind, win, new_tok, sink, store in (("k", part.win_k[i], k_new, part.sink_k[i], part.store_k[i]),
@@ -236,11 +329,19 @@ class RetrievalMemory(Memory):
                     dst = ev_dst.view(B, 1, m, 1).expand(B, G, m, Dh)
                     out = torch.where(ev_real.view(B, 1, m, 1), out, store.gather(2, dst))
                     store.scatter_(2, dst, out)
+                    if kind == "k":
+                        added.append(out)
                 new[f"win_{kind}"].append(joined[:, :, -span:])
                 new[f"sink_{kind}"].append(sink)
                 new[f"store_{kind}"].append(store)
-        return RetrievalState(**{n: tuple(t) for n, t in new.items()}, n_sink=part.n_sink + to_sink,
-                              valid=count - evict, written=part.written + evict), None
+        after = RetrievalState(**{n: tuple(t) for n, t in new.items()}, n_sink=part.n_sink + to_sink,
+                               valid=count - evict, written=part.written + evict, index=index)
+        if index is not None:
+            first, n = (part.written + skip).tolist(), (evict - skip).tolist()
+            for i, keys in enumerate(added):
+                index.add(i, keys, first, n, after)
+            index.written = after.written.tolist()
+        return after, None
 
     def nbytes(self, *, batch_size: int, d_model: int, n_layers: int, bytes_per_value: int = 4) -> int:
         slots = self.n_sinks + self.span + self.capacity
@@ -253,6 +354,7 @@ def retrieval_memory(c) -> RetrievalMemory:
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[r.store_dtype]
     return RetrievalMemory(window=c.memory.mem_len, n_layers=c.n_layers, n_kv_heads=c.n_kv_heads_,
                            head_dim=c.head_dim_, n_sinks=c.memory.n_sinks, block_size=r.block_size, top_k=r.top_k,
-                           capacity=r.capacity, query_chunk=r.query_chunk, store_dtype=dtype)
+                           capacity=r.capacity, query_chunk=r.query_chunk, store_dtype=dtype,
+                           backend=r.backend, index=r.index)
 
 

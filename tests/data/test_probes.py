@@ -184,8 +184,9 @@ def test_train_on_passkey_and_eval_sweep_through_the_cli(tmp_path, capsys, one_t
     assert json.loads((out / "eval" / "passkey.json").read_text())["results"] == res["results"]
     assert (out / "eval" / "passkey.png").is_file()
     hay = json.loads(cli(capsys, "eval", str(out), "--task", "haystack", "--lengths", "2k", "--n", "1", "--json",
-                         "--out", str(tmp_path / "h.json")))
+                         "--cloze", "--out", str(tmp_path / "h.json")))
     assert {r["babi_task"] for r in hay["results"]} == {1, 2, 3} and (tmp_path / "h.png").is_file()
+    assert hay["cloze"] is True
     rec = json.loads(cli(capsys, "eval", str(out), "--task", "recall", "--lengths", "300", "--depths", "0.5",
                          "--n", "1", "--json"))
     assert rec["chance"] == 0.01 and rec["results"][0]["answers"] == 8          # task.n_pairs answers

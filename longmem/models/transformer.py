@@ -213,4 +213,5 @@ class MemoryLM(nn.Module):
                 aux = a if aux is None else aux + a
         if self.tracer is not None:
             self.tracer.end({m.name: m.inspect(seg, parts[m.name], new[m.name], h) for m in self.memories})
+        seg.close()
         return logits, state.with_parts(**new), aux

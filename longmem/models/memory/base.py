@@ -126,6 +126,17 @@ class Segment:
         # -> [cache; segment] of layer i, written behind the cache instead of concatenated (``memory/kv.py``)
         self.join: Callable | None = None
 
+    def close(self) -> None:
+        """Drop what the memories hung on the segment once it has run: hooks and context readers are closures
+        over the segment and the memory state, a reference cycle that would keep the state (a retrieval store:
+        gigabytes) alive after the caller dropped it, until Python's cyclic collector happens to run."""
+        self.hooks.clear()
+        self.scratch.clear()
+        self.inputs = []
+        self.hidden = self.kv = self.join = self.valid = None
+        self._mask = self.extra_mask = self._rotated = None
+        self._mask_known = False
+
     def surround(self, front: torch.Tensor, back: torch.Tensor) -> None:
         """Put (B, R, D) vectors before and after the positions so far (memory tokens)."""
         self.x = torch.cat([front, self.x, back], dim=1)

@@ -171,12 +171,15 @@ def book_cells(run_dir: Path, out: Path, kinds, dtype, *, bucket: int = 8192, to
               lambda: stream_losses(kind, limit))
 
 
+FACT = 'Remember this: the code word is "{word}". Just reply Noted.'
+QUESTION = "What is the code word? Answer with the word."
 CODE_WORDS = ["amber", "falcon", "violet", "harbor", "cobalt", "meadow", "saffron", "glacier", "ember", "willow",
               "quartz", "lantern", "orchid", "thistle", "canyon", "juniper", "marble", "sparrow", "topaz", "velvet"]
 
 
 @torch.no_grad()
-def chat_cells(run_dir: Path, out: Path, kinds, dtype, *, conversations: int = 20, length: int = 8192) -> None:
+def chat_cells(run_dir: Path, out: Path, kinds, dtype, *, conversations: int = 20, length: int = 8192,
+               passages: str = "book") -> None:
     """A code word given in the first turn of a conversation, asked in its last after >= ``length`` tokens of
     turns (passages of the book to read, answered "Noted."), through the model's chat template; the answer
     is generated greedily and counts when it holds the word."""
@@ -184,7 +187,8 @@ def chat_cells(run_dir: Path, out: Path, kinds, dtype, *, conversations: int = 2
     from longmem.generation.generate import TextStream
     from longmem.generation.processors import SamplingConfig
     from longmem.pretrained.chat_template import TurnRenderer, template_variables
-    book = BOOK.read_text(encoding="utf-8")
+    from longmem.data.tasks.probes import FILLER
+    book = BOOK.read_text(encoding="utf-8") if passages == "book" else FILLER * 40
 
     def cell(kind: str) -> dict:
         run = _load(run_dir, kind, 4 * length, dtype)
@@ -201,14 +205,13 @@ def chat_cells(run_dir: Path, out: Path, kinds, dtype, *, conversations: int = 2
                 ids = tok.encode(text)
                 _, state = dec.feed(torch.tensor([ids]), state)
                 fed += len(ids)
-            feed(turns.user_turn(f"Remember this: the code word is {word}. Just reply Noted.", first=True)
+            feed(turns.user_turn(FACT.format(word=word), first=True)
                  + "Noted." + stops[0] + turns.closing(stops[0]))
             while fed < length:
-                start = rng.randrange(len(book) - 3000)
+                start = rng.randrange(len(book) - 3000) if passages == "book" else 0
                 feed(turns.user_turn("Read this passage and reply Noted.\n\n" + book[start:start + 2500], first=False)
                      + "Noted." + stops[0] + turns.closing(stops[0]))
-            stream = TextStream(run.model, tok, turns.user_turn("What is the code word? Answer with the word.",
-                                                                first=False),
+            stream = TextStream(run.model, tok, turns.user_turn(QUESTION, first=False),
                                 sampling=SamplingConfig(max_new_tokens=12, temperature=0, stop=stops), state=state,
                                 decoder=dec)
             answer = "".join(stream)
@@ -218,7 +221,7 @@ def chat_cells(run_dir: Path, out: Path, kinds, dtype, *, conversations: int = 2
     for kind in kinds:
         if kind == "full":
             continue
-        _cell(out, f"chat-{kind}", lambda: cell(kind))
+        _cell(out, f"chat-{kind}" + ("" if passages == "book" else f"-{passages}"), lambda: cell(kind))
 
 
 def report(out: Path) -> str:
@@ -327,6 +330,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-length", type=int, default=0, help="skip probe cells longer than this (0: none)")
     p.add_argument("--lengths", default="", help="probe cells of these lengths only, comma-separated (default: all)")
+    p.add_argument("--passages", default="book", choices=["book", "filler"], help="chat: the turns between the fact "
+                   "and the question hold passages of the book, or the passkey's filler sentences")
     p.add_argument("--book-tokens", type=int, default=0, help="book: read the first N tokens only (0: the book)")
     args = p.parse_args(argv)
     if args.action == "report":
@@ -341,8 +346,9 @@ def main(argv=None) -> int:
             del table[n]
     for probe in args.only.split(","):
         book = functools.partial(book_cells, tokens=args.book_tokens)
+        chat = functools.partial(chat_cells, passages=args.passages)
         qa = functools.partial(haystack_cells, cloze=True)
-        {"passkey": passkey_cells, "haystack": haystack_cells, "qa": qa, "book": book, "chat": chat_cells}[probe](
+        {"passkey": passkey_cells, "haystack": haystack_cells, "qa": qa, "book": book, "chat": chat}[probe](
             args.run, args.out, kinds, dtype)
     print(report(args.out))
     return 0

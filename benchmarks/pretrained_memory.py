@@ -245,16 +245,24 @@ def report(out: Path) -> str:
                   + (" Answers after the question's subject restated (`--cloze`)." if probe == "qa" else ""), ""]
     books = {name.removeprefix("book-"): c for name, c in cells.items() if name.startswith("book-")}
     if books:
-        lines += ["## Tiny Shakespeare as one stream", "", "| kind | tokens | loss | ppl | ppl on the first 8K |"
-                  " max position |", "|---|---:|---:|---:|---:|---:|"]
+        full = books.get("full")
+        lines += ["## Tiny Shakespeare as one stream", "", "| kind | tokens | loss | ppl | ppl on the first 8K | "
+                  "/ full attention's | ppl of the last 8K | max position |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for k, c in books.items():
+            vs = f"{math.exp(c['first_8k_loss'] - full['first_8k_loss']):.3f}" if full else "-"
             lines.append(f"| {k} | {c['tokens']:,} | {c['loss']:.4f} | {math.exp(c['loss']):.2f} | "
-                         f"{math.exp(c['first_8k_loss']):.2f} | {c['max_position_seen']} |")
+                         f"{math.exp(c['first_8k_loss']):.2f} | {vs} | {math.exp(c['bucket_loss'][-1]):.2f} | "
+                         f"{c['max_position_seen']} |")
         lines.append("")
-    chats = {k: cells[f"chat-{k}"] for k in KINDS if f"chat-{k}" in cells}
+    chats = {name.removeprefix("chat-"): c for name, c in cells.items() if name.startswith("chat-")}
     if chats:
-        lines += ["## Chat that remembers", "", "| kind | accuracy | conversations |", "|---|---:|---:|"]
-        lines += [f"| {k} | {c['accuracy']:.2f} | {len(c['results'])} |" for k, c in chats.items()] + [""]
+        lines += ["## Chat that remembers", "", "| kind | passages between fact and question | accuracy | conversations |"
+                  " mean tokens |", "|---|---|---:|---:|---:|"]
+        for name, c in chats.items():
+            kind, _, passages = name.partition("-")
+            tokens = sum(r["tokens"] for r in c["results"]) / len(c["results"])
+            lines.append(f"| {kind} | {passages or 'book'} | {c['accuracy']:.2f} | {len(c['results'])} | {tokens:,.0f} |")
+        lines.append("")
     lines += _costs(cells)
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
@@ -295,7 +303,10 @@ def _plots(out: Path, cells: dict) -> None:
             pts = [(n, cells[f"{probe}-{k}-{n}"]["accuracy"]) for n in lengths if f"{probe}-{k}-{n}" in cells]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=k)
+        if probe == "qa":                                     # bAbI tasks 1-2: one of 6 places
+            ax.axhline(1 / 6, color="grey", linestyle="--", linewidth=1, label="chance (1 of 6 places)")
         ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("tokens")
         ax.set_ylabel("accuracy")
         ax.set_title({"qa": "BABILong-style QA, bAbI 1-2 (--cloze)"}.get(probe, probe))
@@ -306,7 +317,7 @@ def _plots(out: Path, cells: dict) -> None:
         if name.startswith("book-"):
             k = name.removeprefix("book-")
             ax.plot([(i + 0.5) * c["bucket"] for i in range(len(c["bucket_loss"]))],
-                    [math.exp(v) for v in c["bucket_loss"]], label=k)
+                    [math.exp(v) for v in c["bucket_loss"]], ".-", label=k)
     ax.set_xlabel("position in the stream (tokens)")
     ax.set_ylabel("perplexity (per bucket)")
     ax.set_title("Tiny Shakespeare, one stream")

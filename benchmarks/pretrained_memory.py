@@ -283,10 +283,10 @@ def _costs(cells: dict) -> list[str]:
             tokens = sum(r.get("tokens", 0) for r in c["results"])
         else:
             tokens = int(rest[0]) * sum(r["answers"] for r in c["results"])
-        rows.append(f"| {probe} | {kind} | {tokens:,} | {tokens / c['seconds']:.0f} | {c['peak_rss_mib']:,} |")
+        rows.append(f"| {name} | {kind} | {tokens:,} | {tokens / c['seconds']:.0f} | {c['peak_rss_mib']:,} |")
     if not rows:
         return []
-    return ["## Cost", "", "| probe | kind | tokens read | tokens/s | peak RSS MiB |", "|---|---|---:|---:|---:|",
+    return ["## Cost", "", "| cell | kind | tokens read | tokens/s | peak RSS MiB |", "|---|---|---:|---:|---:|",
             *rows, "", "One CPU thread; each cell in its own process (its peak resident memory includes loading the model: "
             "a 2,048-token book cell peaks at 1.8 GiB); tokens/s over the cell's wall time, loading included.",
             ""]

@@ -56,6 +56,7 @@ TRAINED = 8192                                                                  
 PASSKEY = {2048: ([0.1, 0.3, 0.5, 0.7, 0.9], 2), 8192: ([0.1, 0.3, 0.5, 0.7, 0.9], 2),
            32768: ([0.1, 0.3, 0.5, 0.7, 0.9], 2), 131072: ([0.25, 0.5, 0.75], 1)}
 HAYSTACK = {1024: 20, 4096: 20, 16384: 20, 65536: 5}
+PLANNED = dict(HAYSTACK)
 
 
 def _overrides(kind: str, length: int) -> dict[str, str]:
@@ -142,7 +143,8 @@ def haystack_cells(run_dir: Path, out: Path, kinds, dtype, *, cloze: bool = Fals
                 return eval_probe(run, "haystack", lengths=[length], depths=[], n=n, seed=0, shots=3,
                                   batch_size=1 if length > 16384 else 4, babi_path=str(BABI),
                                   distractor=str(BOOK), cloze=cloze, show_progress=False)
-            _cell(out, f"{'qa' if cloze else 'haystack'}-{kind}-{length}", cell)
+            planned = n == PLANNED.get(length)
+            _cell(out, f"{'qa' if cloze else 'haystack'}-{kind}-{length}" + ("" if planned else f"-n{n}"), cell)
 
 
 @torch.no_grad()
@@ -226,10 +228,13 @@ def chat_cells(run_dir: Path, out: Path, kinds, dtype, *, conversations: int = 2
 
 def report(out: Path) -> str:
     cells = {p.stem: json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))}
+    tables = dict(cells)
+    for name in [n for n in cells if "-n" in n and n.startswith(("qa-", "haystack-"))]:
+        tables.setdefault(name.rsplit("-n", 1)[0], cells[name])         # fewer questions than planned: the table
     lines = ["# Long memory for a pretrained model (SmolLM2-135M-Instruct), no training", ""]
     for probe, lengths, unit in (("passkey", PASSKEY, "examples"), ("haystack", HAYSTACK, "questions"),
                                  ("qa", HAYSTACK, "questions")):
-        rows = [k for k in KINDS if any(f"{probe}-{k}-{n}" in cells for n in lengths)]
+        rows = [k for k in KINDS if any(f"{probe}-{k}-{n}" in tables for n in lengths)]
         if not rows:
             continue
         lines += [f"## {probe}", "", "| kind | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |",
@@ -237,7 +242,7 @@ def report(out: Path) -> str:
         for k in rows:
             vals = []
             for n in lengths:
-                c = cells.get(f"{probe}-{k}-{n}")
+                c = tables.get(f"{probe}-{k}-{n}")
                 vals.append("-" if c is None else f"{c['accuracy']:.2f} ({sum(r['answers'] for r in c['results'])},"
                             f" {c['seconds'] / 60:.0f} min)")
             lines.append(f"| {k} | " + " | ".join(vals) + " |")
@@ -266,7 +271,7 @@ def report(out: Path) -> str:
     lines += _costs(cells)
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
-    _plots(out, cells)
+    _plots(out, tables)
     return text
 
 
@@ -340,6 +345,8 @@ def main(argv=None) -> int:
                    help="weights and activations (norms and softmax in float32)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-length", type=int, default=0, help="skip probe cells longer than this (0: none)")
+    p.add_argument("--n", type=int, default=0, help="qa/haystack: questions per bAbI task and length (default: 20, "
+                   "5 at 64K); the cell's name then carries it (qa-retrieval-65536-n3)")
     p.add_argument("--lengths", default="", help="probe cells of these lengths only, comma-separated (default: all)")
     p.add_argument("--passages", default="book", choices=["book", "filler"], help="chat: the turns between the fact "
                    "and the question hold passages of the book, or the passkey's filler sentences")
@@ -355,6 +362,8 @@ def main(argv=None) -> int:
     for table in (PASSKEY, HAYSTACK):
         for n in [n for n in table if (args.max_length and n > args.max_length) or (keep and n not in keep)]:
             del table[n]
+    if args.n:
+        HAYSTACK.update({length: args.n for length in HAYSTACK})
     for probe in args.only.split(","):
         book = functools.partial(book_cells, tokens=args.book_tokens)
         chat = functools.partial(chat_cells, passages=args.passages)

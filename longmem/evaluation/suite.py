@@ -133,11 +133,13 @@ def eval_probe(run: Run, task: str, *, lengths: list[int], depths: list[float], 
                         **({"mean_distance": sum(dist) / len(dist)} if dist else {})})
     bar.close()
     answers = sum(r["answers"] for r in results)
-    out = {"task": task, "run": str(run.path), "split": "test", "seed": seed, "n": n, "shots": shots, "cloze": cloze,
+    out = {"task": task, "run": str(run.path), "split": "test", "seed": seed, "n": n, "shots": shots,
            "arch": run.config.model.arch, "memory": run.config.model.memory.kind,
            "mem_len": run.config.model.memory.mem_len, "segment_len": run.config.model.segment_len,
            "accuracy": sum(r["accuracy"] * r["answers"] for r in results) / max(answers, 1),
            "chance": PROBE_CHANCE.get(task), "results": results}
+    if task in ("babi", "haystack"):
+        out["cloze"] = cloze
     if task == "babi":
         out["mean_error"] = 100 * sum(1 - r["accuracy"] for r in results) / max(len(results), 1)
     return out

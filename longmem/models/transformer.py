@@ -192,6 +192,13 @@ class MemoryLM(nn.Module):
         x = self.embed(tokens)
         seg = Segment(self.drop(x) if self.training and self.config.dropout else x)   # x: (B, T, D)
         seg.rope, seg.plain_positions = self.rope, self._plain_positions
+        try:
+            return self._through_blocks(seg, state)
+        finally:
+            seg.close()                # drops the hooks' closures over seg and the state (a reference cycle)
+
+    def _through_blocks(self, seg: Segment, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
+        """The segment through the memories and blocks: :meth:`_segment`'s result."""
         if self.tracer is not None:                                 # inspection only (models/inspect.py)
             self.tracer.begin(seg, len(self.blocks))
         parts = {m.name: m.begin(seg, state.part(m.name)) for m in self.memories}
@@ -213,5 +220,4 @@ class MemoryLM(nn.Module):
                 aux = a if aux is None else aux + a
         if self.tracer is not None:
             self.tracer.end({m.name: m.inspect(seg, parts[m.name], new[m.name], h) for m in self.memories})
-        seg.close()
         return logits, state.with_parts(**new), aux

@@ -23,7 +23,9 @@ persistent index per (layer, lane) over the stored keys (the key heads side by s
 inner product is the sum over heads), updated as blocks enter and leave the ring and never rebuilt per
 call (:class:`StoreIndexes`); each query chunk fetches its k b best tokens, which hold every block of the
 exact top k (a block ranked j-th has at most (j - 1) b tokens of better blocks before it), so a flat index
-picks the torch backend's blocks; HNSW and IVF approximate.
+picks blocks of the torch backend's scores (blocks that tie may be broken differently, and a bfloat16 store
+is scored in bfloat16 by torch, in float32 by faiss); HNSW and IVF approximate. A reset rebuilds a state's
+indexes from its store, every lane's.
 """
 from __future__ import annotations
 
@@ -106,13 +108,13 @@ class StoreIndexes:
             B, G, _, Dh = keys.shape
             store = self.rows(keys)                                               # (B, C, G Dh)
             lanes = []
-            for b in range(B):
-                w = self.written[b]
+            for lane in range(B):
+                w = self.written[lane]
                 n = min(w, C)
                 ix = FifoIndex(kind=kind, capacity=C, dim=G * Dh)
                 ix.low = w - n
                 held = np.arange(w - n, w) % C
-                ix.add(np.ascontiguousarray(store[b][held]), w - n, store=store[b])
+                ix.add(np.ascontiguousarray(store[lane][held]), w - n, store=store[lane])
                 lanes.append(ix)
             self.indexes.append(lanes)
 
@@ -123,14 +125,19 @@ class StoreIndexes:
         return keys.detach().float().permute(0, 2, 1, 3).reshape(B, N, G * Dh).cpu().numpy()
 
     def add(self, layer: int, keys: torch.Tensor, first: list[int], count: list[int], after: RetrievalState):
-        """Entries ``first[b]`` ... ``first[b] + count[b] - 1`` of each lane, whose keys are ``keys``' first
-        ``count[b]`` tokens (B, G, m, Dh), just written to make ``after``; the ones the ring overwrote leave."""
+        """Entries ``first[lane]`` ... ``first[lane] + count[lane] - 1`` of each lane, whose keys are ``keys``'
+        first ``count[lane]`` tokens (B, G, m, Dh), just written to make ``after``; the ones the ring overwrote
+        leave. An IVF index is trained from the lane's store once it holds enough entries (read only then)."""
         x, C = self.rows(keys), after.capacity
-        for b, ix in enumerate(self.indexes[layer]):
-            if count[b]:
-                store = None if ix.trained else self.rows(after.store_k[layer][b:b + 1])[0]
-                ix.add(np.ascontiguousarray(x[b, :count[b]]), first[b], store=store)
-                ix.evict(first[b] + count[b] - C)
+        for lane, ix in enumerate(self.indexes[layer]):
+            n = count[lane]
+            if not n:
+                continue
+            end = first[lane] + n
+            ready = not ix.trained and end - ix.low >= min(C, 39 * ix.nlist)      # FifoIndex's threshold
+            store = self.rows(after.store_k[layer][lane:lane + 1])[0] if ready else None
+            ix.add(np.ascontiguousarray(x[lane, :n]), first[lane], store=store)
+            ix.evict(end - C)
 
     def search(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """queries (B, G, Q, Dh) -> scores and ring slots (B, Q, k); missing: -inf and slot 0."""
@@ -138,9 +145,9 @@ class StoreIndexes:
         B, Q = q.shape[0], q.shape[1]
         scores = np.full((B, Q, k), -np.inf, dtype=np.float32)
         slots = np.zeros((B, Q, k), dtype=np.int64)
-        for b, ix in enumerate(self.indexes[layer]):
-            s, i = ix.search(np.ascontiguousarray(q[b]), k)
-            scores[b], slots[b] = s, np.where(i < 0, 0, i % ix.capacity)
+        for lane, ix in enumerate(self.indexes[layer]):
+            s, i = ix.search(np.ascontiguousarray(q[lane]), k)
+            scores[lane], slots[lane] = s, np.where(i < 0, 0, i % ix.capacity)
         return torch.from_numpy(scores), torch.from_numpy(slots)
 
 
@@ -160,6 +167,8 @@ class RetrievalMemory(Memory):
         self.window, self.n_sinks, self.block, self.top_k = window, n_sinks, block_size, top_k
         if backend not in ("torch", "faiss"):
             raise ValueError(f"memory.retrieval.backend={backend!r}; accepted: torch, faiss")
+        if index not in ("flat", "hnsw", "ivf"):
+            raise ValueError(f"memory.retrieval.index={index!r}; accepted: flat, hnsw, ivf")
         self.capacity, self.query_chunk, self.store_dtype = capacity, query_chunk, store_dtype
         self.backend, self.index = backend, index
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
@@ -202,6 +211,15 @@ class RetrievalMemory(Memory):
         qc = torch.nn.functional.pad(q.float(), (0, 0, 0, chunks * self.query_chunk - T))
         return qc.reshape(B, G, H // G, chunks, self.query_chunk, Dh).sum(dim=(2, 4))
 
+    def block_scores(self, qc: torch.Tensor, store_k: torch.Tensor) -> torch.Tensor:
+        """Every ring block's score, its best token's match with any chunk: qc (B, G, chunks, Dh) from
+        :meth:`query_chunks`, store_k (B, G, C, Dh) -> (B, C / b) float32 (empty slots included)."""
+        B, C = store_k.shape[0], store_k.shape[2]
+        # one product per key head, summed over heads in float32 (an einsum over (g, d) at once copies the whole
+        # store into another layout per call: 24x slower at 128K bfloat16 entries on a CPU)
+        scores = (qc.to(store_k.dtype) @ store_k.transpose(-1, -2)).float().sum(dim=1)       # (B, chunks, C)
+        return scores.view(B, -1, C // self.block, self.block).amax(dim=(1, 3))
+
     def select(self, q: torch.Tensor, store_k: torch.Tensor, written: torch.Tensor,
                index: StoreIndexes | None = None, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The k blocks of each lane's store that match the queries best, in stream order.
@@ -214,10 +232,7 @@ class RetrievalMemory(Memory):
         n_blocks = C // b
         qc = self.query_chunks(q, G)                                                # (B, G, chunks, Dh)
         if index is None:
-            # one product per key head, summed over heads in float32 (an einsum over (g, d) at once copies the
-            # whole store into another layout per call: 24x slower at 128K bfloat16 entries on a CPU)
-            scores = (qc.to(store_k.dtype) @ store_k.transpose(-1, -2)).float().sum(dim=1)   # (B, chunks, C)
-            block = scores.view(B, -1, n_blocks, b).amax(dim=(1, 3))              # (B, n_blocks) best token
+            block = self.block_scores(qc, store_k)                                 # (B, n_blocks)
         else:                                                                     # the k b best tokens per chunk
             s, slot = index.search(layer, qc, min(self.top_k * b, C))              # (B, chunks, m)
             block = torch.full((B, n_blocks), float("-inf"))
@@ -344,8 +359,11 @@ class RetrievalMemory(Memory):
         return after, None
 
     def nbytes(self, *, batch_size: int, d_model: int, n_layers: int, bytes_per_value: int = 4) -> int:
+        """Bytes of a state: sinks, window and store (keys and values), plus the faiss indexes' float32 copy of
+        the stored keys (backend faiss; HNSW graphs' links not counted)."""
         slots = self.n_sinks + self.span + self.capacity
-        return 2 * batch_size * n_layers * self.n_kv_heads * self.head_dim * slots * bytes_per_value
+        index = self.capacity * 4 if self.backend == "faiss" else 0
+        return batch_size * n_layers * self.n_kv_heads * self.head_dim * (2 * slots * bytes_per_value + index)
 
 
 def retrieval_memory(c) -> RetrievalMemory:

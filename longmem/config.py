@@ -127,8 +127,9 @@ class RetrievalConfig:
                                                "'faiss': a persistent index per lane and layer, updated as blocks "
                                                "enter and leave the store; see memory.retrieval.index)",
                                                default="torch")
-    index: Literal["flat", "hnsw", "ivf"] = _help("faiss index: flat (exact; the same blocks as torch) | hnsw | ivf "
-                                                  "(approximate); each holds a float32 copy of the stored keys",
+    index: Literal["flat", "hnsw", "ivf"] = _help("faiss index: flat (exact: blocks of the torch search's scores) | "
+                                                  "hnsw | ivf (approximate); each holds a float32 copy of the "
+                                                  "stored keys",
                                                   default="flat")
 
     def __post_init__(self):

@@ -13,6 +13,7 @@ Writes runs/bench/retrieval_select.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -83,12 +84,11 @@ def faiss_rows(mem: RetrievalMemory, q: torch.Tensor, store: torch.Tensor, C: in
         one = R(window=1024, n_layers=1, n_kv_heads=G, head_dim=DH, capacity=C, store_dtype=torch.bfloat16,
                 backend="faiss", index=kind)
         state = one.init(1, device="cpu", dtype=torch.bfloat16)
-        parts = {n: getattr(state, n) for n in state._TENSORS + state._COUNTS}
-        parts.update(store_k=(store,), written=torch.tensor([C - SEG]))
+        before = dataclasses.replace(state, store_k=(store,), written=torch.tensor([C - SEG]))
         t0 = time.perf_counter()
-        index = StoreIndexes(type(state)(**parts), kind=kind)                    # all but the last segment
+        index = StoreIndexes(before, kind=kind)                    # all but the last segment
         build = time.perf_counter() - t0
-        after = type(state)(**{**parts, "written": torch.tensor([C])})
+        after = dataclasses.replace(before, written=torch.tensor([C]))
         t0 = time.perf_counter()
         index.add(0, store[:, :, C - SEG:], [C - SEG], [SEG], after)
         add = (time.perf_counter() - t0) * 1e3

@@ -34,11 +34,8 @@ tokens, feed = random_tokens, feed_pieces
 
 def with_store(state, store, *, written):
     """``state`` (a retrieval state of one lane) with layer 0's stored keys ``store`` and ``written`` entries."""
-    from longmem.models.memory.retrieval import RetrievalState
-    parts = {n: getattr(state, n) for n in RetrievalState._TENSORS + RetrievalState._COUNTS}
-    parts["store_k"] = (store,) + parts["store_k"][1:]
-    parts["written"] = torch.tensor([written])
-    return RetrievalState(**parts)
+    import dataclasses
+    return dataclasses.replace(state, store_k=(store,) + state.store_k[1:], written=torch.tensor([written]))
 
 
 @pytest.mark.parametrize("piece", [16, 7, 1])

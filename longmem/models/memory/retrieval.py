@@ -29,7 +29,7 @@ indexes from its store, every lane's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -294,7 +294,7 @@ class RetrievalMemory(Memory):
         self.check(part)
         index = self.indexes_of(part)
         if index is not part.index:
-            part = RetrievalState(**{n: getattr(part, n) for n in part._TENSORS + part._COUNTS}, index=index)
+            part = replace(part, index=index)
         seg.set_context(kv=[self._context(part, i) for i in range(self.n_layers)], valid=None,
                         length=self.context_len)
         seg.scratch[self.name] = {}

@@ -3,7 +3,9 @@ interleaved, medians), so a busy machine slows both sides alike:
 
 - train: training tokens/s of MemoryLM (kind none) against a raw SDPA decoder of the same size written here
   (nanoGPT's CPU size: 4 layers, d_model 128, 4 heads, batch 12, segment 64; RMSNorm, rotary, GELU MLP,
-  ``F.scaled_dot_product_attention``, nothing else), and of XL (mem_len = segment) against none.
+  ``F.scaled_dot_product_attention``, nothing else), and of XL (mem_len = segment) against none, XL as in
+  the paper (the memory's hidden states re-projected by the current weights) and ``xl_kv``, its memory kept as
+  the keys/values it was computed with (kind sinks with no sink; what memorizing-transformers-pytorch does).
   Goals (issue 22): none >= 0.95x the raw decoder, xl >= 0.85x none.
 - xl_eval: Transformer-XL evaluation against the sliding-window baseline at L = 1,024 (``xl_speed.py``;
   goal >= 500x).
@@ -12,7 +14,7 @@ interleaved, medians), so a busy machine slows both sides alike:
 - hf: greedy decoding of SmolLM2-135M against transformers on the same weights (``pretrained.py``
   ``speed()``; goal >= 1.0x), when the imported run and the GGUF file are at hand.
 
-    python benchmarks/hot_path.py [--only train,xl_eval,decode,hf] [--quick] [--out runs/bench/hot_path]
+    python benchmarks/hot_path.py [--only train,xl_eval,decode,hf] [--quick] [--threads N] [--out runs/bench/hot_path]
 """
 from __future__ import annotations
 
@@ -91,14 +93,17 @@ def train(*, quick: bool, threads: int = 2) -> dict:
     torch.manual_seed(0)
     raw = RawDecoder(**SIZE, segment_len=seg)
     runs["raw"] = (raw, torch.optim.AdamW(raw.parameters(), lr=1e-4), None)
-    for kind in ("none", "xl"):
+    # xl_kv: XL's memory kept as the keys/values it was computed with (kind sinks, no sink), as
+    # memorizing-transformers-pytorch keeps its XL memory, instead of re-projected by the current weights
+    for name, kind in (("none", "none"), ("xl", "xl"), ("xl_kv", "sinks")):
         torch.manual_seed(0)
-        m = MemoryLM(ModelConfig(**SIZE, segment_len=seg, memory=MemoryConfig(kind=kind, mem_len=seg if kind == "xl"
-                                                                                 else 0)))
-        runs[kind] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4), None)
+        m = MemoryLM(ModelConfig(**SIZE, segment_len=seg, memory=MemoryConfig(kind=kind, mem_len=0 if kind == "none"
+                                                                                 else seg)))
+        runs[name] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4), None)
     med = train_rates(runs, data, repeats=repeats)
     return {"threads": threads, "segment_len": seg, "batch": batch, "tokens_per_s": med,
-            "none_over_raw": med["none"] / med["raw"], "xl_over_none": med["xl"] / med["none"]}
+            "none_over_raw": med["none"] / med["raw"], "xl_over_none": med["xl"] / med["none"],
+            "xl_kv_over_none": med["xl_kv"] / med["none"]}
 
 
 def xl_eval(*, quick: bool, threads: int = 2) -> list[dict]:
@@ -149,12 +154,14 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="train,xl_eval,decode,hf", help="comma-separated parts")
     p.add_argument("--quick", action="store_true", help="fewer steps and rounds")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "hot_path", help="folder for results.json")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for train, xl_eval and decode (0: each part's default: 2, 2, 1)")
     args = p.parse_args(argv)
     parts = args.only.split(",")
     res: dict = {"torch": torch.__version__}
     for name in parts:
         fn = {"train": train, "xl_eval": xl_eval, "decode": decode, "hf": hf}[name]
-        res[name] = fn(quick=args.quick)
+        res[name] = fn(quick=args.quick, **({"threads": args.threads} if args.threads and name != "hf" else {}))
         print(name, json.dumps(res[name]), file=sys.stderr, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(res, indent=1) + "\n")

@@ -11,6 +11,7 @@ Size: nanoGPT's CPU size (4 layers, d_model 128, 4 heads of 32, batch 12, segmen
 | none | kind none | a raw SDPA decoder (``hot_path.RawDecoder``: RMSNorm, rotary, GELU, tied head) |
 | xl | kind xl, mem_len 64 | x-transformers ``TransformerWrapper(max_mem_len=64)`` (rotary, RMSNorm) |
 | xl_mt | kind xl, mem_len 64 | memorizing-transformers-pytorch, ``xl_max_memories=64``, no kNN layer |
+| xl_kv | kind sinks, mem_len 64, no sink: XL's memory kept as keys/values | the same peer, which keeps its memory so |
 | knn | kind knn (capacity 32,768 per lane, k 32, block 2) + XL 64 | memorizing-transformers-pytorch, same kNN (block 3 of 1-based) + XL |
 | tokens | kind tokens, 16 memory tokens, no XL | recurrent-memory-transformer-pytorch, 16 memory tokens, no XL |
 | knn_eval | kind knn as above, evaluation (no grad) | memorizing-transformers-pytorch as above |
@@ -21,7 +22,7 @@ without touching torch::
     pip install --no-deps x-transformers memorizing-transformers-pytorch recurrent-memory-transformer-pytorch \\
         einops einops-exts faiss-cpu hyper-connections torch-einops-utils einx frozendict loguru joblib cloudpickle
 
-    python benchmarks/peers.py [--quick] [--threads 2] [--only none,xl,xl_mt,knn,tokens,knn_eval] [--out runs/bench/peers]
+    python benchmarks/peers.py [--quick] [--threads 2] [--only none,xl,xl_mt,xl_kv,knn,tokens,knn_eval] [--out runs/bench/peers]
 
 Writes ``peers.md`` (a markdown table) and ``peers.json`` to ``--out``.
 """
@@ -52,7 +53,8 @@ PIP = ("pip install --no-deps x-transformers memorizing-transformers-pytorch rec
        "einops einops-exts faiss-cpu hyper-connections torch-einops-utils einx frozendict loguru joblib cloudpickle")
 SEG, BATCH, MEM, KNN_CAP, KNN_K, N_TOKENS = 64, 12, 64, 32768, 32, 16
 HEADS, DIM_HEAD = SIZE["n_heads"], SIZE["d_model"] // SIZE["n_heads"]
-PEERS = {"xl": "x_transformers", "xl_mt": "memorizing_transformers_pytorch", "knn": "memorizing_transformers_pytorch",
+PEERS = {"xl": "x_transformers", "xl_mt": "memorizing_transformers_pytorch", "xl_kv": "memorizing_transformers_pytorch",
+         "knn": "memorizing_transformers_pytorch",
          "tokens": "recurrent_memory_transformer_pytorch", "knn_eval": "memorizing_transformers_pytorch"}
 
 
@@ -142,6 +144,10 @@ ROWS = {  # name -> (what, longmem memory, peer name, peer builder, training?)
            XTransformersXL, True),
     "xl_mt": ("XL vs memorizing-transformers-pytorch with kNN off", dict(kind="xl", mem_len=MEM),
               "memorizing-transformers-pytorch", lambda: Memorizing(knn=False), True),
+    # the peer keeps its XL memory as the keys and values it computed (detached), not re-projected: longmem's kind
+    # sinks with no sink is that memory (a key/value cache of the last mem_len positions)
+    "xl_kv": ("XL with cached keys/values (kind sinks, no sink) vs memorizing-transformers-pytorch with kNN off",
+              dict(kind="sinks", mem_len=MEM), "memorizing-transformers-pytorch", lambda: Memorizing(knn=False), True),
     "knn": (f"kNN ({KNN_CAP:,} entries per lane, top-{KNN_K}, one layer) + XL vs memorizing-transformers-pytorch",
             KNN, "memorizing-transformers-pytorch", lambda: Memorizing(knn=True), True),
     "tokens": (f"{N_TOKENS} memory tokens vs recurrent-memory-transformer-pytorch",

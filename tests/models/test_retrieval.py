@@ -113,13 +113,14 @@ def test_faiss_picks_blocks_of_the_torch_scores_and_keeps_one_index_per_store(mo
     """Each query chunk fetches its k b best keys, which hold the exact top-k blocks: at every block search over
     a stream that wraps the ring (blocks leave the index first in, first out), with one lane reset halfway,
     the chosen blocks have the torch search's scores (ties may break differently: compared as sorted scores).
-    The indexes are built once per state and then updated, never per call; a reset or a state read from a
-    file gets them built again. IVF here has one list (64 entries), so it is exact too."""
+    The indexes are built once per state and then updated, never per call; a reset builds the reset lane's
+    only, a state read from a file gets them all built again, and the state from before the reset (whose lanes
+    moved on) builds its own. IVF here has one list (64 entries), so it is exact too."""
     pytest.importorskip("faiss")
     from longmem.models.memory import retrieval as R
     built, checked = [], []
-    init, select = R.StoreIndexes.__init__, R.RetrievalMemory.select
-    monkeypatch.setattr(R.StoreIndexes, "__init__", lambda self, *a, **k: (built.append(1), init(self, *a, **k))[1])
+    build, select = R.StoreIndexes.build, R.RetrievalMemory.select
+    monkeypatch.setattr(R.StoreIndexes, "build", staticmethod(lambda *a, **k: (built.append(1), build(*a, **k))[1]))
 
     def both(self, q, store_k, written, index=None, layer=0):
         got = select(self, q, store_k, written, index, layer)
@@ -135,19 +136,24 @@ def test_faiss_picks_blocks_of_the_torch_scores_and_keeps_one_index_per_store(mo
         return got
     monkeypatch.setattr(R.RetrievalMemory, "select", both)
     fast = gqa_model(top_k=2, capacity=64, backend="faiss", index=index)
+    L = fast.config.n_layers
     with torch.no_grad():
         _, state = feed(fast, tokens(2, 150, seed=7), 16)
-        assert len(built) == 1
+        assert len(built) == 2 * L                                                  # each lane, each layer
+        before = state
         out = fast(tokens(2, 150, seed=8), state=state, reset=torch.tensor([True, False]))
         state = out.state
-        assert len(built) == 2 and len(checked) > 30
+        assert len(built) == 3 * L and len(checked) > 30                            # the reset lane's only
+        assert before.retrieval.index.written is None                               # its lanes moved on
+        fast(tokens(2, 16, seed=10), state=before)                                  # ... so it builds its own
+        assert len(built) == 5 * L
         assert int(state.retrieval.written[1]) > 64 > int(state.retrieval.written[0]) - 64   # lane 1 wrapped
         for lane, ix in enumerate(state.retrieval.index.indexes[0]):                # what each ring holds
             w = int(state.retrieval.written[lane])
             assert ix.index.ntotal == min(w, 64) and ix.low == max(0, w - 64)
         back = State.from_state_dict(st_load(st_save(state.state_dict())))
         fast(tokens(2, 32, seed=9), state=back)
-        assert len(built) == 3
+        assert len(built) == 7 * L
 
 
 def test_faiss_hnsw_finds_the_needle_block():

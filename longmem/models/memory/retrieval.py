@@ -67,7 +67,8 @@ class RetrievalState:
         keep = ~drop.bool().to(self.valid.device)
         parts: dict[str, Any] = {name: tuple(torch.where(_keep(drop, t), t, 0) for t in getattr(self, name))
                                  for name in self._TENSORS}
-        return RetrievalState(**parts, **{c: getattr(self, c) * keep for c in self._COUNTS})
+        # the faiss indexes go along: the memory builds the reset lanes' again (``StoreIndexes.reset_of``)
+        return RetrievalState(**parts, **{c: getattr(self, c) * keep for c in self._COUNTS}, index=self.index)
 
     def detach(self):
         parts: dict[str, Any] = {n: tuple(t.detach() for t in getattr(self, n)) for n in self._TENSORS}
@@ -97,26 +98,44 @@ class StoreIndexes:
     """Persistent faiss indexes of a retrieval store (backend faiss): one :class:`~longmem.models.memory.knn.
     FifoIndex` per (layer, lane) over the stored keys with their G key heads side by side (G Dh wide), ids
     the entry numbers (entry e in slot e % C). Built once from the store, then :meth:`add` follows every
-    write; ``written`` is the count per lane it reflects (a state whose count differs gets new indexes)."""
+    write; ``written`` is the count per lane it reflects (a state whose count differs gets new indexes).
 
-    def __init__(self, state: RetrievalState, *, kind: str):
-        from longmem.models.memory.knn import FifoIndex
+    ``reuse``: the indexes of the same store before some lanes were reset (their count is 0 now): the other
+    lanes' indexes move over unchanged, only the reset lanes' are built (empty). The moved-from object is then
+    stale (``written`` None), so a state still holding it builds its own again."""
+
+    def __init__(self, state: RetrievalState, *, kind: str, reuse: "StoreIndexes | None" = None):
         C, self.kind = state.capacity, kind
         self.written = state.written.tolist()
-        self.indexes: list[list[FifoIndex]] = []
-        for keys in state.store_k:
-            B, G, _, Dh = keys.shape
-            store = self.rows(keys)                                               # (B, C, G Dh)
-            lanes = []
-            for lane in range(B):
-                w = self.written[lane]
-                n = min(w, C)
-                ix = FifoIndex(kind=kind, capacity=C, dim=G * Dh)
-                ix.low = w - n
-                held = np.arange(w - n, w) % C
-                ix.add(np.ascontiguousarray(store[lane][held]), w - n, store=store[lane])
-                lanes.append(ix)
+        self.indexes: list[list] = []
+        for layer, keys in enumerate(state.store_k):
+            store, lanes = None, []
+            for lane in range(keys.shape[0]):
+                if reuse is not None and reuse.written[lane] == self.written[lane]:
+                    lanes.append(reuse.indexes[layer][lane])
+                    continue
+                if store is None:
+                    store = self.rows(keys)                                       # (B, C, G Dh)
+                lanes.append(self.build(store[lane], self.written[lane], capacity=C, kind=kind))
             self.indexes.append(lanes)
+        if reuse is not None:
+            reuse.written = None                                                  # its lanes live here now
+
+    @staticmethod
+    def build(store: np.ndarray, written: int, *, capacity: int, kind: str):
+        """One lane's index over its store (C, G Dh) holding entries ``written - min(written, C)`` on."""
+        from longmem.models.memory.knn import FifoIndex
+        n = min(written, capacity)
+        ix = FifoIndex(kind=kind, capacity=capacity, dim=store.shape[1])
+        ix.low = written - n
+        held = np.arange(written - n, written) % capacity
+        ix.add(np.ascontiguousarray(store[held]), written - n, store=store)
+        return ix
+
+    def reset_of(self, written: list[int]) -> bool:
+        """Whether ``written`` is this index's count with some lanes reset to 0 (and nothing else changed)."""
+        return (self.written is not None and len(written) == len(self.written)
+                and all(n in (w, 0) for w, n in zip(self.written, written)))
 
     @staticmethod
     def rows(keys: torch.Tensor) -> np.ndarray:
@@ -254,12 +273,16 @@ class RetrievalMemory(Memory):
 
     def indexes_of(self, part: RetrievalState) -> StoreIndexes | None:
         """The faiss indexes reflecting ``part`` (backend faiss): its own, or built from its store when it has
-        none or they are stale (a state read from a file, reset or copied); None for the torch backend."""
+        none or they are stale (a state read from a file or copied; after a reset, the reset lanes' only); None
+        for the torch backend."""
         if self.backend != "faiss":
             return None
-        held = part.index
-        if isinstance(held, StoreIndexes) and held.kind == self.index and held.written == part.written.tolist():
-            return held
+        held, written = part.index, part.written.tolist()
+        if isinstance(held, StoreIndexes) and held.kind == self.index:
+            if held.written == written:
+                return held
+            if held.reset_of(written):                                            # lanes reset: only theirs built
+                return StoreIndexes(part, kind=self.index, reuse=held)
         return StoreIndexes(part, kind=self.index)
 
     def _context(self, part: RetrievalState, i: int):

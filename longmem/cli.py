@@ -188,8 +188,17 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
+# options of some eval tasks only: given to another task they would be ignored, so they are refused
+_TASK_ONLY = {"--shots": ("shots", ("babi", "haystack")), "--cloze": ("cloze", ("babi", "haystack")),
+              "--babi": ("babi", ("babi", "haystack")), "--distractor": ("distractor", ("haystack",)),
+              "--mem-lens": ("mem_lens", ("ppl",))}
+
+
 def _eval(args, overrides) -> int:
     from longmem.evaluation.suite import eval_ppl
+    for flag, (attr, tasks) in _TASK_ONLY.items():
+        if getattr(args, attr) and args.task not in tasks:
+            raise ValueError(f"{flag} applies to --task {' and '.join(tasks)} only; this is --task {args.task}")
     if args.out is not None:                                  # refused before any work
         out = Path(args.out)
         if out.is_dir() or out.suffix != ".json":

@@ -252,6 +252,14 @@ def test_eval_out_must_be_a_json_file_refused_before_any_work(run_dir, tmp_path,
     assert "--out is for sweeps" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags", [["--task", "passkey", "--cloze"], ["--task", "recall", "--shots", "3"],
+                                   ["--task", "babi", "--distractor", "x.txt"], ["--task", "passkey", "--mem-lens", "0"]])
+def test_eval_options_of_other_tasks_are_refused_not_ignored(run_dir, capsys, flags):
+    assert main(["eval", str(run_dir), *flags]) == 2
+    err = capsys.readouterr().err
+    assert "applies to --task" in err and "Traceback" not in err
+
+
 def test_a_file_given_as_run_directory_is_named_as_a_file(run_dir, capsys):
     assert main(["eval", str(run_dir / "config.yaml")]) == 2
     assert "is a file, not a run directory" in capsys.readouterr().err

@@ -90,6 +90,20 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    "train.max_steps says so and exits 0")
 
 
+def _model_of(init: str):
+    """A default config with the model section (memory included) and tokenizer of the run ``init``: what
+    ``--train.init_from RUN`` without ``--config`` trains, so the weights fit (overrides then apply)."""
+    from longmem.config import RunConfig
+    from longmem.runs import load_run_config
+    if not Path(init).is_dir():
+        raise FileNotFoundError(f"train.init_from: run directory not found: {init}")
+    theirs = load_run_config(init).to_dict()
+    d = RunConfig().to_dict()
+    d["model"], d["memory"] = theirs["model"], theirs["memory"]
+    d["data"]["tokenizer"] = theirs["data"]["tokenizer"]
+    return RunConfig.from_dict(d)
+
+
 def _train(args, overrides) -> int:
     from longmem.config import RunConfig, find_config
     from longmem.runs import load_run_config, prepare_run_dir
@@ -114,7 +128,12 @@ def _train(args, overrides) -> int:
     else:
         if not args.out:
             raise ValueError("--out DIR is required (or --resume DIR)")
-        cfg = RunConfig.load(find_config(args.config)) if args.config else RunConfig()
+        if args.config:
+            cfg = RunConfig.load(find_config(args.config))
+        elif overrides.get("train.init_from"):                  # fine-tuning: the model its weights fit
+            cfg = _model_of(overrides["train.init_from"])
+        else:
+            cfg = RunConfig()
         cfg = cfg.override(overrides)
         out = args.out
         if os.environ.get("RANK", "0") == "0":           # under torchrun only rank 0 touches the directory
@@ -124,7 +143,7 @@ def _train(args, overrides) -> int:
     except TrainingStopped as e:
         print(f"longmem train: {e}", file=sys.stderr)
         return 128 + e.signum if e.signum else 1        # the shell's code for the signal: 130 SIGINT, 143 SIGTERM
-    if res.val:
+    if res.val and os.environ.get("RANK", "0") == "0":       # under torchrun the summary is rank 0's
         losses = (f"train loss {res.first_loss:.4f} -> {res.last_loss:.4f} (first and last logged means, as in "
                   f"report.md)" if math.isfinite(res.first_loss) else "no train loss logged (no targets in a "
                   "logged window)")
@@ -310,9 +329,22 @@ def _sampling_args(p: argparse.ArgumentParser, **defaults) -> None:
         elif f.name == "logit_bias":
             p.add_argument(flag, action="append", metavar="ID=BIAS", help=text + " (repeatable)")
         else:
-            p.add_argument(flag, type=type(f.default), default=default, help=f"{text} [default: {default}]")
-    p.add_argument("--attention-sink", type=int, default=4, help="kind none: first positions kept in the "
-                   "decoding cache for good (StreamingLLM, Xiao et al. 2023) [default: 4]")
+            p.add_argument(flag, type=type(f.default), default=default,
+                           help=text + ("" if default in ("", None) else f" [default: {default}]"))
+    p.add_argument("--attention-sink", type=int, default=None, help="kind none: first positions kept in the "
+                   "decoding cache for good (StreamingLLM, Xiao et al. 2023); runs with a memory keep theirs "
+                   "(--memory.n_sinks) [default: 4]")
+
+
+def _attention_sink(args, run) -> int:
+    """``--attention-sink`` of a kind-none run (4 when not given); refused for a run with a memory, which
+    decodes through its own memory and would ignore it."""
+    kind = getattr(run.config.model, "memory", None)
+    kind = kind.kind if kind is not None else "none"
+    if args.attention_sink is not None and kind != "none":
+        raise ValueError(f"--attention-sink is for runs without memory (memory.kind none); this run's memory is "
+                         f"{kind!r}: its sinks are --memory.n_sinks")
+    return 4 if args.attention_sink is None else args.attention_sink
 
 
 def _sampling(args):
@@ -357,7 +389,7 @@ def _generate(args, overrides) -> int:
                             temperature=sampling.temperature, top_k=sampling.top_k, seed=sampling.seed))
         return 0
     stream = TextStream(run.model, run.tokenizer, args.prompt, sampling=sampling,
-                        attention_sink=args.attention_sink, recompute=args.recompute)
+                        attention_sink=_attention_sink(args, run), recompute=args.recompute)
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -383,7 +415,7 @@ def _chat(args, overrides) -> int:
     sampling = _sampling(args)
     run = _text_run(_load_run(args, overrides), "chat with")
     run_chat(run, session=args.session, sessions_dir=args.sessions_dir, sampling=sampling,
-             turn_format=args.turn_format, system=args.system, attention_sink=args.attention_sink)
+             turn_format=args.turn_format, system=args.system, attention_sink=_attention_sink(args, run))
     return 0
 
 
@@ -395,7 +427,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(ServeConfig):
         flag, text, default = "--" + f.name.replace("_", "-"), f.metadata["help"], f.default
         p.add_argument(flag, type=str if default is None else type(default), default=default,
-                       help=f"{text} [default: {default}]")
+                       help=text + ("" if default in ("", None) else f" [default: {default}]"))   # "": none
 
 
 def _serve(args, overrides) -> int:

@@ -404,7 +404,8 @@ class TrainConfig:
     init_from: str = _help("a run directory whose weights start this run (fine-tuning): a pretrained model made by "
                            "longmem import, or any run of the same architecture; its model settings and tokenizer "
                            "are kept (memory.*, model.segment_len and model.dropout may differ), the parameters of "
-                           "a memory it lacks start fresh. Empty: from scratch", default="")
+                           "a memory it lacks start fresh; without --config the model section (memory included) "
+                           "and data.tokenizer are taken from that run. Empty: from scratch", default="")
     aux_weight: float = _help("weight of the memories' auxiliary training loss, added to the summed cross-entropy "
                               "(which is divided by the number of targets): memory tokens with a gate are charged "
                               "their mean gate per lane and write (memory.tokens.gate), so writing costs and the "

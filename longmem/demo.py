@@ -80,7 +80,7 @@ def _table(rows: list[dict], *, train_mem_len: int) -> str:
 def _plot(rows: list[dict], path: Path, *, train_mem_len: int) -> Path | None:
     plt = pyplot()
     if plt is None:
-        log.warning("matplotlib is not installed (pip install 'longmem[plot]'): no plot")
+        log.warning("matplotlib is not installed (pip install -e '.[plot]' in the longmem checkout): no plot")
         return None
     xl = [r for r in rows if r["model"] == "xl"]
     none = [r for r in rows if r["model"] == "none"]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 import torch
 
 from longmem.cli import main, parse_overrides
@@ -258,6 +259,22 @@ def test_eval_options_of_other_tasks_are_refused_not_ignored(run_dir, capsys, fl
     assert main(["eval", str(run_dir), *flags]) == 2
     err = capsys.readouterr().err
     assert "applies to --task" in err and "Traceback" not in err
+
+
+def test_fine_tuning_without_a_config_takes_the_model_of_the_init_run(run_dir, tmp_path):
+    res = longmem("train", "--train.init_from", str(run_dir), "--out", "FT", "--train.max_steps", "2",
+                  "--memory.kind", "sinks", "--memory.mem_len", "16", "--train.progress", "false",
+                  "--data.batch_size", "2", "--train.lr", "1e-30", "--train.min_lr", "0", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    from safetensors.torch import load_file                                  # lr ~0: the init run's weights
+    ft_w, our_w = load_file(tmp_path / "FT" / "model.safetensors"), load_file(run_dir / "model.safetensors")
+    assert ft_w.keys() == our_w.keys() and all(torch.equal(ft_w[k], our_w[k]) for k in ft_w)
+    ft = yaml.safe_load((tmp_path / "FT" / "config.yaml").read_text())
+    ours = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert ft["model"] == ours["model"] and ft["data"]["tokenizer"] == ours["data"]["tokenizer"]
+    assert (ft["memory"]["kind"], ft["memory"]["mem_len"]) == ("sinks", 16)       # the overrides on top
+    res = longmem("train", "--train.init_from", str(tmp_path / "nowhere"), "--out", "FT2", cwd=tmp_path)
+    assert res.returncode == 2 and "run directory not found" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_a_file_given_as_run_directory_is_named_as_a_file(run_dir, capsys):

@@ -50,7 +50,8 @@ def load_hf_documents(name: str, *, config: str = "", split: str = "train", text
     try:
         import datasets
     except ImportError:
-        raise ValueError("data.hf_dataset needs the `datasets` package: pip install 'longmem[hf]'") from None
+        raise ValueError("data.hf_dataset needs the `datasets` package: pip install -e '.[hf]' in the longmem "
+                         "checkout") from None
     try:
         ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as e:                      # offline, unknown name, missing config: all arrive as Exception

@@ -39,6 +39,10 @@ COMMANDS = {"/reset": "forget everything this session remembers",
             "/quit": "leave (also /exit or end of input)"}
 
 
+def _turns(n: int) -> str:
+    return f"{n} turn" + ("" if n == 1 else "s")
+
+
 def default_sessions_dir(run_path: str | Path) -> Path:
     return Path(run_path) / "sessions"
 
@@ -178,7 +182,7 @@ def run_chat(run: Run, *, session: str = "default", sessions_dir: str | Path | N
     sess = store.load(session)
     decoder = Decoder(run.model, attention_sink=attention_sink)
     interactive = stdin.isatty()
-    print(f"session {session!r}: {sess.turns} turns remembered ({store.path(session)}); "
+    print(f"session {session!r}: {_turns(sess.turns)} remembered ({store.path(session)}); "
           f"commands: {', '.join(COMMANDS)}", file=stderr)
     lines = read_lines(stdin, stderr)
     while True:
@@ -201,7 +205,7 @@ def run_chat(run: Run, *, session: str = "default", sessions_dir: str | Path | N
             continue
         if cmd == "/stats":
             st = sess.stats()
-            print(f"[session {st['session']}: {st['turns']} turns, {st['tokens']} tokens seen, memory "
+            print(f"[session {st['session']}: {_turns(st['turns'])}, {st['tokens']} tokens seen, memory "
                   f"{st['memory_bytes']:,} bytes ({', '.join(st['memory_parts']) or 'empty'}), at most "
                   f"{decoder.cache_positions()} past positions per layer]", file=stdout, flush=True)
             continue
@@ -229,5 +233,5 @@ def run_chat(run: Run, *, session: str = "default", sessions_dir: str | Path | N
         store.save(sess)
     store.save(sess)
     st = sess.stats()
-    print(f"session {session!r} saved: {st['turns']} turns, memory {state_nbytes(sess.state):,} bytes", file=stderr)
+    print(f"session {session!r} saved: {_turns(st['turns'])}, memory {state_nbytes(sess.state):,} bytes", file=stderr)
     return st

@@ -53,7 +53,7 @@ try:
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 except ImportError as e:                                     # pragma: no cover - depends on the install
-    raise ImportError("longmem serve needs the 'serve' extra: pip install 'longmem[serve]' "
+    raise ImportError("longmem serve needs the 'serve' extra: pip install -e '.[serve]' in the longmem checkout "
                       "(FastAPI and uvicorn)") from e
 
 if TYPE_CHECKING:

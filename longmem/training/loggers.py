@@ -62,7 +62,8 @@ def _summary_writer() -> Any:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:                       # torch raises it when the tensorboard package is missing
         raise ValueError("train.loggers tensorboard needs the tensorboard package: pip install "
-                         "'longmem[tensorboard]' (or drop tensorboard from train.loggers)") from None
+                         "-e '.[tensorboard]' in the longmem checkout (or drop tensorboard from "
+                         "train.loggers)") from None
     return SummaryWriter
 
 
@@ -70,8 +71,8 @@ def _wandb() -> Any:
     try:
         import wandb
     except ImportError:
-        raise ValueError("train.loggers wandb needs the wandb package: pip install 'longmem[wandb]' (or drop "
-                         "wandb from train.loggers)") from None
+        raise ValueError("train.loggers wandb needs the wandb package: pip install -e '.[wandb]' in the longmem "
+                         "checkout (or drop wandb from train.loggers)") from None
     return wandb
 
 

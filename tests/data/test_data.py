@@ -344,7 +344,7 @@ def test_hf_dataset_without_the_package_or_offline_is_a_clear_error(monkeypatch)
             raise ImportError("No module named 'datasets'")
         return real_import(name, *a, **k)
     monkeypatch.setattr(builtins, "__import__", no_datasets)
-    with pytest.raises(ValueError, match=r"pip install 'longmem\[hf\]'"):
+    with pytest.raises(ValueError, match=r"pip install -e '\.\[hf\]' in the longmem checkout"):
         load_corpus(DataConfig(hf_dataset="tiny_shakespeare"))
     with pytest.raises(ValueError, match="not both"):
         DataConfig(hf_dataset="x", path="y.txt")

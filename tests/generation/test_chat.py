@@ -54,11 +54,11 @@ def test_piped_chat_saves_the_session_and_the_next_run_continues_it(run, tmp_pat
     first = turn(run, "hello there")
     reply, stats = res.stdout.splitlines()
     assert reply == first.text
-    assert stats.startswith("[session s1: 1 turns")
+    assert stats.startswith("[session s1: 1 turn,")
     assert (tmp_path / "s1.safetensors").is_file()
     # a second process (here in-process) restores the memory: same answer as one continued stream
     lines = chat(run, "/stats\nand then\n", session="s1", sessions_dir=tmp_path)
-    assert lines[0].startswith("[session s1: 1 turns")
+    assert lines[0].startswith("[session s1: 1 turn,")
     assert lines[1] == turn(run, "and then", state=first.state).text
     assert lines[1] != turn(run, "and then").text                    # the restored memory is used
 

@@ -59,3 +59,11 @@ def test_a_tiny_temperature_generates_greedily(run, capsys):
     assert main(["generate", str(run.path), "--prompt", "ab", "--max-new-tokens", "12", "--temperature",
                  "1e-39"]) == 0
     assert capsys.readouterr().out == greedy
+
+
+def test_attention_sink_of_a_run_with_memory_is_refused_not_ignored(tmp_path, capsys):
+    xl = make_tiny_run(tmp_path / "XL", kind="xl", mem_len=16, segment_len=16)
+    assert main(["generate", str(xl.path), "--prompt", "ab", "--max-new-tokens", "2", "--attention-sink", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--memory.n_sinks" in err and "'xl'" in err and "Traceback" not in err
+    assert main(["generate", str(xl.path), "--prompt", "ab", "--max-new-tokens", "2"]) == 0

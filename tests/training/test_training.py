@@ -150,6 +150,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(corpus, tmp_
     res = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "longmem", "train", *args, "--out", "DDP"],
                          cwd=tmp_path, capture_output=True, encoding="utf-8", timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count("trained to step 12") == 1                     # the summary is rank 0's only
     cfg = RunConfig.load(TINY).override(dict(zip([a[2:] for a in args[2::2]], args[3::2])))
     train(cfg, tmp_path / "ONE")
     ref, got = step_losses(tmp_path / "ONE"), step_losses(tmp_path / "DDP")

@@ -57,6 +57,13 @@ def parse_overrides(args: list[str], *, keys: list[str] | tuple[str, ...] | None
                       else "it takes no config keys")
             if key in valid_keys():
                 raise ValueError(f"--{key} is not used by `longmem {command}`; {listed}")
+            section = key.rpartition(".")[0]
+            same = [k for k in accepted if k.rpartition(".")[0] == section]
+            if same:                                            # the keys of its section only, not all of them
+                listed = f"the {section}.* keys it accepts: {', '.join(f'--{k}' for k in same)}; --help lists all"
+            elif accepted:
+                sections = sorted({k.partition(".")[0] for k in accepted})
+                listed = f"its sections: {', '.join(sections)}; --help lists the keys"
             raise ValueError(f"unknown config key --{key}{did_you_mean('--' + key, options)} (`longmem {command}`: "
                              f"{listed})")
         if not eq:

@@ -234,6 +234,11 @@ def _eval(args, overrides) -> int:
     arch = run.config.model.arch
     if args.task == "text" and arch != "seq2seq":
         raise ValueError(f"--task text scores the decoded targets of a seq2seq run; this is a {arch} run")
+    if args.task == "babi" and arch == "memn2n":
+        given = [f for f, a in (("--babi", "babi"), ("--shots", "shots"), ("--cloze", "cloze")) if getattr(args, a)]
+        if given:
+            raise ValueError(f"{', '.join(given)}: for language models reading bAbI as text; a memn2n run is "
+                             f"scored on its own bAbI data and format")
     printed_only = args.task == "text" or (args.task == "babi" and arch == "memn2n") or (
         args.task == "ppl" and not args.mem_lens)
     if printed_only and args.out is not None:
@@ -344,13 +349,16 @@ def _sampling_args(p: argparse.ArgumentParser, **defaults) -> None:
 
 
 def _attention_sink(args, run) -> int:
-    """``--attention-sink`` of a kind-none run (4 when not given); refused for a run with a memory, which
-    decodes through its own memory and would ignore it."""
-    kind = getattr(run.config.model, "memory", None)
-    kind = kind.kind if kind is not None else "none"
-    if args.attention_sink is not None and kind != "none":
-        raise ValueError(f"--attention-sink is for runs without memory (memory.kind none); this run's memory is "
-                         f"{kind!r}: its sinks are --memory.n_sinks")
+    """``--attention-sink`` of a model decoded through a sliding cache (a stateless model: kind none, or a
+    memory of length 0), 4 when not given; refused for a model that decodes through its own memory (XL,
+    kNN, memory tokens, sinks, retrieval, the recurrent baselines), which would ignore it."""
+    model = run.model
+    if args.attention_sink is not None and getattr(model, "stateful", True):
+        arch, memory = run.config.model.arch, getattr(run.config.model, "memory", None)
+        kind = memory.kind if arch == "transformer" and memory is not None else arch
+        hint = ": its sinks are --memory.n_sinks" if kind in ("xl", "sinks", "retrieval") else ""
+        raise ValueError(f"--attention-sink is for models decoded through a sliding cache (memory.kind none, or "
+                         f"memory.mem_len 0); this run decodes through its own memory ({kind!r}){hint}")
     return 4 if args.attention_sink is None else args.attention_sink
 
 
@@ -390,13 +398,14 @@ def _generate(args, overrides) -> int:
     from longmem.generation.generate import TextStream
     sampling = _sampling(args)
     run = _text_run(_load_run(args, overrides), "generate")
+    sink = _attention_sink(args, run)
     if run.config.model.arch in ("seq2seq", "memn2n"):
         from longmem.classic.decoding import task_generate
         print(task_generate(run.model, run.tokenizer, args.prompt, max_new_tokens=sampling.max_new_tokens,
                             temperature=sampling.temperature, top_k=sampling.top_k, seed=sampling.seed))
         return 0
     stream = TextStream(run.model, run.tokenizer, args.prompt, sampling=sampling,
-                        attention_sink=_attention_sink(args, run), recompute=args.recompute)
+                        attention_sink=sink, recompute=args.recompute)
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -433,6 +442,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory")
     for f in dataclasses.fields(ServeConfig):
         flag, text, default = "--" + f.name.replace("_", "-"), f.metadata["help"], f.default
+        if f.name == "attention_sink":                      # None: not given (checked against the run)
+            p.add_argument(flag, type=int, default=None, help=f"{text} [default: {default}]")
+            continue
         p.add_argument(flag, type=str if default is None else type(default), default=default,
                        help=text + ("" if default in ("", None) else f" [default: {default}]"))   # "": none
 
@@ -440,8 +452,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 def _serve(args, overrides) -> int:
     import dataclasses
     from longmem.serving.config import ServeConfig
-    cfg = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
     run = _text_run(_load_run(args, overrides), "serve")
+    args.attention_sink = _attention_sink(args, run)
+    cfg = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
     try:
         from longmem.serving.server import serve
     except ImportError as e:

@@ -61,9 +61,19 @@ def test_a_tiny_temperature_generates_greedily(run, capsys):
     assert capsys.readouterr().out == greedy
 
 
-def test_attention_sink_of_a_run_with_memory_is_refused_not_ignored(tmp_path, capsys):
+def test_attention_sink_of_a_run_with_memory_is_refused_not_ignored(tmp_path, capsys, monkeypatch):
     xl = make_tiny_run(tmp_path / "XL", kind="xl", mem_len=16, segment_len=16)
+    pytest.importorskip("fastapi")
+    import longmem.serving.server as server
+    served = []
+    monkeypatch.setattr(server, "serve", lambda run, cfg: served.append(cfg.attention_sink))
+    assert main(["serve", str(xl.path), "--attention-sink", "2"]) == 2 and not served   # before any socket
+    assert "--memory.n_sinks" in capsys.readouterr().err
+    assert main(["serve", str(xl.path)]) == 0 and served == [4]
     assert main(["generate", str(xl.path), "--prompt", "ab", "--max-new-tokens", "2", "--attention-sink", "2"]) == 2
     err = capsys.readouterr().err
     assert "--memory.n_sinks" in err and "'xl'" in err and "Traceback" not in err
     assert main(["generate", str(xl.path), "--prompt", "ab", "--max-new-tokens", "2"]) == 0
+    # with its memory off the model decodes through the sliding cache, which takes the sinks
+    assert main(["generate", str(xl.path), "--prompt", "ab", "--max-new-tokens", "2", "--memory.mem_len", "0",
+                 "--attention-sink", "2"]) == 0

@@ -155,8 +155,8 @@ def _faiss():
     try:
         import faiss
     except ImportError:
-        raise ImportError("memory.knn.backend='faiss' needs faiss: pip install -e '.[faiss]' in the longmem "
-                          "checkout") from None
+        raise ImportError("backend 'faiss' (memory.knn.backend, memory.retrieval.backend) needs faiss: pip install "
+                          "-e '.[faiss]' in the longmem checkout") from None
     return faiss
 
 

@@ -24,8 +24,8 @@ inner product is the sum over heads), updated as blocks enter and leave the ring
 call (:class:`StoreIndexes`); each query chunk fetches its k b best tokens, which hold every block of the
 exact top k (a block ranked j-th has at most (j - 1) b tokens of better blocks before it), so a flat index
 picks blocks of the torch backend's scores (blocks that tie may be broken differently, and a bfloat16 store
-is scored in bfloat16 by torch, in float32 by faiss); HNSW and IVF approximate. A reset rebuilds a state's
-indexes from its store, every lane's.
+is scored in bfloat16 by torch, in float32 by faiss); HNSW and IVF approximate. A reset builds the reset lanes'
+indexes again (empty); the other lanes' move over unchanged.
 """
 from __future__ import annotations
 

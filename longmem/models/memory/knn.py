@@ -304,6 +304,17 @@ class FifoIndex:
         return s, i
 
 
+def fifo_from_store(store: np.ndarray, written: int, *, capacity: int, kind: str, **options) -> "FifoIndex":
+    """A :class:`FifoIndex` over one lane's store (C, dim) of a ring: entry e in slot e % C, holding the
+    entries ``written - min(written, C)`` .. ``written - 1`` (kNN: per key head; retrieval: key heads side by side)."""
+    n = min(written, capacity)
+    ix = FifoIndex(kind=kind, capacity=capacity, dim=store.shape[1], **options)
+    ix.low = written - n
+    held = np.arange(written - n, written) % capacity
+    ix.add(np.ascontiguousarray(store[held]), written - n, store=store)
+    return ix
+
+
 class LaneIndexes:
     """The persistent faiss indexes of a kNN store (``memory.knn.backend`` faiss): one :class:`FifoIndex` per
     retrieving layer, lane and key head, built once from the store and then updated by every write. Kept in
@@ -317,19 +328,12 @@ class LaneIndexes:
         self.indexes = []
         written = state.written.tolist()
         for keys in state.keys:
-            B, G, _, Dh = keys.shape
+            B, G = keys.shape[:2]
             store = keys.detach().float().cpu().numpy()
             layer = []
             for b in range(B):
-                w, n = written[b], min(written[b], C)
-                lane = []
-                for g in range(G):
-                    ix = FifoIndex(kind=kind, capacity=C, dim=Dh, **options)
-                    ix.low = w - n
-                    first = np.arange(w - n, w) % C if n else np.zeros(0, dtype=np.int64)
-                    ix.add(np.ascontiguousarray(store[b, g][first]), w - n, store=store[b, g])
-                    lane.append(ix)
-                layer.append(lane)
+                layer.append([fifo_from_store(store[b, g], written[b], capacity=C, kind=kind, **options)
+                              for g in range(G)])
             self.indexes.append(layer)
 
     def update(self, after: KNNState, keys: list[torch.Tensor]) -> None:

@@ -124,13 +124,8 @@ class StoreIndexes:
     @staticmethod
     def build(store: np.ndarray, written: int, *, capacity: int, kind: str):
         """One lane's index over its store (C, G Dh) holding entries ``written - min(written, C)`` on."""
-        from longmem.models.memory.knn import FifoIndex
-        n = min(written, capacity)
-        ix = FifoIndex(kind=kind, capacity=capacity, dim=store.shape[1])
-        ix.low = written - n
-        held = np.arange(written - n, written) % capacity
-        ix.add(np.ascontiguousarray(store[held]), written - n, store=store)
-        return ix
+        from longmem.models.memory.knn import fifo_from_store
+        return fifo_from_store(store, written, capacity=capacity, kind=kind)
 
     def reset_of(self, written: list[int]) -> bool:
         """Whether ``written`` is this index's count with some lanes reset to 0 (and nothing else changed)."""

@@ -106,17 +106,19 @@ class StoreIndexes:
 
     def __init__(self, state: RetrievalState, *, kind: str, reuse: "StoreIndexes | None" = None):
         C, self.kind = state.capacity, kind
-        self.written = state.written.tolist()
+        written: list[int] = state.written.tolist()
+        kept = reuse.written if reuse is not None and reuse.written is not None else [-1] * len(written)
+        self.written: list[int] | None = written                              # None: stale (lanes moved on)
         self.indexes: list[list] = []
         for layer, keys in enumerate(state.store_k):
             store, lanes = None, []
             for lane in range(keys.shape[0]):
-                if reuse is not None and reuse.written[lane] == self.written[lane]:
+                if reuse is not None and kept[lane] == written[lane]:
                     lanes.append(reuse.indexes[layer][lane])
                     continue
                 if store is None:
                     store = self.rows(keys)                                       # (B, C, G Dh)
-                lanes.append(self.build(store[lane], self.written[lane], capacity=C, kind=kind))
+                lanes.append(self.build(store[lane], written[lane], capacity=C, kind=kind))
             self.indexes.append(lanes)
         if reuse is not None:
             reuse.written = None                                                  # its lanes live here now

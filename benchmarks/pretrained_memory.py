@@ -6,7 +6,9 @@ Kinds (``longmem eval RUN --memory.kind ...``, segments of 512 tokens):
 - ``sinks``: 4 attention sinks + the last W - 4 tokens (StreamingLLM);
 - ``retrieval``: 4 sinks + 8 blocks of 64 evicted tokens retrieved per segment + the last W..W+63 tokens
   (InfLLM-style, ``models/memory/retrieval.py``), the store holding every evicted token;
-- ``full``: full attention (a cache holding the whole stream), where it fits the model's trained 8,192.
+- ``full``: full attention (a cache holding the whole stream), where it fits the model's trained 8,192;
+- ``retrieval-128`` (run only when named): retrieval with the first 128 tokens kept instead of 4 sinks
+  (InfLLM's initial tokens).
 
 Probes:
 - passkey at 2K, 8K, 32K (depths 0.1-0.9, 2 examples each: 10 per length) and 128K (3 examples);
@@ -51,6 +53,11 @@ KINDS = {
                   "memory.retrieval.block_size": "64", "memory.retrieval.top_k": "8",
                   "memory.retrieval.store_dtype": "bfloat16"},
     "full": {"memory.kind": "sinks", "memory.n_sinks": "0"},                     # mem_len: the whole stream
+    # retrieval keeping the first 128 tokens for good instead of 4 sinks: InfLLM's "initial tokens" (Xiao et al.
+    # 2024 §4.1 use 128); in the QA probe they hold the solved examples that set the answer format
+    "retrieval-128": {"memory.kind": "retrieval", "memory.mem_len": str(W), "memory.n_sinks": "128",
+                      "memory.retrieval.block_size": "64", "memory.retrieval.top_k": "8",
+                      "memory.retrieval.store_dtype": "bfloat16"},
 }
 TRAINED = 8192                                                                    # SmolLM2's context
 PASSKEY = {2048: ([0.1, 0.3, 0.5, 0.7, 0.9], 2), 8192: ([0.1, 0.3, 0.5, 0.7, 0.9], 2),
@@ -63,7 +70,7 @@ def _overrides(kind: str, length: int) -> dict[str, str]:
     o = {"model.segment_len": str(SEG), **KINDS[kind]}
     if kind == "full":
         o["memory.mem_len"] = str(length)
-    if kind == "retrieval":                                     # every evicted token kept, up to 128K
+    if kind.startswith("retrieval"):                            # every evicted token kept, up to 128K
         o["memory.retrieval.capacity"] = str(min(131072, max(1024, -(-length // 64) * 64)))
     return o
 
@@ -281,7 +288,9 @@ def _costs(cells: dict) -> list[str]:
     for name, c in cells.items():
         if c.get("peak_rss_scope") != "cell":
             continue
-        probe, kind, *rest = name.split("-")
+        probe, tail = name.split("-", 1)
+        kind = max((k for k in KINDS if tail == k or tail.startswith(k + "-")), key=len)   # kinds may hold "-"
+        rest = tail[len(kind) + 1:].split("-")
         if probe == "book":
             tokens = c["tokens"]
         elif probe == "chat":
@@ -340,7 +349,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "pretrained-memory")
     p.add_argument("--only", default="passkey,qa,book,chat", help="comma-separated probes: passkey, qa, haystack "
                    "(qa with plain answers, the first format), book, chat")
-    p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated kinds")
+    p.add_argument("--kinds", default="window,sinks,retrieval,full",
+                   help=f"comma-separated kinds out of {', '.join(KINDS)} (retrieval-128: only when named)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                    help="weights and activations (norms and softmax in float32)")
     p.add_argument("--threads", type=int, default=1)

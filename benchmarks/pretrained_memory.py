@@ -282,9 +282,10 @@ def report(out: Path) -> str:
     return text
 
 
-def _costs(cells: dict) -> list[str]:
-    """Tokens/s and peak resident memory of the cells measured in their own process (``_in_child``)."""
-    rows = []
+def _cost_points(cells: dict) -> list[dict]:
+    """Per cell measured in its own process (``_in_child``): its kind, the tokens it read in all, the length of
+    one of its streams (an example, the book, a conversation), tokens/s and peak resident memory."""
+    points = []
     for name, c in cells.items():
         if c.get("peak_rss_scope") != "cell":
             continue
@@ -292,12 +293,22 @@ def _costs(cells: dict) -> list[str]:
         kind = max((k for k in KINDS if tail == k or tail.startswith(k + "-")), key=len)   # kinds may hold "-"
         rest = tail[len(kind) + 1:].split("-")
         if probe == "book":
-            tokens = c["tokens"]
+            tokens = stream = c["tokens"]
         elif probe == "chat":
-            tokens = sum(r.get("tokens", 0) for r in c["results"])
+            per = [r.get("tokens", 0) for r in c["results"]]
+            tokens, stream = sum(per), sum(per) / max(len(per), 1)
         else:
-            tokens = int(rest[0]) * sum(r["answers"] for r in c["results"])
-        rows.append(f"| {name} | {kind} | {tokens:,} | {tokens / c['seconds']:.0f} | {c['peak_rss_mib']:,} |")
+            stream = int(rest[0])
+            tokens = stream * sum(r["answers"] for r in c["results"])
+        points.append({"name": name, "kind": kind, "tokens": tokens, "stream": stream,
+                       "tokens_per_s": tokens / c["seconds"], "peak_rss_mib": c["peak_rss_mib"]})
+    return points
+
+
+def _costs(cells: dict) -> list[str]:
+    """Tokens/s and peak resident memory of the cells measured in their own process (``_in_child``)."""
+    rows = [f"| {p['name']} | {p['kind']} | {p['tokens']:,} | {p['tokens_per_s']:.0f} | {p['peak_rss_mib']:,} |"
+            for p in _cost_points(cells)]
     if not rows:
         return []
     return ["## Cost", "", "| cell | kind | tokens read | tokens/s | peak RSS MiB |", "|---|---|---:|---:|---:|",
@@ -311,7 +322,8 @@ def _plots(out: Path, cells: dict) -> None:
     plt = pyplot()
     if plt is None:
         return
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, grid = plt.subplots(2, 3, figsize=(15, 8))
+    axes = grid.ravel()
     for ax, (probe, lengths) in zip(axes[:2], (("passkey", PASSKEY), ("qa", HAYSTACK))):
         for k in KINDS:
             pts = [(n, cells[f"{probe}-{k}-{n}"]["accuracy"]) for n in lengths if f"{probe}-{k}-{n}" in cells]
@@ -337,6 +349,29 @@ def _plots(out: Path, cells: dict) -> None:
     ax.set_title("Tiny Shakespeare, one stream")
     if ax.lines:
         ax.legend()
+    ax = axes[3]                                                   # chat: accuracy by kind and passages
+    chats = [(name.removeprefix("chat-"), c) for name, c in sorted(cells.items()) if name.startswith("chat-")]
+    for i, (label, c) in enumerate(chats):
+        ax.bar(i, c["accuracy"], color=f"C{list(KINDS).index(label.removesuffix('-filler'))}")
+        ax.text(i, c["accuracy"] + 0.02, f"{c['accuracy']:.2f}", ha="center")          # 0 shows too
+    ax.set_xticks(range(len(chats)), [label.removesuffix("-filler") + ("\n(filler)" if label.endswith("-filler")
+                                                                        else "\n(book)") for label, _ in chats])
+    ax.set_ylim(0, 1.03)
+    ax.set_ylabel("accuracy")
+    ax.set_title("chat: a code word asked after >= 8K tokens")
+    points = _cost_points(cells)
+    for ax, key, label in ((axes[4], "tokens_per_s", "tokens/s (one thread)"),
+                           (axes[5], "peak_rss_mib", "peak resident memory (MiB)")):
+        for j, k in enumerate(KINDS):
+            pts = sorted((p["stream"], p[key]) for p in points if p["kind"] == k)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color=f"C{j}", label=k)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("stream length of one example (tokens)")
+        ax.set_ylabel(label)
+        ax.set_title("cost per cell, by the length it reads")
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "pretrained_memory.png", dpi=110)
     plt.close(fig)

@@ -53,12 +53,10 @@ KINDS = {
                   "memory.retrieval.block_size": "64", "memory.retrieval.top_k": "8",
                   "memory.retrieval.store_dtype": "bfloat16"},
     "full": {"memory.kind": "sinks", "memory.n_sinks": "0"},                     # mem_len: the whole stream
-    # retrieval keeping the first 128 tokens for good instead of 4 sinks: InfLLM's "initial tokens" (Xiao et al.
-    # 2024 §4.1 use 128); in the QA probe they hold the solved examples that set the answer format
-    "retrieval-128": {"memory.kind": "retrieval", "memory.mem_len": str(W), "memory.n_sinks": "128",
-                      "memory.retrieval.block_size": "64", "memory.retrieval.top_k": "8",
-                      "memory.retrieval.store_dtype": "bfloat16"},
 }
+# retrieval keeping the first 128 tokens for good instead of 4 sinks: InfLLM's "initial tokens" (Xiao et al.
+# 2024 §4.1 use 128); in the QA probe they hold the solved examples that set the answer format
+KINDS["retrieval-128"] = {**KINDS["retrieval"], "memory.n_sinks": "128"}
 TRAINED = 8192                                                                    # SmolLM2's context
 PASSKEY = {2048: ([0.1, 0.3, 0.5, 0.7, 0.9], 2), 8192: ([0.1, 0.3, 0.5, 0.7, 0.9], 2),
            32768: ([0.1, 0.3, 0.5, 0.7, 0.9], 2), 131072: ([0.25, 0.5, 0.75], 1)}

@@ -97,6 +97,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    "train.max_steps says so and exits 0")
 
 
+def _rank0() -> bool:
+    """Whether this process is torchrun's rank 0 (or not under torchrun): it alone writes and reports."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _model_of(init: str):
     """A default config with the model section (memory included) and tokenizer of the run ``init``: what
     ``--train.init_from RUN`` without ``--config`` trains, so the weights fit (overrides then apply)."""
@@ -143,14 +148,14 @@ def _train(args, overrides) -> int:
             cfg = RunConfig()
         cfg = cfg.override(overrides)
         out = args.out
-        if os.environ.get("RANK", "0") == "0":           # under torchrun only rank 0 touches the directory
+        if _rank0():                                      # under torchrun only rank 0 touches the directory
             prepare_run_dir(out, overwrite=args.overwrite)
     try:
         res = train(cfg, out, resume=bool(args.resume))
     except TrainingStopped as e:
         print(f"longmem train: {e}", file=sys.stderr)
         return 128 + e.signum if e.signum else 1        # the shell's code for the signal: 130 SIGINT, 143 SIGTERM
-    if res.val and os.environ.get("RANK", "0") == "0":       # under torchrun the summary is rank 0's
+    if res.val and _rank0():                                 # under torchrun the summary is rank 0's
         losses = (f"train loss {res.first_loss:.4f} -> {res.last_loss:.4f} (first and last logged means, as in "
                   f"report.md)" if math.isfinite(res.first_loss) else "no train loss logged (no targets in a "
                   "logged window)")
@@ -235,7 +240,7 @@ def _eval(args, overrides) -> int:
     if args.task == "text" and arch != "seq2seq":
         raise ValueError(f"--task text scores the decoded targets of a seq2seq run; this is a {arch} run")
     if args.task == "babi" and arch == "memn2n":
-        given = [f for f, a in (("--babi", "babi"), ("--shots", "shots"), ("--cloze", "cloze")) if getattr(args, a)]
+        given = [f for f, (a, tasks) in _TASK_ONLY.items() if "babi" in tasks and getattr(args, a)]
         if given:
             raise ValueError(f"{', '.join(given)}: for language models reading bAbI as text; a memn2n run is "
                              f"scored on its own bAbI data and format")

@@ -17,7 +17,7 @@ from longmem.generation.generate import generate_text
 from longmem.io import atomic_write_text
 from longmem.runs import load_run
 from longmem.training.trainer import train
-from longmem.utils import pyplot
+from longmem.utils import install_hint, pyplot
 
 MEMORY_FACTORS = (0, 1, 2, 4)
 
@@ -80,7 +80,7 @@ def _table(rows: list[dict], *, train_mem_len: int) -> str:
 def _plot(rows: list[dict], path: Path, *, train_mem_len: int) -> Path | None:
     plt = pyplot()
     if plt is None:
-        log.warning("matplotlib is not installed (pip install -e '.[plot]' in the longmem checkout): no plot")
+        log.warning("matplotlib is not installed (%s): no plot", install_hint("plot"))
         return None
     xl = [r for r in rows if r["model"] == "xl"]
     none = [r for r in rows if r["model"] == "none"]

@@ -6,6 +6,11 @@ import sys
 from tqdm.auto import tqdm
 
 
+def install_hint(extra: str) -> str:
+    """How to install an optional extra: from the checkout (the name longmem on PyPI is another project)."""
+    return f"pip install -e '.[{extra}]' in the longmem checkout"
+
+
 def progress(*, total: int | None, desc: str, enabled: bool = True, unit: str = "it") -> tqdm:
     """A progress bar on stderr (hidden when ``enabled`` is false)."""
     # redraw often on a terminal, rarely in a log file (CI, pipes)

@@ -9,6 +9,8 @@ import logging
 import random
 from pathlib import Path
 
+from longmem.utils import install_hint
+
 log = logging.getLogger(__name__)
 
 
@@ -50,8 +52,7 @@ def load_hf_documents(name: str, *, config: str = "", split: str = "train", text
     try:
         import datasets
     except ImportError:
-        raise ValueError("data.hf_dataset needs the `datasets` package: pip install -e '.[hf]' in the longmem "
-                         "checkout") from None
+        raise ValueError(f"data.hf_dataset needs the `datasets` package: {install_hint('hf')}") from None
     try:
         ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as e:                      # offline, unknown name, missing config: all arrive as Exception

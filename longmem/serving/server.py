@@ -53,8 +53,8 @@ try:
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 except ImportError as e:                                     # pragma: no cover - depends on the install
-    raise ImportError("longmem serve needs the 'serve' extra: pip install -e '.[serve]' in the longmem checkout "
-                      "(FastAPI and uvicorn)") from e
+    from longmem.utils import install_hint
+    raise ImportError(f"longmem serve needs the 'serve' extra: {install_hint('serve')} (FastAPI and uvicorn)") from e
 
 if TYPE_CHECKING:
     from longmem.runs import Run

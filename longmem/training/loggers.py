@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from longmem.config import RunConfig
 from longmem.runs import METRICS, TENSORBOARD_DIR
 from longmem.training.state import truncate_metrics
+from longmem.utils import install_hint
 
 
 class MetricLogger(Protocol):
@@ -61,9 +62,8 @@ def _summary_writer() -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:                       # torch raises it when the tensorboard package is missing
-        raise ValueError("train.loggers tensorboard needs the tensorboard package: pip install "
-                         "-e '.[tensorboard]' in the longmem checkout (or drop tensorboard from "
-                         "train.loggers)") from None
+        raise ValueError(f"train.loggers tensorboard needs the tensorboard package: {install_hint('tensorboard')} "
+                         "(or drop tensorboard from train.loggers)") from None
     return SummaryWriter
 
 
@@ -71,8 +71,8 @@ def _wandb() -> Any:
     try:
         import wandb
     except ImportError:
-        raise ValueError("train.loggers wandb needs the wandb package: pip install -e '.[wandb]' in the longmem "
-                         "checkout (or drop wandb from train.loggers)") from None
+        raise ValueError(f"train.loggers wandb needs the wandb package: {install_hint('wandb')} (or drop "
+                         "wandb from train.loggers)") from None
     return wandb
 
 

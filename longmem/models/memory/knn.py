@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from longmem.models.memory.base import Memory, Segment
 from longmem.models.memory.state import KNNState, Ring
+from longmem.utils import install_hint
 
 
 # -- search ------------------------------------------------------------------
@@ -155,8 +156,8 @@ def _faiss():
     try:
         import faiss
     except ImportError:
-        raise ImportError("backend 'faiss' (memory.knn.backend, memory.retrieval.backend) needs faiss: pip install "
-                          "-e '.[faiss]' in the longmem checkout") from None
+        raise ImportError("backend 'faiss' (memory.knn.backend, memory.retrieval.backend) needs faiss: "
+                          + install_hint("faiss")) from None
     return faiss
 
 

@@ -107,13 +107,13 @@ class StoreIndexes:
     def __init__(self, state: RetrievalState, *, kind: str, reuse: "StoreIndexes | None" = None):
         C, self.kind = state.capacity, kind
         written: list[int] = state.written.tolist()
-        kept = reuse.written if reuse is not None and reuse.written is not None else [-1] * len(written)
+        kept = reuse.written if reuse is not None and reuse.written is not None else [None] * len(written)
         self.written: list[int] | None = written                              # None: stale (lanes moved on)
         self.indexes: list[list] = []
         for layer, keys in enumerate(state.store_k):
             store, lanes = None, []
             for lane in range(keys.shape[0]):
-                if reuse is not None and kept[lane] == written[lane]:
+                if reuse is not None and kept[lane] == written[lane]:             # a lane that did not change
                     lanes.append(reuse.indexes[layer][lane])
                     continue
                 if store is None:

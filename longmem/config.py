@@ -259,6 +259,17 @@ class ModelConfig:
                              "\"the token after an earlier occurrence of this one\", and copying / associative "
                              "recall is learned many times faster; kNN memory stores the smeared keys",
                              default=False)
+    smear_width: int = _help("with smear_keys: positions mixed into each key, this one and the smear_width - 1 "
+                             "before it, learned shares per head (a softmax over the offsets; a depthwise causal "
+                             "convolution of the keys as in Primer, So et al. 2021 §3.2); 2: the previous one. "
+                             "Wider lets a key say which words came a few tokens before it (bAbI: the subject of a "
+                             "sentence at its place)", default=2)
+    smear_queries: int = _help("transformer: mix into each query the keys of the smear_queries positions before it, "
+                               "learned shares per query head (0: off). A query then says which words came just "
+                               "before it, as wider smeared keys do for a key: one layer matches \"the place "
+                               "written a few words after Mary\" from \"Where is Mary? Answer:\". Keys, not "
+                               "queries, are mixed in, so every memory that holds past keys reads it exactly",
+                               default=0)
     memory: MemoryConfig = field(default_factory=MemoryConfig, metadata={"help": "memory settings"})
 
     def __post_init__(self):
@@ -293,6 +304,10 @@ class ModelConfig:
             self.d_ff = 4 * self.d_model if self.mlp == "gelu" else -(-8 * self.d_model // 3 // 8) * 8
         if not isinstance(self.rope_scaling, dict):
             raise ValueError(f"model.rope_scaling must be a mapping, got {self.rope_scaling!r}")
+        if self.smear_queries < 0:
+            raise ValueError(f"model.smear_queries must be >= 0 (0: off), got {self.smear_queries}")
+        if self.smear_width < 2:
+            raise ValueError(f"model.smear_width must be >= 2 (this key and the one before it), got {self.smear_width}")
         if self.position_range < 0 or self.position_window < 0:
             raise ValueError(f"model.position_range and model.position_window must be >= 0, got "
                              f"{self.position_range} and {self.position_window}")

@@ -16,19 +16,23 @@ CONFIG, WEIGHTS, TOKENIZER, METRICS = "config.yaml", "model.safetensors", "token
 TENSORBOARD_DIR, WANDB_DIR = "tensorboard", "wandb"     # what train.loggers tensorboard and wandb write
 # grouped distant positions (Self-Extend): how a trained model reads a longer memory, no weights of their own
 POSITION_KEYS = ("model.position_range", "model.position_window")
+# how a trained model reads a stream, no weights of their own: the segment length (with no memory a model attends
+# within its segment; a model trained on whole examples in one segment reads a longer stream through a memory in
+# shorter segments, e.g. kind retrieval with model.segment_len 128)
+READ_KEYS = ("model.segment_len", *POSITION_KEYS)
 # model settings that evaluation may change; everything else is fixed by the weights
 # settings that size, search or threshold the memory, not its weights: a run may be evaluated with other
 # values (e.g. a kNN store larger than in training, as Wu et al. 2022 evaluate)
 EVAL_MODEL_KEYS = ("memory.mem_len", "memory.knn.capacity", "memory.knn.k", "memory.knn.backend",
                    "memory.knn.index", "memory.knn.chunk", "memory.knn.nprobe", "memory.knn.ef_search",
-                   "memory.tokens.floor", *POSITION_KEYS)
+                   "memory.tokens.floor", *READ_KEYS)
 # every memory setting: a kind that needs no training (none, xl, sinks, retrieval) may replace the trained one at
 # evaluation, with any settings (eval_config refuses what would not fit the weights)
 MEMORY_KEYS = tuple(k for k in valid_keys() if k.startswith("memory."))
 # the config keys a command reading a finished run honours (the CLI refuses the others): the memory settings and
 # torch's CPU threads; eval also the text and examples it scores, rebuilt from data.* and task.*
 # (the run's tokenizer.json fixes data.tokenizer and data.vocab_size)
-RUN_KEYS = (*MEMORY_KEYS, *POSITION_KEYS, "train.threads")
+RUN_KEYS = (*MEMORY_KEYS, *READ_KEYS, "train.threads")
 EVAL_KEYS = (*RUN_KEYS, "data.path", "data.text_field", "data.hf_dataset", "data.hf_config", "data.hf_split",
              "data.cache", "data.val_fraction", "data.batch_size", "data.seed", "task.babi_tasks", "task.n_train",
              "task.n_test", "task.source_len", "task.min_source_len", "task.n_pairs", "task.distractor")

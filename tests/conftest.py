@@ -41,9 +41,11 @@ def spread_weights(model: MemoryLM, *, seed: int = 0, std: float = 0.3) -> Memor
 
 def tiny_config(*, kind: str = "xl", mem_len: int = 16, segment_len: int = 8, vocab_size: int = 37,
                 d_model: int = 16, n_layers: int = 2, n_heads: int = 2, n_mem_tokens: int = 3,
-                smear_keys: bool = False, token_gate: bool = False) -> ModelConfig:
+                smear_keys: bool = False, token_gate: bool = False, smear_width: int = 2,
+                smear_queries: int = 0) -> ModelConfig:
     return ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-                       segment_len=segment_len, smear_keys=smear_keys,
+                       segment_len=segment_len, smear_keys=smear_keys, smear_width=smear_width,
+                       smear_queries=smear_queries,
                        memory=MemoryConfig(kind=kind, mem_len=mem_len,
                                            tokens=TokensConfig(n_tokens=n_mem_tokens,
                                                                gate="sigmoid" if token_gate else "none")))

@@ -147,3 +147,27 @@ def test_evaluating_without_memory_needs_no_other_memory_setting(tmp_path):
     assert not run.model.stateful
     with pytest.raises(ValueError, match="mem_len"):
         load_run(run_dir, overrides={"memory.kind": "none", "memory.mem_len": "4"})
+
+
+def test_a_run_trained_in_one_segment_reads_a_longer_stream_in_shorter_segments(tmp_path):
+    """``model.segment_len`` is how a run reads, not a weight: a run trained on whole 48-token examples in one
+    segment (no memory) read in 8-token segments through kind retrieval that keeps every block gives its own
+    logits; the same segments with no memory do not (each sees 8 tokens)."""
+    cfg = RunConfig.from_dict({"model": {"vocab_size": 256, "d_model": 16, "n_layers": 2, "n_heads": 2,
+                                         "segment_len": 48}})
+    run_dir = tmp_path / "RUN"
+    run_dir.mkdir()
+    cfg.save(run_dir / CONFIG)
+    model = spread_weights(MemoryLM(cfg.model)).eval()
+    save_weights(model, run_dir / WEIGHTS)
+    save_tokenizer(ByteTokenizer(), run_dir / TOKENIZER)
+    read = {"model.segment_len": "8", "memory.kind": "retrieval", "memory.mem_len": "8", "memory.n_sinks": "0",
+            "memory.retrieval.block_size": "4", "memory.retrieval.top_k": "16", "memory.retrieval.capacity": "64"}
+    run = load_run(run_dir, overrides=read)
+    assert run.model.config.segment_len == 8
+    x = torch.randint(0, 256, (2, 48))
+    with torch.no_grad():
+        want = model(x).logits
+        torch.testing.assert_close(run.model(x).logits, want, atol=1e-4, rtol=0)
+        short = load_run(run_dir, overrides={"model.segment_len": "8"}).model(x).logits
+    assert (short - want).abs().max() > 1e-2

@@ -125,10 +125,42 @@ def smear(k: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
 
     k: (B, G, S, Dh) keys of the context [memory; segment] before rotary positions; mix: (G,) logits.
     The first key of the context has no predecessor (zeros); neither has the first token after a reset,
-    since empty memory slots hold zeros (a reset zeroes them) and so have zero keys."""
-    prev = F.pad(k, (0, 0, 1, 0))[:, :, :-1]                               # (B, G, S, Dh): k_{s-1}
-    a = torch.sigmoid(mix).view(1, -1, 1, 1).to(k.dtype)
-    return a * k + (1 - a) * prev
+    since empty memory slots hold zeros (a reset zeroes them) and so have zero keys.
+
+    Wider (``model.smear_width`` w > 2; mix: (G, w) logits): ``sum_j softmax(mix)_j k_{s-j}`` over the offsets
+    j = 0 .. w - 1, a depthwise causal convolution of the keys (Primer, So et al. 2021 §3.2, on keys only)."""
+    if mix.dim() == 1:
+        prev = F.pad(k, (0, 0, 1, 0))[:, :, :-1]                           # (B, G, S, Dh): k_{s-1}
+        a = torch.sigmoid(mix).view(1, -1, 1, 1).to(k.dtype)
+        return a * k + (1 - a) * prev
+    w = mix.softmax(-1).to(k.dtype)                                         # (G, width)
+    S = k.shape[2]
+    padded = F.pad(k, (0, 0, mix.shape[1] - 1, 0))                          # (B, G, width - 1 + S, Dh)
+    out = k * w[:, 0].view(1, -1, 1, 1)
+    for j in range(1, mix.shape[1]):                                        # k_{s-j}, zeros before the context
+        out = out + padded[:, :, mix.shape[1] - 1 - j:mix.shape[1] - 1 - j + S] * w[:, j].view(1, -1, 1, 1)
+    return out
+
+
+def smear_queries(q: torch.Tensor, keys: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """Queries mixed with the keys of the positions before them: ``softmax(mix)_0 q_t + sum_j softmax(mix)_j
+    k_{t-j}``, j = 1 .. w - 1 (``model.smear_queries`` = w - 1), per query head, each query head reading its key
+    head's keys. A query at "Where is Mary? Answer:" then carries the key of "Mary" three positions back, and
+    meets the key of a place a few positions after "Mary" (smeared keys, ``model.smear_width``) with the product
+    of the two: a binding of a subject and its place matched in one layer.
+
+    q: (B, H, T, Dh) the segment's queries before rotary positions; keys: (B, G, S, Dh) the context [memory;
+    segment] unsmeared (the segment its last T); mix: (H, w) logits. Positions before the context read zeros."""
+    B, H, T, Dh = q.shape
+    G, S, w = keys.shape[1], keys.shape[2], mix.shape[1]
+    a = mix.softmax(-1).to(q.dtype)                                          # (H, w)
+    out = q * a[:, 0].view(1, H, 1, 1)
+    padded = F.pad(keys, (0, 0, w - 1, 0))                                   # (B, G, w - 1 + S, Dh)
+    for j in range(1, w):                                                    # k_{t-j} for the segment's t
+        start = w - 1 + S - T - j
+        kj = padded[:, :, start:start + T].repeat_interleave(H // G, dim=1)  # (B, H, T, Dh)
+        out = out + kj * a[:, j].view(1, H, 1, 1)
+    return out
 
 
 def prefix_mask(valid: torch.Tensor, memory_len: int, length: int) -> torch.Tensor:
@@ -259,7 +291,8 @@ class RotatedCache:
 
 class Attention(nn.Module):
     def __init__(self, *, d_model: int, n_heads: int, n_kv_heads: int = 0, head_dim: int = 0, dropout: float = 0.0,
-                 smear_keys: bool = False, qkv_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-6):
+                 smear_keys: bool = False, qkv_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-6,
+                 smear_width: int = 2, smear_queries: int = 0):
         super().__init__()
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads or n_heads
@@ -273,8 +306,16 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(Dh, eps=norm_eps) if qk_norm else None
         self.dropout = dropout
         self.resid_drop = nn.Dropout(dropout)
-        # smeared keys: one mixing logit per key head, 0 = half this key, half the one before
-        self.smear = nn.Parameter(torch.zeros(G)) if smear_keys else None
+        # smeared keys: one mixing logit per key head, 0 = half this key, half the one before; wider: logits over
+        # the offsets, this key's share 1/2 at the start, the earlier ones sharing the other half
+        if smear_keys and smear_width > 2:
+            self.smear = nn.Parameter(torch.cat([torch.full((G, 1), math.log(smear_width - 1)),
+                                                 torch.zeros(G, smear_width - 1)], dim=1))
+        else:
+            self.smear = nn.Parameter(torch.zeros(G)) if smear_keys else None
+        # queries mixed with the keys before them: the query's own share 1/2 at the start
+        self.smear_q = nn.Parameter(torch.cat([torch.full((H, 1), math.log(smear_queries)),
+                                               torch.zeros(H, smear_queries)], dim=1)) if smear_queries else None
 
     def project_kv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, G, N, Dh) of normed inputs ``h`` (B, N, D), before rotary positions."""
@@ -325,6 +366,8 @@ class Attention(nn.Module):
             k_seg = k
         else:
             raw_keys = keys                                                      # [memory; segment] unsmeared
+            if self.smear_q is not None:
+                q = smear_queries(q, raw_keys, self.smear_q)
             if self.smear is not None:
                 keys = smear(keys, self.smear)
             k_seg = keys[:, :, keys.shape[2] - T:]                               # (B, G, T, Dh) the memories see
@@ -388,12 +431,12 @@ class Block(nn.Module):
 
     def __init__(self, *, d_model: int, n_heads: int, d_ff: int, dropout: float, smear_keys: bool = False,
                  n_kv_heads: int = 0, head_dim: int = 0, mlp: str = "gelu", qkv_bias: bool = False,
-                 qk_norm: bool = False, norm_eps: float = 1e-6):
+                 qk_norm: bool = False, norm_eps: float = 1e-6, smear_width: int = 2, smear_queries: int = 0):
         super().__init__()
         self.norm1 = RMSNorm(d_model, eps=norm_eps)
         self.attn = Attention(d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
                               dropout=dropout, smear_keys=smear_keys, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                              norm_eps=norm_eps)
+                              norm_eps=norm_eps, smear_width=smear_width, smear_queries=smear_queries)
         self.norm2 = RMSNorm(d_model, eps=norm_eps)
         self.mlp = MLP(d_model=d_model, d_ff=d_ff, dropout=dropout, kind=mlp)
 

@@ -78,7 +78,8 @@ class MemoryLM(nn.Module):
         blocks = [
             Block(d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout, smear_keys=c.smear_keys,
                   n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, mlp=c.mlp, qkv_bias=c.qkv_bias, qk_norm=c.qk_norm,
-                  norm_eps=c.norm_eps)
+                  norm_eps=c.norm_eps, smear_width=c.smear_width,
+                  smear_queries=c.smear_queries)
             for _ in range(c.n_layers)]
         self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(c.d_model, eps=c.norm_eps)
@@ -130,7 +131,7 @@ class MemoryLM(nn.Module):
         """Whether a cache may store keys with their rotary positions: no smeared keys (which mix a key with
         the one before it, before rotation), no memory adding positions around the tokens, and no grouped positions
         (``model.position_range``: a key is read at two positions)."""
-        return (not self.config.smear_keys and not self.config.position_range
+        return (not self.config.smear_keys and not self.config.smear_queries and not self.config.position_range
                 and not any(m.added_positions for m in self.memories))
 
     @property

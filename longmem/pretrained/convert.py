@@ -92,6 +92,8 @@ def export_type(config: ModelConfig) -> str:
         why.append("its MLP is gelu (the Llama family's is SwiGLU)")
     if c.smear_keys:
         why.append("it smears its keys (model.smear_keys)")
+    if c.smear_queries:
+        why.append("it mixes keys into its queries (model.smear_queries)")
     if c.memory.kind not in ("none", "xl", "sinks"):
         why.append(f"its memory kind {c.memory.kind!r} has weights of its own (kNN gates, memory tokens)")
     if c.qkv_bias and c.qk_norm:

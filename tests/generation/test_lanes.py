@@ -60,6 +60,7 @@ def run_lanes(dec: Decoder, *, exact: bool, steps: int = 12) -> tuple[float, boo
 @pytest.mark.parametrize("kind,opts", [
     ("xl", {}),                                               # cache with rotary positions (seen)
     ("xl", {"smear_keys": True}),                             # cache before rotary positions
+    ("xl", {"smear_keys": True, "smear_width": 3, "smear_queries": 2}),   # queries read the cached keys before them
     ("xl", {"qkv_bias": True, "mem_len": 8}),                 # biased projections; caches full and sliding
     ("none", {"mem_len": 0}),                                 # no memory: cache of W - 1 with attention sinks
 ])

@@ -117,12 +117,16 @@ def test_memory_is_detached(make_model):
 
 
 # -- tier 2: recurrence invariants ---------------------------------------------
-@pytest.mark.parametrize("smear_keys", [False, True])
+# smeared keys: the previous key; wider, and queries mixed with the keys before them (they reach back into memory)
+SMEARS = [{}, {"smear_keys": True}, {"smear_keys": True, "smear_width": 4, "smear_queries": 3}]
+
+
+@pytest.mark.parametrize("smear", SMEARS)
 @pytest.mark.parametrize("piece", [1, 3, 8, 17])
-def test_xl_pieces_with_memory_equal_one_full_causal_pass(make_model, piece, smear_keys):
+def test_xl_pieces_with_memory_equal_one_full_causal_pass(make_model, piece, smear):
     n = 40
-    model = make_model(kind="xl", mem_len=n, segment_len=8, smear_keys=smear_keys)
-    reference = make_model(kind="none", mem_len=0, segment_len=64, smear_keys=smear_keys)   # one causal pass
+    model = make_model(kind="xl", mem_len=n, segment_len=8, **smear)
+    reference = make_model(kind="none", mem_len=0, segment_len=64, **smear)   # one causal pass
     reference.load_state_dict(model.state_dict())
     x = tokens(3, n)
     with torch.no_grad():
@@ -180,10 +184,11 @@ def test_lanes_are_independent(make_model):
     assert (a[1] - b[1]).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("smear_keys", [False, True])
-def test_reset_lane_equals_fresh_model(make_model, smear_keys):
-    # smeared keys: the first token after a reset must not take the stale last key of the memory as its predecessor
-    model = make_model(kind="xl", mem_len=16, segment_len=8, smear_keys=smear_keys)
+@pytest.mark.parametrize("smear", SMEARS)
+def test_reset_lane_equals_fresh_model(make_model, smear):
+    # smeared keys and queries: the first tokens after a reset must not take the stale last keys of the memory as
+    # their predecessors
+    model = make_model(kind="xl", mem_len=16, segment_len=8, **smear)
     with torch.no_grad():
         _, state = run_pieces(model, tokens(B, 24), 8)          # fill the memory
         assert bool((state.xl.valid == 16).all())
@@ -217,6 +222,39 @@ def test_smeared_keys_mix_in_the_previous_key(make_model):
         close(mixed[0, 0, 1:], (keys[0, 0, 1:] + keys[0, 0, :-1]) / 2, atol=1e-6)
         close(mixed[0, 0, 0], keys[0, 0, 0] / 2, atol=1e-6)         # the first key has no predecessor
         close(mixed[0, 1], keys[0, 1], atol=1e-6)
+
+
+def test_wider_smears_are_causal_convolutions_of_the_keys(make_model):
+    """smear_width w: key s is sum_j softmax(mix)_j k_{s-j}; smear_queries w - 1: query t is softmax(mix)_0 q_t +
+    sum_j softmax(mix)_j k_{t-j} (zeros before the context). Width 2 keeps the one-logit form of saved runs."""
+    from longmem.models.attention import smear, smear_queries
+    g = torch.Generator().manual_seed(0)
+    keys, q = torch.randn(2, 2, 9, 4, generator=g), torch.randn(2, 4, 5, 4, generator=g)   # G 2, H 4, S 9, T 5
+    mix, qmix = torch.randn(2, 4, generator=g), torch.randn(4, 3, generator=g)
+    want = torch.zeros_like(keys)
+    w = mix.softmax(-1)
+    for s in range(9):
+        for j in range(4):
+            if s - j >= 0:
+                want[:, :, s] += w[:, j].view(1, 2, 1) * keys[:, :, s - j]
+    close(smear(keys, mix), want, atol=1e-6)
+    close(smear(keys, torch.zeros(2, 2)), smear(keys, torch.zeros(2)), atol=1e-6)
+    a = qmix.softmax(-1)
+    want_q = q * a[:, 0].view(1, 4, 1, 1)
+    for t in range(5):
+        for j in (1, 2):
+            want_q[:, :, t] += a[:, j].view(1, 4, 1) * keys[:, [0, 0, 1, 1], 4 + t - j]   # query head -> key head
+    close(smear_queries(q, keys, qmix), want_q, atol=1e-6)
+    model = make_model(kind="xl", mem_len=16, segment_len=8, smear_keys=True, smear_width=4, smear_queries=3)
+    assert tuple(model.blocks[0].attn.smear.shape) == (2, 4) and tuple(model.blocks[0].attn.smear_q.shape) == (2, 4)
+    fresh = MemoryLM(tiny_config(smear_keys=True, smear_width=4, smear_queries=3)).blocks[0].attn
+    assert fresh.smear_q.softmax(-1)[0, 0].item() == pytest.approx(0.5)   # the query's own half at the start
+    assert fresh.smear.softmax(-1)[0, 0].item() == pytest.approx(0.5)     # and the key's
+    assert not model._plain_positions                                   # caches keep keys before rotation
+    with pytest.raises(ValueError, match="smear_width"):
+        tiny_config(smear_keys=True, smear_width=1)
+    with pytest.raises(ValueError, match="smear_queries"):
+        tiny_config(smear_queries=-1)
 
 
 def test_reset_with_no_state_is_a_fresh_start(make_model):

@@ -53,3 +53,22 @@ def test_preset_trains_a_few_steps_through_the_cli(name, tmp_path, capsys):
         for derived in ("vocab_size", "bits"):                                     # set from the tokenizer
             got.pop(derived, None), want.pop(derived, None)
         assert got == want, (name, section)
+
+
+def test_the_haystack_preset_starts_from_the_stories_preset_as_its_header_says(tmp_path):
+    """haystack-stories, then haystack with --train.init_from: the second stage starts from the first's weights
+    and keeps its tokenizer; its own segment length (a whole haystack in one segment) is kept."""
+    from longmem.cli import main
+    from longmem.data.tokenizer import load_tokenizer
+    from longmem.io import read_safetensors
+    first, second = tmp_path / "stories", tmp_path / "haystack"
+    args = [x for k, v in SHORT.items() for x in (f"--{k}", v)]
+    assert main(["train", "--config", "haystack-stories", "--out", str(first), *args]) == 0
+    assert main(["train", "--config", "haystack", "--out", str(second), "--train.init_from", str(first),
+                 "--train.lr", "1e-12", *args]) == 0
+    (a, _), (b, _) = read_safetensors(first / "model.safetensors"), read_safetensors(second / "model.safetensors")
+    worst = {k: float((a[k] - b[k]).abs().max()) for k in a}
+    assert a.keys() == b.keys() and max(worst.values()) < 1e-3, worst     # lr ~0 (min_lr): the first stage's weights
+    assert load_tokenizer(second / "tokenizer.json").encode("Where is Mary?") == \
+        load_tokenizer(first / "tokenizer.json").encode("Where is Mary?")
+    assert RunConfig.load(second / "config.yaml").model.segment_len == 1024

@@ -308,11 +308,12 @@ class Attention(nn.Module):
         self.resid_drop = nn.Dropout(dropout)
         # smeared keys: one mixing logit per key head, 0 = half this key, half the one before; wider: logits over
         # the offsets, this key's share 1/2 at the start, the earlier ones sharing the other half
+        self.smear: nn.Parameter | None = None
         if smear_keys and smear_width > 2:
             self.smear = nn.Parameter(torch.cat([torch.full((G, 1), math.log(smear_width - 1)),
                                                  torch.zeros(G, smear_width - 1)], dim=1))
-        else:
-            self.smear = nn.Parameter(torch.zeros(G)) if smear_keys else None
+        elif smear_keys:
+            self.smear = nn.Parameter(torch.zeros(G))
         # queries mixed with the keys before them: the query's own share 1/2 at the start
         self.smear_q = nn.Parameter(torch.cat([torch.full((H, 1), math.log(smear_queries)),
                                                torch.zeros(H, smear_queries)], dim=1)) if smear_queries else None

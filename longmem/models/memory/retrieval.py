@@ -248,7 +248,11 @@ class RetrievalMemory(Memory):
         n_blocks = C // b
         qc = self.query_chunks(q, G)                                                # (B, G, chunks, Dh)
         if index is None:
-            block = self.block_scores(qc, store_k)                                 # (B, n_blocks)
+            # only the blocks written so far: a store that has not wrapped yet is filled from slot 0
+            filled = min(n_blocks, -(-int(written.max()) // b))
+            block = torch.full((B, n_blocks), float("-inf"), device=q.device)
+            if filled:
+                block[:, :filled] = self.block_scores(qc, store_k[:, :, :filled * b])   # (B, filled)
         else:                                                                     # the k b best tokens per chunk
             s, slot = index.search(layer, qc, min(self.top_k * b, C))              # (B, chunks, m)
             block = torch.full((B, n_blocks), float("-inf"))

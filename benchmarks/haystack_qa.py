@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from longmem.data.tasks.probes import parse_lengths  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data"
 BABI, BOOK = DATA / "babi-en", DATA / "tinyshakespeare.txt"
 LONGMEM = [sys.executable, "-m", "longmem"]
@@ -87,8 +90,7 @@ def evaluate(out: Path, *, lengths: str, n: int, threads: int) -> None:
 
 
 def parse_length(text: str) -> int:
-    scale = {"k": 1024, "m": 1024 ** 2}.get(text[-1].lower(), 1)
-    return int(float(text[:-1] if scale > 1 else text) * scale)
+    return parse_lengths(text)[0]
 
 
 def report(out: Path) -> str:

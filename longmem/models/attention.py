@@ -134,12 +134,18 @@ def smear(k: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
         a = torch.sigmoid(mix).view(1, -1, 1, 1).to(k.dtype)
         return a * k + (1 - a) * prev
     w = mix.softmax(-1).to(k.dtype)                                         # (G, width)
-    S = k.shape[2]
-    padded = F.pad(k, (0, 0, mix.shape[1] - 1, 0))                          # (B, G, width - 1 + S, Dh)
     out = k * w[:, 0].view(1, -1, 1, 1)
-    for j in range(1, mix.shape[1]):                                        # k_{s-j}, zeros before the context
-        out = out + padded[:, :, mix.shape[1] - 1 - j:mix.shape[1] - 1 - j + S] * w[:, j].view(1, -1, 1, 1)
+    for j, kj in enumerate(keys_before(k, mix.shape[1], k.shape[2]), 1):        # k_{s-j}
+        out = out + kj * w[:, j].view(1, -1, 1, 1)
     return out
+
+
+def keys_before(k: torch.Tensor, width: int, n: int) -> list[torch.Tensor]:
+    """The keys j = 1 .. width - 1 positions before each of the last ``n`` positions of ``k`` (B, G, S, Dh), zeros
+    before the context: width - 1 tensors (B, G, n, Dh), the taps of :func:`smear` and :func:`smear_queries`."""
+    S = k.shape[2]
+    padded = F.pad(k, (0, 0, width - 1, 0))                                 # (B, G, width - 1 + S, Dh)
+    return [padded[:, :, width - 1 + S - n - j:width - 1 + S - j] for j in range(1, width)]
 
 
 def smear_queries(q: torch.Tensor, keys: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
@@ -151,15 +157,11 @@ def smear_queries(q: torch.Tensor, keys: torch.Tensor, mix: torch.Tensor) -> tor
 
     q: (B, H, T, Dh) the segment's queries before rotary positions; keys: (B, G, S, Dh) the context [memory;
     segment] unsmeared (the segment its last T); mix: (H, w) logits. Positions before the context read zeros."""
-    B, H, T, Dh = q.shape
-    G, S, w = keys.shape[1], keys.shape[2], mix.shape[1]
+    H, T, G = q.shape[1], q.shape[2], keys.shape[1]
     a = mix.softmax(-1).to(q.dtype)                                          # (H, w)
     out = q * a[:, 0].view(1, H, 1, 1)
-    padded = F.pad(keys, (0, 0, w - 1, 0))                                   # (B, G, w - 1 + S, Dh)
-    for j in range(1, w):                                                    # k_{t-j} for the segment's t
-        start = w - 1 + S - T - j
-        kj = padded[:, :, start:start + T].repeat_interleave(H // G, dim=1)  # (B, H, T, Dh)
-        out = out + kj * a[:, j].view(1, H, 1, 1)
+    for j, kj in enumerate(keys_before(keys, mix.shape[1], T), 1):               # k_{t-j} for the segment's t
+        out = out + kj.repeat_interleave(H // G, dim=1) * a[:, j].view(1, H, 1, 1)
     return out
 
 

@@ -161,6 +161,45 @@ def test_task_stream_targets_answers_only_and_resumes_exactly():
     assert not after[1].reset.any() and after[2].reset.all()   # the begun 300-token example ends first
 
 
+@pytest.mark.parametrize("kind", ["xl", "knn", "tokens", "none"])
+def test_task_stream_drops_the_padding_after_short_examples_with_the_same_losses(make_model, kind):
+    """A segment where every lane's example ends is cut after its longest row (a multiple of 16): the
+    answer losses and the states the next examples start from are those of the padded segment."""
+    import longmem.data.stream as S
+    seg = 48
+
+    def make(index, length):                          # examples of 5..70 tokens, the last 3 are answers
+        rng = np.random.default_rng(index)
+        n = int(rng.integers(5, 70))
+        doc = np.stack([rng.integers(1, 37, n), np.zeros(n, dtype=np.int64)])
+        doc[1, -3:] = 1
+        return doc
+    trimmed_stream = TaskStream(make, batch_size=3, seg_len=seg, length=0)
+    trimmed = [next(trimmed_stream) for _ in range(12)]
+    padded_stream = TaskStream(make, batch_size=3, seg_len=seg, length=0)
+    multiple, S.TRIM_MULTIPLE = S.TRIM_MULTIPLE, seg                 # no trimming: every segment padded
+    try:
+        padded = [next(padded_stream) for _ in range(12)]
+    finally:
+        S.TRIM_MULTIPLE = multiple
+    widths = [b.inputs.shape[1] for b in trimmed]
+    assert all(w % 16 == 0 or w == seg for w in widths) and min(widths) < seg and seg in widths
+    assert all(p.inputs.shape[1] == seg for p in padded)
+    model = make_model(kind=kind, mem_len=0 if kind == "none" else 16, segment_len=seg)
+    losses = []
+    for batches in (trimmed, padded):
+        state, out = None, []
+        for b in batches:
+            w = b.inputs.shape[1]
+            res = model(b.inputs, state=state, reset=b.reset)
+            out.append(torch.nn.functional.cross_entropy(res.logits[:, :w].flatten(0, 1), b.targets.flatten(),
+                                                         ignore_index=IGNORE_INDEX, reduction="sum"))
+            state = res.state
+        losses.append(torch.stack(out))
+    torch.testing.assert_close(losses[0], losses[1])
+    assert (losses[0] > 0).sum() >= 8
+
+
 def cli(capsys, *args: str) -> str:
     capsys.readouterr()
     assert main(list(args)) == 0, capsys.readouterr().err
